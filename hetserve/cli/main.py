@@ -1,0 +1,54 @@
+"""``hetserve`` command line: serve | bench | plan | simulate | profile | demo | make-tiny-model | generate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from hetserve.core.errors import HetserveError
+
+# subcommand -> module path; each module has add_arguments(parser) and run(args) -> int
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("hetserve.cli.demo", "run the embedded default: a tiny model on CPU, a short benchmark, a table"),
+    "generate": ("hetserve.cli.generate", "generate completions for prompts with the offline API"),
+    "make-tiny-model": ("hetserve.cli.make_tiny", "write a tiny random-weight checkpoint in HF format"),
+}
+
+
+def _load(module: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    import importlib
+
+    mod = importlib.import_module(module)
+    return mod.add_arguments, mod.run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hetserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments, _ = _load(module)
+        add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    _, run = _load(args._module)
+    try:
+        return int(run(args) or 0)
+    except HetserveError as e:
+        print(f"hetserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

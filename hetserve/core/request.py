@@ -1,0 +1,109 @@
+"""A request's state in the engine: two counters, no phases.
+
+``num_computed_tokens`` counts tokens whose KV exists on the instance that runs the request next.
+``num_tokens`` = prompt + generated tokens. A step advances a request by some tokens; a prefill chunk,
+a prefix-cache hit and KV that arrived from another device all just move ``num_computed_tokens`` forward.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from hetserve.core.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    # everything past here is finished
+    FINISHED_STOPPED = 10
+    FINISHED_LENGTH_CAPPED = 11
+    FINISHED_ABORTED = 12
+    FINISHED_ERROR = 13
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASON.get(self)
+
+
+_FINISH_REASON = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH_CAPPED: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = field(default_factory=time.monotonic)
+    max_model_len: int | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    # prefix-cache hit found when the request was first scheduled (tokens)
+    num_cached_tokens: int = -1
+    # timestamps (time.monotonic) for metrics
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    # chained hashes of this request's full blocks, filled lazily by the KV cache manager
+    block_hashes: list[int] = field(default_factory=list)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def check_stop(self, new_token_id: int) -> RequestStatus | None:
+        """Stop condition after appending ``new_token_id``; stop strings are checked after detokenising."""
+        sp = self.sampling_params
+        n_out = len(self.output_token_ids)
+        if n_out >= sp.min_tokens:
+            if not sp.ignore_eos and new_token_id in self.eos_token_ids:
+                self.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if new_token_id in sp.stop_token_ids:
+                self.stop_reason = new_token_id
+                return RequestStatus.FINISHED_STOPPED
+        if sp.max_tokens is not None and n_out >= sp.max_tokens:
+            return RequestStatus.FINISHED_LENGTH_CAPPED
+        if self.max_model_len is not None and self.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH_CAPPED
+        return None

@@ -1,0 +1,225 @@
+"""The scheduler, vLLM v1 style: one token budget per step, no prefill or decode modes.
+
+Each step catches requests up by some tokens: running requests first (a decode is one token, a long prompt
+advances by a chunk), then waiting ones while the budget, ``max_num_seqs`` and the KV pool allow. When the
+pool runs dry the newest running request is preempted (its KV is dropped and recomputed later).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from hetserve.core.config import CacheConfig, SchedulerConfig
+from hetserve.core.outputs import (
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestInfo,
+    ScheduledRequest,
+    SchedulerOutput,
+)
+from hetserve.core.request import Request, RequestStatus
+from hetserve.engine.kv.kv_cache_manager import KVCacheManager
+
+
+class Scheduler:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        max_model_len: int,
+    ) -> None:
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.max_model_len = max_model_len
+        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # requests the executor holds state for; everything else is sent in full
+        self._known_to_executor: set[str] = set()
+        self._finished_since_last_step: set[str] = set()
+        self._preempted_since_last_step: set[str] = set()
+        self._step_id = 0
+        self.num_preemptions = 0
+
+    # ---- admission and removal -------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        if req.max_model_len is None:
+            req.max_model_len = self.max_model_len
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish_requests(self, req_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Finish requests from outside the step (abort, a stop string, an error). Unknown ids are ignored."""
+        done = []
+        for rid in req_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self._finish(req, status)
+            done.append(req)
+        return done
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.kv.free(req)
+        del self.requests[req.request_id]
+        if req.request_id in self._known_to_executor:
+            self._known_to_executor.discard(req.request_id)
+            self._finished_since_last_step.add(req.request_id)
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        if req.request_id in self._known_to_executor:
+            self._known_to_executor.discard(req.request_id)
+            self._preempted_since_last_step.add(req.request_id)
+
+    # ---- the step -------------------------------------------------------------------------
+    def _chunk(self, req: Request, num_tokens: int, budget: int) -> int:
+        n = min(num_tokens, budget)
+        if self.config.long_prefill_token_threshold:
+            n = min(n, self.config.long_prefill_token_threshold)
+        return n
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted_now = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = self._chunk(req, req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:
+                i += 1
+                continue
+            while True:
+                new_blocks = self.kv.allocate_slots(req, n)
+                if new_blocks is not None:
+                    break
+                victim = self.running.pop()  # newest first; always at or after index i
+                self._preempt(victim)
+                preempted_now = True
+                if victim is req:
+                    break
+            if new_blocks is None:
+                break
+            scheduled.append(self._scheduled(req, n, [b.block_id for b in new_blocks]))
+            budget -= n
+            i += 1
+
+        # waiting requests join only if nobody had to be preempted this step
+        while not preempted_now and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hit_blocks, num_hit = self.kv.get_computed_blocks(req)
+            n = self._chunk(req, req.num_tokens - num_hit, budget)
+            new_blocks = self.kv.allocate_slots(req, n, hit_blocks)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(self._scheduled(req, n, self.kv.get_block_ids(req.request_id)))
+            budget -= n
+
+        out = SchedulerOutput(
+            scheduled=scheduled,
+            total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+            finished_req_ids=self._finished_since_last_step,
+            preempted_req_ids=self._preempted_since_last_step,
+            step_id=self._step_id,
+        )
+        self._finished_since_last_step = set()
+        self._preempted_since_last_step = set()
+        self._step_id += 1
+        # progress is booked at schedule time, so the next schedule() may run before this step's results
+        for s in scheduled:
+            self.requests[s.req_id].num_computed_tokens += s.num_tokens
+        return out
+
+    def _scheduled(self, req: Request, n: int, new_block_ids: list[int]) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        new = None
+        if req.request_id not in self._known_to_executor:
+            self._known_to_executor.add(req.request_id)
+            new = NewRequestInfo(
+                prompt_token_ids=req.prompt_token_ids,
+                output_token_ids=list(req.output_token_ids),
+                sampling_params=req.sampling_params,
+                eos_token_ids=sorted(req.eos_token_ids),
+            )
+            new_block_ids = self.kv.get_block_ids(req.request_id)
+        return ScheduledRequest(
+            req_id=req.request_id,
+            token_ids=req.token_ids_slice(start, start + n),
+            num_computed_tokens=start,
+            new_block_ids=new_block_ids,
+            sample=start + n == req.num_tokens,
+            new=new,
+        )
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        logprobs = runner_output.logprobs
+        for idx, rid in enumerate(runner_output.req_ids):
+            req = self.requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # finished or preempted while the step ran
+            self.kv.cache_blocks(req, req.num_computed_tokens)
+            new_ids = runner_output.sampled_token_ids[idx]
+            if not new_ids:
+                continue
+            status = None
+            for t in new_ids:
+                req.output_token_ids.append(t)
+                status = req.check_stop(t)
+                if status is not None:
+                    break
+            lp = logprobs[idx] if logprobs is not None else None
+            out = EngineCoreOutput(
+                req_id=rid,
+                new_token_ids=new_ids[: len(new_ids)],
+                new_logprobs=[lp] if lp is not None else None,
+                num_cached_tokens=max(req.num_cached_tokens, 0),
+            )
+            if status is not None:
+                self.running.remove(req)
+                self._finish(req, status)
+                out.finish_reason = status.finish_reason
+                out.stop_reason = req.stop_reason
+            outputs.append(out)
+        return outputs
+
+    # ---- figures --------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv.usage
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
