@@ -41,12 +41,22 @@ class ScheduledRequest:
 
 
 @dataclass
+class KVLoad:
+    """Blocks allocated this step for KV that arrives from another instance (first ``num_tokens`` tokens)."""
+
+    req_id: str
+    block_ids: list[int]
+    num_tokens: int
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     total_num_scheduled_tokens: int
     # requests the executor may forget (finished, aborted, or preempted since the last step)
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
+    kv_loads: list[KVLoad] = field(default_factory=list)
     step_id: int = 0
 
     @property

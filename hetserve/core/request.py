@@ -18,11 +18,15 @@ class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
+    # blocks are allocated and the KV of the first ``num_remote_tokens`` tokens is on its way
+    WAITING_FOR_REMOTE_KV = 3
     # everything past here is finished
     FINISHED_STOPPED = 10
     FINISHED_LENGTH_CAPPED = 11
     FINISHED_ABORTED = 12
     FINISHED_ERROR = 13
+    # done on this instance; its KV stays pinned for another instance to take (PD prefill, Cronus head)
+    FINISHED_REMOTE = 14
 
     @property
     def is_finished(self) -> bool:
@@ -38,7 +42,23 @@ _FINISH_REASON = {
     RequestStatus.FINISHED_LENGTH_CAPPED: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
     RequestStatus.FINISHED_ERROR: "error",
+    RequestStatus.FINISHED_REMOTE: "remote",
 }
+
+
+@dataclass
+class KVTransferParams:
+    """How a request's KV crosses instances.
+
+    On the sending side, ``compute_limit`` caps the tokens computed here (None: all, then sample one token,
+    as a PD prefill instance does); the request then finishes as FINISHED_REMOTE with its blocks pinned
+    until released. On the receiving side, ``num_remote_tokens`` leading tokens arrive from elsewhere.
+    """
+
+    compute_limit: int | None = None
+    send: bool = False
+    num_remote_tokens: int = 0
+    remote_instance: str | None = None
 
 
 @dataclass
@@ -62,6 +82,7 @@ class Request:
     finished_time: float | None = None
     # chained hashes of this request's full blocks, filled lazily by the KV cache manager
     block_hashes: list[int] = field(default_factory=list)
+    kv_transfer: KVTransferParams | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -90,6 +111,14 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def num_target_tokens(self) -> int:
+        """Tokens this instance computes KV for before it samples (or hands the request on)."""
+        kt = self.kv_transfer
+        if kt is not None and kt.compute_limit is not None:
+            return min(kt.compute_limit, self.num_tokens)
+        return self.num_tokens
 
     def check_stop(self, new_token_id: int) -> RequestStatus | None:
         """Stop condition after appending ``new_token_id``; stop strings are checked after detokenising."""

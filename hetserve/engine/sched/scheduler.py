@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from hetserve.core.config import CacheConfig, SchedulerConfig
 from hetserve.core.outputs import (
     EngineCoreOutput,
+    KVLoad,
     ModelRunnerOutput,
     NewRequestInfo,
     ScheduledRequest,
@@ -37,6 +38,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # KV in flight from another instance, blocks allocated (receiving side)
+        self.receiving: dict[str, Request] = {}
+        # finished here, KV pinned until another instance has taken it (sending side)
+        self.pinned: dict[str, Request] = {}
         # requests the executor holds state for; everything else is sent in full
         self._known_to_executor: set[str] = set()
         self._finished_since_last_step: set[str] = set()
@@ -62,15 +67,43 @@ class Scheduler:
                 continue
             if req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
+            elif req.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+                del self.receiving[rid]
             else:
                 self.waiting.remove(req)
             self._finish(req, status)
             done.append(req)
         return done
 
+    def release_remote(self, req_id: str) -> None:
+        """The KV of a FINISHED_REMOTE request has been taken (or given up on): free its blocks."""
+        req = self.pinned.pop(req_id, None)
+        if req is not None:
+            self.kv.free(req)
+
+    def finish_remote_kv(self, req_id: str, success: bool) -> None:
+        """The KV a receiving request waited for has landed in its blocks, or will not (then the request
+        is computed here from scratch)."""
+        req = self.receiving.pop(req_id, None)
+        if req is None:
+            return
+        assert req.kv_transfer is not None
+        if success:
+            req.num_computed_tokens = req.kv_transfer.num_remote_tokens
+            self.kv.cache_blocks(req, req.num_computed_tokens)
+        else:
+            self.kv.free(req)
+            req.num_computed_tokens = 0
+        req.kv_transfer.num_remote_tokens = 0
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
-        self.kv.free(req)
+        if status == RequestStatus.FINISHED_REMOTE:
+            self.pinned[req.request_id] = req
+        else:
+            self.kv.free(req)
         del self.requests[req.request_id]
         if req.request_id in self._known_to_executor:
             self._known_to_executor.discard(req.request_id)
@@ -102,7 +135,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = self._chunk(req, req.num_tokens - req.num_computed_tokens, budget)
+            n = self._chunk(req, req.num_target_tokens - req.num_computed_tokens, budget)
             if n <= 0:
                 i += 1
                 continue
@@ -121,11 +154,32 @@ class Scheduler:
             budget -= n
             i += 1
 
+        kv_loads: list[KVLoad] = []
         # waiting requests join only if nobody had to be preempted this step
-        while not preempted_now and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (
+            not preempted_now
+            and self.waiting
+            and budget > 0
+            and len(self.running) + len(self.receiving) < self.config.max_num_seqs
+        ):
             req = self.waiting[0]
-            hit_blocks, num_hit = self.kv.get_computed_blocks(req)
-            n = self._chunk(req, req.num_tokens - num_hit, budget)
+            kt = req.kv_transfer
+            if kt is not None and kt.num_remote_tokens > 0:
+                # reserve blocks for KV that another instance computed; no compute this step
+                if self.kv.allocate_slots(req, kt.num_remote_tokens) is None:
+                    break
+                self.waiting.popleft()
+                req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+                self.receiving[req.request_id] = req
+                kv_loads.append(KVLoad(req.request_id, self.kv.get_block_ids(req.request_id), kt.num_remote_tokens))
+                continue
+            if req.num_computed_tokens > 0:
+                hit_blocks, num_hit = [], req.num_computed_tokens  # KV already here (it arrived from elsewhere)
+            else:
+                hit_blocks, num_hit = self.kv.get_computed_blocks(req)
+            n = self._chunk(req, req.num_target_tokens - num_hit, budget)
+            if n <= 0:
+                break
             new_blocks = self.kv.allocate_slots(req, n, hit_blocks)
             if new_blocks is None:
                 break
@@ -143,6 +197,7 @@ class Scheduler:
             total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
             finished_req_ids=self._finished_since_last_step,
             preempted_req_ids=self._preempted_since_last_step,
+            kv_loads=kv_loads,
             step_id=self._step_id,
         )
         self._finished_since_last_step = set()
@@ -170,7 +225,7 @@ class Scheduler:
             token_ids=req.token_ids_slice(start, start + n),
             num_computed_tokens=start,
             new_block_ids=new_block_ids,
-            sample=start + n == req.num_tokens,
+            sample=start + n == req.num_tokens and req.num_target_tokens == req.num_tokens,
             new=new,
         )
 
@@ -185,7 +240,13 @@ class Scheduler:
                 continue  # finished or preempted while the step ran
             self.kv.cache_blocks(req, req.num_computed_tokens)
             new_ids = runner_output.sampled_token_ids[idx]
+            kt = req.kv_transfer
             if not new_ids:
+                if kt is not None and kt.send and req.num_computed_tokens >= req.num_target_tokens:
+                    # a head-of-prompt prefill (Cronus) is done: hand the KV on, no token
+                    self.running.remove(req)
+                    self._finish(req, RequestStatus.FINISHED_REMOTE)
+                    outputs.append(EngineCoreOutput(req_id=rid, new_token_ids=[], finish_reason="remote"))
                 continue
             status = None
             for t in new_ids:
@@ -200,6 +261,8 @@ class Scheduler:
                 new_logprobs=[lp] if lp is not None else None,
                 num_cached_tokens=max(req.num_cached_tokens, 0),
             )
+            if status is None and kt is not None and kt.send:
+                status = RequestStatus.FINISHED_REMOTE  # PD prefill: first token sampled, decode elsewhere
             if status is not None:
                 self.running.remove(req)
                 self._finish(req, status)
@@ -222,4 +285,4 @@ class Scheduler:
         return self.kv.usage
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.receiving)
