@@ -21,23 +21,21 @@ class NewRequestInfo:
     eos_token_ids: list[int]
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step: compute ``token_ids`` at positions
     ``[num_computed_tokens, num_computed_tokens + len(token_ids))``."""
 
     req_id: str
+    # the tokens to compute; empty when the scheduler was built with emit_token_ids=False (simulator)
     token_ids: list[int]
     num_computed_tokens: int
+    num_tokens: int
     # blocks appended to the request's block table since the executor last saw it (all of them when new)
     new_block_ids: list[int]
     # the step ends at the request's last known token, so one token is sampled
     sample: bool
     new: NewRequestInfo | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
 
 
 @dataclass
@@ -89,7 +87,7 @@ class ModelRunnerOutput:
     logprobs: list[Logprobs | None] | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineCoreOutput:
     """What one step did for one request, as the scheduler reports it upward."""
 

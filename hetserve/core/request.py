@@ -61,7 +61,7 @@ class KVTransferParams:
     remote_instance: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     request_id: str
     prompt_token_ids: list[int]

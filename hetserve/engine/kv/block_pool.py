@@ -58,11 +58,12 @@ class BlockPool:
         return self._cached.get(block_hash)
 
     def get_new_blocks(self, n: int) -> list[KVCacheBlock]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} blocks, {len(self._free)} free")
+        free = self._free
+        if n > len(free):
+            raise RuntimeError(f"asked for {n} blocks, {len(free)} free")
         out = []
         for _ in range(n):
-            _, b = self._free.popitem(last=False)
+            _, b = free.popitem(last=False)
             if b.block_hash is not None:
                 if self._cached.get(b.block_hash) is b:
                     del self._cached[b.block_hash]

@@ -64,11 +64,24 @@ class KVCacheManager:
     ) -> list[KVCacheBlock] | None:
         """Make room for ``num_new_tokens`` after the request's computed tokens (plus any prefix hit).
         Returns the newly allocated blocks, or None (and changes nothing) if the pool is short."""
-        new_computed_blocks = new_computed_blocks or []
-        blocks = self.req_to_blocks.get(req.request_id, [])
+        table = self.req_to_blocks.get(req.request_id)
+        if not new_computed_blocks:
+            # the hot path: a running request that may need one more block
+            num_new = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - (len(table) if table else 0)
+            if num_new <= 0:
+                return []
+            if num_new > self.pool.num_free_blocks:
+                return None
+            new_blocks = self.pool.get_new_blocks(num_new)
+            if table is None:
+                self.req_to_blocks[req.request_id] = new_blocks[:]
+            else:
+                table.extend(new_blocks)
+            return new_blocks
+        num_have = len(table) if table else 0
         num_computed = req.num_computed_tokens + len(new_computed_blocks) * self.block_size
         num_required = cdiv(num_computed + num_new_tokens, self.block_size)
-        num_new = max(0, num_required - len(blocks) - len(new_computed_blocks))
+        num_new = max(0, num_required - num_have - len(new_computed_blocks))
         # a hit block with no reference sits in the free queue; taking it shrinks what is free
         num_hit_from_free = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_new > self.pool.num_free_blocks - num_hit_from_free:
@@ -78,10 +91,9 @@ class KVCacheManager:
         table = self.req_to_blocks.setdefault(req.request_id, [])
         table.extend(new_computed_blocks)
         table.extend(new_blocks)
-        if new_computed_blocks:
-            self._num_cached_blocks[req.request_id] = max(
-                self._num_cached_blocks.get(req.request_id, 0), len(table) - len(new_blocks)
-            )
+        self._num_cached_blocks[req.request_id] = max(
+            self._num_cached_blocks.get(req.request_id, 0), len(table) - len(new_blocks)
+        )
         return new_blocks
 
     def can_fit(self, num_blocks: int) -> bool:

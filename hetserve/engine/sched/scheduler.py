@@ -30,8 +30,10 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         max_model_len: int,
+        emit_token_ids: bool = True,
     ) -> None:
         self.config = scheduler_config
+        self.emit_token_ids = emit_token_ids
         self.block_size = cache_config.block_size
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
@@ -133,12 +135,20 @@ class Scheduler:
         preempted_now = False
 
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = self._chunk(req, req.num_target_tokens - req.num_computed_tokens, budget)
+        threshold = self.config.long_prefill_token_threshold
+        running = self.running
+        while i < len(running) and budget > 0:
+            req = running[i]
+            kt = req.kv_transfer
+            target = req.num_tokens if kt is None or kt.compute_limit is None else req.num_target_tokens
+            n = target - req.num_computed_tokens
             if n <= 0:
                 i += 1
                 continue
+            if n > budget:
+                n = budget
+            if threshold and n > threshold:
+                n = threshold
             while True:
                 new_blocks = self.kv.allocate_slots(req, n)
                 if new_blocks is not None:
@@ -211,6 +221,9 @@ class Scheduler:
     def _scheduled(self, req: Request, n: int, new_block_ids: list[int]) -> ScheduledRequest:
         start = req.num_computed_tokens
         new = None
+        num_tokens = req.num_tokens
+        kt = req.kv_transfer
+        sample = start + n == num_tokens and (kt is None or kt.compute_limit is None or kt.compute_limit >= num_tokens)
         if req.request_id not in self._known_to_executor:
             self._known_to_executor.add(req.request_id)
             new = NewRequestInfo(
@@ -222,10 +235,11 @@ class Scheduler:
             new_block_ids = self.kv.get_block_ids(req.request_id)
         return ScheduledRequest(
             req_id=req.request_id,
-            token_ids=req.token_ids_slice(start, start + n),
+            token_ids=req.token_ids_slice(start, start + n) if self.emit_token_ids else [],
             num_computed_tokens=start,
+            num_tokens=n,
             new_block_ids=new_block_ids,
-            sample=start + n == req.num_tokens and req.num_target_tokens == req.num_tokens,
+            sample=sample,
             new=new,
         )
 
@@ -234,15 +248,21 @@ class Scheduler:
     ) -> list[EngineCoreOutput]:
         outputs: list[EngineCoreOutput] = []
         logprobs = runner_output.logprobs
-        for idx, rid in enumerate(runner_output.req_ids):
+        caching = self.kv.enable_caching
+        # the executor answers in the step's order; several steps may be in flight (pipeline parallel),
+        # so the position a step reached comes from the step itself, not from the request's counter
+        for idx, sr in enumerate(scheduler_output.scheduled):
+            rid = sr.req_id
             req = self.requests.get(rid)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # finished or preempted while the step ran
-            self.kv.cache_blocks(req, req.num_computed_tokens)
+            reached = sr.num_computed_tokens + sr.num_tokens
+            if caching:
+                self.kv.cache_blocks(req, reached)
             new_ids = runner_output.sampled_token_ids[idx]
             kt = req.kv_transfer
             if not new_ids:
-                if kt is not None and kt.send and req.num_computed_tokens >= req.num_target_tokens:
+                if kt is not None and kt.send and reached >= req.num_target_tokens:
                     # a head-of-prompt prefill (Cronus) is done: hand the KV on, no token
                     self.running.remove(req)
                     self._finish(req, RequestStatus.FINISHED_REMOTE)
@@ -257,7 +277,7 @@ class Scheduler:
             lp = logprobs[idx] if logprobs is not None else None
             out = EngineCoreOutput(
                 req_id=rid,
-                new_token_ids=new_ids[: len(new_ids)],
+                new_token_ids=list(new_ids),
                 new_logprobs=[lp] if lp is not None else None,
                 num_cached_tokens=max(req.num_cached_tokens, 0),
             )

@@ -1,0 +1,31 @@
+"""Attention backends, registered by name in this one place."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+
+from hetserve.core.errors import ValidationError
+from hetserve.core.registry import Registry
+from hetserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from hetserve.engine.attention.torch_ref import TorchRefBackend
+
+ATTENTION_BACKENDS: Registry[type[AttentionBackend]] = Registry("attention backend")
+ATTENTION_BACKENDS.register("torch_ref")(TorchRefBackend)  # type: ignore[arg-type]
+
+
+def get_attention_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """Instantiate a registered backend for ``device``; ``"auto"`` picks the best one available there."""
+    if name == "auto":
+        name = "torch_ref"
+    if name not in ATTENTION_BACKENDS:
+        raise ValidationError(
+            "attention_backend", f"unknown backend {name!r}; registered: {', '.join(ATTENTION_BACKENDS.names())}"
+        )
+    # entries are the backend classes themselves (Registry's signature speaks of zero-arg factories)
+    cls = cast("type[AttentionBackend]", ATTENTION_BACKENDS.get(name))
+    return cls(torch.device(device))
+
+
+__all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "AttentionMetadata", "TorchRefBackend", "get_attention_backend"]

@@ -1,0 +1,255 @@
+"""Discrete-event simulation of a deployment: the engine's own schedulers, timed by the cost model.
+
+A heap of timed events; each handler returns nothing and pushes the events it causes. Every instance
+runs the real ``hetserve.engine.sched.Scheduler`` with a ``SimExecutor`` in place of a model runner, so
+batching, chunking, preemption and KV books are exactly the engine's.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hetserve.core.config import CacheConfig, SchedulerConfig
+from hetserve.core.interfaces import Executor
+from hetserve.core.outputs import ModelRunnerOutput, SchedulerOutput
+from hetserve.core.request import KVTransferParams, Request, RequestStatus
+from hetserve.core.sampling_params import SamplingParams
+from hetserve.engine.sched.scheduler import Scheduler
+from hetserve.sim.workload import SimRequest
+from hetserve.strategies.base import Deployment, InstancePlan, InstanceView
+
+_TOKEN = 1  # every simulated token; requests ignore EOS and run to max_tokens
+
+
+class SimExecutor(Executor):
+    """Samples a fixed token for every request that asks; time comes from the deployment's cost."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self._num_blocks = num_blocks
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self._num_blocks
+
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        return ModelRunnerOutput(
+            req_ids=[s.req_id for s in so.scheduled],
+            sampled_token_ids=[[_TOKEN] if s.sample else [] for s in so.scheduled],
+        )
+
+
+@dataclass
+class _Track:
+    spec: SimRequest
+    index: int
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    done_s: float | None = None
+    num_tokens: int = 0
+    failed: str = ""
+
+
+class _Instance:
+    def __init__(self, plan: InstancePlan) -> None:
+        self.plan = plan
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_batched_tokens=plan.max_num_batched_tokens, max_num_seqs=plan.max_num_seqs),
+            CacheConfig(block_size=plan.block_size, num_blocks=plan.num_kv_blocks, enable_prefix_caching=False),
+            plan.num_kv_blocks,
+            plan.max_model_len,
+            emit_token_ids=False,
+        )
+        self.executor = SimExecutor(plan.num_kv_blocks)
+        self.stage_free_s = [0.0] * plan.num_stages
+        self.in_flight = 0
+        self.kick_pending = False
+        self.busy_s = 0.0
+        self.num_steps = 0
+
+
+@dataclass
+class SimResult:
+    records: list[Any]
+    duration_s: float
+    instances: dict[str, dict[str, Any]]
+    num_events: int
+
+    def metrics(self, slo: Any = None) -> dict[str, Any]:
+        from hetserve.bench.metrics import compute_metrics
+
+        return compute_metrics(self.records, self.duration_s, slo)
+
+
+class Simulator:
+    def __init__(self, deployment: Deployment, *, max_sim_time_s: float | None = None) -> None:
+        self.deployment = deployment
+        self.max_sim_time_s = max_sim_time_s
+        self.instances = {name: _Instance(p) for name, p in deployment.plans.items()}
+        self.views = {name: InstanceView(i.plan, i.scheduler) for name, i in self.instances.items()}
+        self._heap: list[tuple[float, int, Callable[[float], None]]] = []
+        self._seq = itertools.count()
+        self._tracks: dict[str, _Track] = {}
+        self._prompts: dict[int, list[int]] = {}
+        self.now_s = 0.0
+
+    def _push(self, t: float, fn: Callable[[float], None]) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), fn))
+
+    def _prompt(self, n: int) -> list[int]:
+        p = self._prompts.get(n)
+        if p is None:
+            p = self._prompts[n] = [_TOKEN] * n  # shared, never mutated
+        return p
+
+    # ---- events ---------------------------------------------------------------------------
+    def _arrive(self, rid: str, spec: SimRequest) -> Callable[[float], None]:
+        def fire(now: float) -> None:
+            req = Request(rid, self._prompt(spec.prompt_len),
+                          SamplingParams(max_tokens=spec.output_len, ignore_eos=True, detokenize=False))
+            name, kt = self.deployment.route(req, self.views, now)
+            req.kv_transfer = kt
+            self._admit(name, req, now)
+
+        return fire
+
+    def _admit(self, name: str, req: Request, now: float) -> None:
+        inst = self.instances[name]
+        sched = inst.scheduler
+        if req.num_prompt_tokens + (req.sampling_params.max_tokens or 0) > sched.max_model_len:
+            tr = self._tracks[req.request_id]
+            tr.failed = f"longer than max_model_len {sched.max_model_len} on {name}"
+            tr.done_s = now
+            return
+        sched.add_request(req)
+        self._kick(name, now)
+
+    def _kick(self, name: str, now: float) -> None:
+        inst = self.instances[name]
+        if inst.kick_pending:
+            return
+        while inst.in_flight < inst.plan.num_stages:
+            if now < inst.stage_free_s[0]:
+                inst.kick_pending = True
+                self._push(inst.stage_free_s[0], self._rekick(name))
+                return
+            so = inst.scheduler.schedule()
+            for load in so.kv_loads:
+                self._start_transfer(load.req_id, name, load.num_tokens, now)
+            if so.is_empty:
+                if so.finished_req_ids or so.preempted_req_ids:
+                    inst.executor.execute(so)
+                return
+            times = self.deployment.stage_times_s(name, so)
+            t = now
+            for i, dt in enumerate(times):
+                t = max(t, inst.stage_free_s[i]) + dt
+                inst.stage_free_s[i] = t
+            inst.busy_s += times[0]
+            inst.num_steps += 1
+            inst.in_flight += 1
+            ro = inst.executor.execute(so)
+            self._push(t, self._step_done(name, so, ro))
+
+    def _rekick(self, name: str) -> Callable[[float], None]:
+        def fire(now: float) -> None:
+            self.instances[name].kick_pending = False
+            self._kick(name, now)
+
+        return fire
+
+    def _step_done(self, name: str, so: SchedulerOutput, ro: ModelRunnerOutput) -> Callable[[float], None]:
+        def fire(now: float) -> None:
+            inst = self.instances[name]
+            inst.in_flight -= 1
+            outs = inst.scheduler.update_from_output(so, ro)
+            for o in outs:
+                tr = self._tracks[o.req_id]
+                if o.new_token_ids:
+                    if tr.first_token_s is None:
+                        tr.first_token_s = now
+                    tr.token_times.append(now)
+                    tr.num_tokens += len(o.new_token_ids)
+                if o.finish_reason == "remote":
+                    self._handoff(name, o.req_id, now)
+                elif o.finish_reason is not None:
+                    tr.done_s = now
+            self.deployment.on_step_done(name, self.views, now)
+            self._kick(name, now)
+
+        return fire
+
+    def _handoff(self, src: str, rid: str, now: float) -> None:
+        old = self.instances[src].scheduler.pinned[rid]
+        dst, n_remote = self.deployment.handoff(src, old, self.views, now)
+        req = Request(rid, old.prompt_token_ids, old.sampling_params, output_token_ids=list(old.output_token_ids),
+                      kv_transfer=KVTransferParams(num_remote_tokens=n_remote, remote_instance=src))
+        self._pending_src[rid] = src
+        self._admit(dst, req, now)
+
+    def _start_transfer(self, rid: str, dst: str, num_tokens: int, now: float) -> None:
+        src = self._pending_src.pop(rid)
+        dt = self.deployment.transfer_time_s(src, dst, num_tokens)
+
+        def fire(t: float) -> None:
+            self.instances[src].scheduler.release_remote(rid)
+            self.instances[dst].scheduler.finish_remote_kv(rid, success=True)
+            self._kick(src, t)
+            self._kick(dst, t)
+
+        self._push(now + dt, fire)
+
+    # ---- run ------------------------------------------------------------------------------
+    def run(self, workload: list[SimRequest]) -> SimResult:
+        from hetserve.bench.client import RequestRecord
+
+        self._pending_src: dict[str, str] = {}
+        for i, spec in enumerate(workload):
+            rid = str(i)
+            self._tracks[rid] = _Track(spec, i)
+            self._push(spec.arrival_s, self._arrive(rid, spec))
+        n_events = 0
+        while self._heap:
+            t, _, fn = heapq.heappop(self._heap)
+            if self.max_sim_time_s is not None and t > self.max_sim_time_s:
+                break
+            self.now_s = t
+            fn(t)
+            n_events += 1
+        start = min((s.arrival_s for s in workload), default=0.0)
+        records = []
+        end = start
+        for tr in self._tracks.values():
+            a = tr.spec.arrival_s
+            ok = tr.done_s is not None and not tr.failed and tr.first_token_s is not None
+            rec = RequestRecord(index=tr.index, prompt_len=tr.spec.prompt_len,
+                                expected_output_len=tr.spec.output_len, scheduled_s=a - start)
+            if ok:
+                rec.success = True
+                rec.output_len = tr.num_tokens
+                rec.ttft_s = tr.first_token_s - a
+                times = tr.token_times
+                rec.itl_s = [b - c for c, b in zip(times, times[1:])]
+                rec.e2el_s = times[-1] - a
+                rec.start_s, rec.end_s = a - start, times[-1] - start
+                end = max(end, times[-1])
+            else:
+                rec.error = tr.failed or "not finished when the simulation stopped"
+            records.append(rec)
+        stats = {
+            name: {"busy_s": i.busy_s, "num_steps": i.num_steps, "num_preemptions": i.scheduler.num_preemptions,
+                   "utilization": i.busy_s / max(end - start, 1e-9)}
+            for name, i in self.instances.items()
+        }
+        return SimResult(records, end - start, stats, n_events)
+
+
+def unfinished(sim: Simulator) -> list[str]:
+    return [rid for rid, t in sim._tracks.items() if t.done_s is None]
+
+
+__all__ = ["SimExecutor", "SimResult", "Simulator", "RequestStatus", "unfinished"]
