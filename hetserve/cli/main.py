@@ -12,7 +12,9 @@ from hetserve.core.errors import HetserveError
 _COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("hetserve.cli.demo", "run the embedded default: a tiny model on CPU, a short benchmark, a table"),
     "generate": ("hetserve.cli.generate", "generate completions for prompts with the offline API"),
+    "bench": ("hetserve.bench.cli", "load-test any OpenAI-compatible server (vLLM's bench serve flags)"),
     "make-tiny-model": ("hetserve.cli.make_tiny", "write a tiny random-weight checkpoint in HF format"),
+    "serve": ("hetserve.cli.serve", "run the OpenAI-compatible HTTP server"),
 }
 
 

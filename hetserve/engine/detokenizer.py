@@ -6,6 +6,10 @@ appending as tokens are added (true of byte-level, byte-fallback and metaspace d
 past the first ``window_emitted_chars`` characters is exactly what the new tokens added. A trailing
 U+FFFD is held back because it is usually a multi-byte character whose remaining bytes are still to
 come; it is released when more text follows it or when the request finishes.
+
+Known limit: a byte-fallback decoder turns a whole run of ``<0xNN>`` tokens into U+FFFDs once the run is
+not valid UTF-8, including bytes of the run that were valid (and streamed) before; the streamed text then
+keeps those characters where a full decode shows U+FFFDs. Models emit valid runs, so this is cosmetic.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ _REPLACEMENT_CHAR = "\ufffd"
 # tokens kept before the read position when the window slides: enough context for decoders whose output
 # for a token depends on its neighbours (a leading space stripped from the first token, byte fallback)
 _WINDOW_KEEP_TOKENS = 4
-# the window is slid once it holds this many tokens, so a step decodes at most this many
+# the window is slid once it holds more tokens than this, so a one-token step decodes about this many
 _WINDOW_MAX_TOKENS = 12
 # how far back into the prompt the first window may reach looking for a clean start
 _MAX_PROMPT_CONTEXT_TOKENS = 64

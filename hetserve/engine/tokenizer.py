@@ -4,7 +4,8 @@ Loading follows transformers 5 on a directory that has a ``tokenizer.json``:
 - the post-processor in ``tokenizer.json`` decides which special tokens ``encode`` adds; transformers 5
   drops ``add_bos_token`` / ``add_eos_token`` from ``tokenizer_config.json`` when ``tokenizer.json``
   exists, and so do we (our ``encode`` equals ``AutoTokenizer.from_pretrained(dir).encode``);
-- named special tokens of ``tokenizer_config.json`` missing from the vocabulary are added as special;
+- named special tokens of ``tokenizer_config.json`` (or, in older checkpoints, ``special_tokens_map.json``)
+  missing from the vocabulary are added as special;
 - the chat template is ``chat_template.jinja`` (plus ``additional_chat_templates/*.jinja``) when present,
   else ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of ``{name, template}``).
 ``decode`` never applies ``clean_up_tokenization_spaces`` (transformers 5 skips it for BPE too), so the
@@ -34,6 +35,7 @@ from hetserve.core.errors import ModelLoadError, ValidationError
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
@@ -93,6 +95,9 @@ class Tokenizer:
         backend.no_padding()
 
         config = _read_json(model_dir / TOKENIZER_CONFIG_FILE)
+        if "added_tokens_decoder" not in config:
+            # older checkpoints name their special tokens here; transformers lets it override the config
+            config = {**config, **_read_json(model_dir / SPECIAL_TOKENS_MAP_FILE)}
         generation_config = _read_json(model_dir / GENERATION_CONFIG_FILE)
 
         special_tokens: dict[str, str] = {}
@@ -195,20 +200,29 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> str:
-        """Render ``messages`` as transformers' ``apply_chat_template(..., tokenize=False)`` does."""
+        """Render ``messages`` as transformers' ``apply_chat_template(..., tokenize=False)`` does.
+
+        ``continue_final_message`` leaves the last message open (no end-of-turn after it) so the model
+        continues it; it excludes ``add_generation_prompt``."""
         source = self.get_chat_template(chat_template, tools)
         validate_messages(messages)
+        if continue_final_message and add_generation_prompt:
+            raise ValidationError(
+                "continue_final_message", "cannot be combined with add_generation_prompt; set one of them"
+            )
         # transformers drops None-valued keys: templates handle a missing key better than a None
-        chat = [{k: _plain(v) for k, v in message.items() if v is not None} for message in messages]
+        chat = [_alias_reasoning({k: _plain(v) for k, v in m.items() if v is not None}) for m in messages]
+        final_text = _mark_final_message(chat) if continue_final_message else ""
         context = {**self.special_tokens, **_plain(kwargs)}
         try:
             template = _compile(source)
         except jinja2.TemplateSyntaxError as exc:
             raise ValidationError("chat_template", f"invalid jinja: {exc}") from exc
         try:
-            return template.render(
+            rendered = template.render(
                 messages=chat,
                 tools=_plain(tools),
                 documents=_plain(context.pop("documents", None)),
@@ -219,6 +233,51 @@ class Tokenizer:
             raise ValidationError("chat_template", f"the chat template did something unsafe: {exc}") from exc
         except jinja2.TemplateError as exc:
             raise ValidationError("messages", f"the chat template rejected the conversation: {exc}") from exc
+        if not continue_final_message:
+            return rendered
+        tag = _CONTINUE_TAG.strip()
+        if final_text.strip() not in rendered or tag not in rendered:
+            raise ValidationError(
+                "continue_final_message", "the chat template does not render the final message's text verbatim"
+            )
+        cut = rendered.rindex(tag)
+        # a template that trims the message also trimmed the tag's trailing space: trim what precedes it
+        if rendered[cut : cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+            return rendered[:cut]
+        return rendered[:cut].rstrip()
+
+
+# appended to the final message's text to find where it ends in the rendered chat
+_CONTINUE_TAG = "HETSERVE_CONTINUE_FINAL_MESSAGE_HERE "
+# names a message's reasoning may come under; templates read the first (and gpt-oss ones "thinking")
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
+    """Expose a message's reasoning under both names templates read, as transformers does."""
+    reasoning = next((message[k] for k in _REASONING_KEYS if message.get(k) is not None), None)
+    if reasoning is None:
+        return message
+    aliased = dict(message)
+    aliased.setdefault("thinking", reasoning)
+    aliased["reasoning_content"] = reasoning
+    return aliased
+
+
+def _mark_final_message(chat: list[dict[str, Any]]) -> str:
+    """Append the continue tag to the last message's text; return that text (without the tag)."""
+    final = chat[-1]
+    content = final.get("content")
+    if isinstance(content, str):
+        final["content"] = content + _CONTINUE_TAG
+        return content
+    if isinstance(content, list):
+        for part in reversed(content):
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                text = part["text"]
+                part["text"] = text + _CONTINUE_TAG
+                return text
+    raise ValidationError(f"messages[{len(chat) - 1}].content", "has no text to continue")
 
 
 def validate_messages(messages: object) -> None:

@@ -205,7 +205,7 @@ class Simulator:
 
     # ---- run ------------------------------------------------------------------------------
     def run(self, workload: list[SimRequest]) -> SimResult:
-        from hetserve.bench.client import RequestRecord
+        from hetserve.bench.records import RequestRecord
 
         self._pending_src: dict[str, str] = {}
         for i, spec in enumerate(workload):
