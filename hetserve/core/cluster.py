@@ -45,13 +45,13 @@ from typing import Any
 
 from hetserve.core.devices import (
     CATALOG,
-    GBps,
-    GiB,
     LINK_KINDS,
     LINKS,
     LOCAL_LINK,
     TFLOPS,
     DeviceSpec,
+    GBps,
+    GiB,
     LinkSpec,
     cpu_host_spec,
     get_device,
@@ -118,9 +118,7 @@ class ClusterConfig:
     links: tuple[LinkOverride, ...] = ()
     emulation: EmulationSpec | None = None
     _by_id: dict[str, ClusterDevice] = field(default_factory=dict, init=False, compare=False, repr=False, hash=False)
-    _node_by_name: dict[str, NodeSpec] = field(
-        default_factory=dict, init=False, compare=False, repr=False, hash=False
-    )
+    _node_by_name: dict[str, NodeSpec] = field(default_factory=dict, init=False, compare=False, repr=False, hash=False)
 
     _link_cache: dict[tuple[str, str], LinkSpec] = field(
         default_factory=dict, init=False, compare=False, repr=False, hash=False
@@ -266,7 +264,9 @@ def _number(obj: dict[str, Any], key: str, path: str, *, positive: bool = True, 
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
     if isinstance(v, bool) or not ok or (positive and not v > 0) or (not positive and v < 0):
         kind = "integer" if integer else "number"
-        raise ValidationError(_join(path, key), f"must be a {'positive' if positive else 'non-negative'} {kind}, got {v!r}")
+        raise ValidationError(
+            _join(path, key), f"must be a {'positive' if positive else 'non-negative'} {kind}, got {v!r}"
+        )
     return v
 
 
@@ -280,8 +280,7 @@ def _parse_link(obj: Any, path: str) -> LinkSpec:
         raise ValidationError(
             _join(path, "bandwidth_gbps"), "ambiguous unit; write bandwidth_gb_per_s (GB/s) or bandwidth_gbit_per_s"
         )
-    allowed = ("name", "kind", "bandwidth_gb_per_s", "bandwidth_gbit_per_s", "bandwidth_bytes_per_s",
-               "latency_us", "latency_s", "notes")
+    allowed = _LINK_KEYS
     d = _check_keys(obj, path, allowed, ("name", "kind"))
     if d["kind"] not in LINK_KINDS:
         raise ValidationError(_join(path, "kind"), f"{d['kind']!r} is not one of {', '.join(LINK_KINDS)}")
@@ -301,9 +300,17 @@ def _parse_link(obj: Any, path: str) -> LinkSpec:
     return LinkSpec(str(d["name"]), d["kind"], bw, lat, str(d.get("notes", "")))
 
 
-_CUSTOM_KEYS = ("type", "name", "memory_gb", "memory_bytes", "tflops_bf16", "tflops_fp16", "tflops_fp8", "tflops_fp32",
-                "hbm_gbps", "hbm_bytes_per_s", "num_sms", "vendor", "price_per_hour", "host_link", "kv_layout",
-                "kv_block_size", "gemm_efficiency", "hbm_efficiency", "spec")
+_LINK_KEYS = tuple(
+    "name kind bandwidth_gb_per_s bandwidth_gbit_per_s bandwidth_bytes_per_s latency_us latency_s notes".split()
+)
+_CUSTOM_KEYS = tuple(
+    "type name memory_gb memory_bytes tflops_bf16 tflops_fp16 tflops_fp8 tflops_fp32 hbm_gbps hbm_bytes_per_s num_sms "
+    "vendor price_per_hour host_link kv_layout kv_block_size gemm_efficiency hbm_efficiency spec".split()
+)
+_CUSTOM_PASSTHROUGH = tuple(
+    "vendor price_per_hour host_link kv_layout kv_block_size gemm_efficiency hbm_efficiency num_sms".split()
+)
+_TFLOPS_KEYS = {"tflops_bf16": "bfloat16", "tflops_fp16": "float16", "tflops_fp8": "fp8", "tflops_fp32": "float32"}
 _ENTRY_KEYS = ("count", "memory_cap_gb", "memory_cap_bytes")
 
 
@@ -324,18 +331,12 @@ def _parse_custom(d: dict[str, Any], path: str) -> DeviceSpec:
         raise ValidationError(_join(path, "memory_gb"), "required for type: custom (or memory_bytes)")
     if "hbm_gbps" not in d and "hbm_bytes_per_s" not in d:
         raise ValidationError(_join(path, "hbm_gbps"), "required for type: custom (GB/s; or hbm_bytes_per_s)")
-    mem = int(_number(d, "memory_gb", path) * GiB) if "memory_gb" in d else _number(d, "memory_bytes", path, integer=True)
+    mem = (
+        int(_number(d, "memory_gb", path) * GiB) if "memory_gb" in d else _number(d, "memory_bytes", path, integer=True)
+    )
     hbm = float(_number(d, "hbm_gbps", path)) * GBps if "hbm_gbps" in d else float(_number(d, "hbm_bytes_per_s", path))
-    flops = {}
-    for key, dtype in (("tflops_bf16", "bfloat16"), ("tflops_fp16", "float16"), ("tflops_fp8", "fp8"),
-                       ("tflops_fp32", "float32")):
-        if key in d:
-            flops[dtype] = float(_number(d, key, path)) * TFLOPS
-    kw: dict[str, Any] = {}
-    for key in ("vendor", "price_per_hour", "host_link", "kv_layout", "kv_block_size", "gemm_efficiency",
-                "hbm_efficiency", "num_sms"):
-        if key in d:
-            kw[key] = d[key]
+    flops = {dt: float(_number(d, k, path)) * TFLOPS for k, dt in _TFLOPS_KEYS.items() if k in d}
+    kw: dict[str, Any] = {k: d[k] for k in _CUSTOM_PASSTHROUGH if k in d}
     kw.setdefault("vendor", "custom")
     kw.setdefault("num_sms", 1)
     if "host_link" in kw:
@@ -367,9 +368,7 @@ def _parse_spec(d: dict[str, Any], path: str, partitions: dict[str, PartitionSpe
         return get_device(t)
     except ValidationError:
         known = list(partitions) + list(CATALOG) + ["cpu", "custom"]
-        raise ValidationError(
-            _join(path, "type"), f"unknown device type {t!r}; known: {', '.join(known)}"
-        ) from None
+        raise ValidationError(_join(path, "type"), f"unknown device type {t!r}; known: {', '.join(known)}") from None
 
 
 def _parse_emulation(obj: Any, path: str) -> EmulationSpec | None:
@@ -430,6 +429,25 @@ def _parse_emulation(obj: Any, path: str) -> EmulationSpec | None:
     return EmulationSpec(kind, of, tuple(parts))
 
 
+def _check_partition_use(emu: EmulationSpec, devices: list[ClusterDevice]) -> None:
+    """Partitions of one physical GPU: disjoint SMs (green contexts) and memory must add up within it."""
+    parts = {p.name: p for p in emu.partitions}
+    used = [parts[d.spec.name] for d in devices if d.spec.name in parts and d.emulation is not None]
+    mem = sum(d.memory_bytes for d in devices if d.spec.name in parts and d.emulation is not None)
+    if mem > emu.of.memory_bytes:
+        raise ValidationError(
+            "emulation.partitions",
+            f"devices on partitions use {mem / GiB:g} GiB > {emu.of.name}'s "
+            f"{emu.of.memory_bytes / GiB:g} GiB; set memory_gb per partition",
+        )
+    if emu.kind == "green_context":
+        sms = sum(p.amount for p in used)
+        if sms > emu.of.num_sms:
+            raise ValidationError(
+                "emulation.partitions", f"green contexts are disjoint: devices use {sms:g} SMs > {emu.of.num_sms}"
+            )
+
+
 def parse_cluster(obj: Any) -> ClusterConfig:
     d = _check_keys(obj, "", ("name", "nodes", "inter_node_link", "links", "emulation"), ("nodes",))
     emulation = _parse_emulation(d.get("emulation"), "emulation")
@@ -443,6 +461,10 @@ def parse_cluster(obj: Any) -> ClusterConfig:
         npath = f"nodes[{ni}]"
         nd = _check_keys(nobj, npath, ("name", "devices", "intra_link"), ("name", "devices"))
         nname = str(nd["name"])
+        if ":" in nname or not nname:
+            raise ValidationError(
+                _join(npath, "name"), f"must be non-empty without ':' (ids are node:index), got {nname!r}"
+            )
         if any(n.name == nname for n in nodes):
             raise ValidationError(_join(npath, "name"), f"duplicate node name {nname!r}")
         if not isinstance(nd["devices"], list) or not nd["devices"]:
@@ -477,6 +499,8 @@ def parse_cluster(obj: Any) -> ClusterConfig:
         else:
             intra = min(host_links, key=lambda lk: lk.bandwidth_bytes_per_s)
         nodes.append(NodeSpec(nname, tuple(ids), intra))
+    if emulation is not None and emulation.kind in ("green_context", "mps"):
+        _check_partition_use(emulation, devices)
     inter = _parse_link(d.get("inter_node_link") or DEFAULT_INTER_NODE_LINK, "inter_node_link")
     names = {n.name for n in nodes} | {dv.id for dv in devices}
     overrides: list[LinkOverride] = []
@@ -517,7 +541,9 @@ def load_cluster(path_or_dict: str | Path | dict[str, Any]) -> ClusterConfig:
         try:
             import yaml
         except ImportError:
-            raise ValidationError("cluster", f"{p.name}: reading YAML needs pyyaml (pip install pyyaml); or use JSON") from None
+            raise ValidationError(
+                "cluster", f"{p.name}: reading YAML needs pyyaml (pip install pyyaml); or use JSON"
+            ) from None
         try:
             obj = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -50,7 +50,7 @@ def canonical_dtype(dtype: str) -> str:
 def _interp_curve(curve: Sequence[tuple[float, float]], x: float) -> float:
     if x <= curve[0][0]:
         return curve[0][1]
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False):
         if x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return curve[-1][1]
@@ -261,12 +261,12 @@ def cpu_host_spec(
 _CATALOG_LIST: tuple[DeviceSpec, ...] = (
     # NVIDIA H200 SXM datasheet: 141 GB HBM3e, 4.8 TB/s, 989 bf16 / 1979 fp8 dense, 67 fp32; 132 SMs.
     # Efficiency: 788-798 TFLOP/s, ~4.3 TB/s copy measured (GPU.md). ~USD 4/h (approx, neocloud list).
-    _nv("H200", 141, 989.4, 989.4, 1978.9, 67, 4800, 132, "pcie5x16", 4.0, gemm_efficiency=0.80, hbm_efficiency=0.80,
-        kv_layout="NHD"),
+    _nv("H200", 141, 989.4, 989.4, 1978.9, 67, 4800, 132, "pcie5x16", 4.0, gemm_efficiency=0.80, hbm_efficiency=0.80),
     # NVIDIA H100 SXM5 datasheet: 80 GB HBM3, 3.35 TB/s, 989 bf16 / 1979 fp8 dense, 67 fp32; 132 SMs.
     # Efficiency measured (GPU.md): 781 TFLOP/s matmul, 2664 GB/s GEMV. ~USD 3/h (approx).
-    _nv("H100-SXM", 80, 989.4, 989.4, 1978.9, 67, 3350, 132, "pcie5x16", 3.0, gemm_efficiency=0.79,
-        hbm_efficiency=0.795),
+    _nv(
+        "H100-SXM", 80, 989.4, 989.4, 1978.9, 67, 3350, 132, "pcie5x16", 3.0, gemm_efficiency=0.79, hbm_efficiency=0.795
+    ),
     # NVIDIA H100 PCIe datasheet: 80 GB HBM2e, 2.0 TB/s, 756 bf16 / 1513 fp8 dense, 51 fp32; 114 SMs. ~USD 2.5/h.
     _nv("H100-PCIe", 80, 756.5, 756.5, 1513, 51, 2000, 114, "pcie5x16", 2.5),
     # NVIDIA A100 datasheet (SXM): 312 bf16 dense, 19.5 fp32, no fp8; 108 SMs. 40 GB: 1555 GB/s. ~USD 1.3/h.
@@ -295,31 +295,87 @@ _CATALOG_LIST: tuple[DeviceSpec, ...] = (
     _nv("RTX3090", 24, 71, 71, None, 35.6, 936, 82, "pcie4x16", 0.3),
     # AMD Instinct MI300X datasheet: 192 GB HBM3, 5.3 TB/s, 1307 bf16 / 2615 fp8 dense, 163.4 fp32 matrix;
     # 304 CUs. Public GEMM benchmarks reach roughly half of peak: gemm_efficiency 0.5 (approximate).
-    _nv("MI300X", 192, 1307.4, 1307.4, 2614.9, 163.4, 5300, 304, "pcie5x16", 3.0, vendor="amd",
-        gemm_efficiency=0.5, hbm_efficiency=0.75),
+    _nv(
+        "MI300X",
+        192,
+        1307.4,
+        1307.4,
+        2614.9,
+        163.4,
+        5300,
+        304,
+        "pcie5x16",
+        3.0,
+        vendor="amd",
+        gemm_efficiency=0.5,
+        hbm_efficiency=0.75,
+    ),
     # AMD Instinct MI250 (OAM) datasheet: 128 GB HBM2e, 3.2 TB/s, 362.1 bf16 / fp16, 90.5 fp32 matrix;
     # 208 CUs over two dies (one device here; in practice it shows as two GPUs of 64 GB). ~USD 2/h (guess).
-    _nv("MI250", 128, 362.1, 362.1, None, 90.5, 3200, 208, "pcie4x16", 2.0, vendor="amd", gemm_efficiency=0.6,
-        notes="two GCDs of 64 GB each appear as two devices"),
+    _nv(
+        "MI250",
+        128,
+        362.1,
+        362.1,
+        None,
+        90.5,
+        3200,
+        208,
+        "pcie4x16",
+        2.0,
+        vendor="amd",
+        gemm_efficiency=0.6,
+        notes="two GCDs of 64 GB each appear as two devices",
+    ),
     # Huawei Ascend 910B: public figures vary by SKU; ~320 TFLOP/s fp16/bf16, 64 GB HBM2e, ~1.6 TB/s,
     # ~24 AI cores (approximate; no trusted fp32 figure, so fp32 is omitted). ~USD 1.5/h (guess).
-    DeviceSpec(name="Ascend-910B", vendor="huawei", memory_bytes=64 * GiB,
-               peak_flops={"bfloat16": 320 * TFLOPS, "float16": 320 * TFLOPS}, hbm_bytes_per_s=1600 * GBps, num_sms=24,
-               host_link="pcie4x16", price_per_hour=1.5, gemm_efficiency=0.6, kv_layout="HND", kv_block_size=128,
-               notes="approximate public figures; vllm-ascend uses 128-token KV blocks"),
+    DeviceSpec(
+        name="Ascend-910B",
+        vendor="huawei",
+        memory_bytes=64 * GiB,
+        peak_flops={"bfloat16": 320 * TFLOPS, "float16": 320 * TFLOPS},
+        hbm_bytes_per_s=1600 * GBps,
+        num_sms=24,
+        host_link="pcie4x16",
+        price_per_hour=1.5,
+        gemm_efficiency=0.6,
+        kv_layout="HND",
+        kv_block_size=128,
+        notes="approximate public figures; vllm-ascend uses 128-token KV blocks",
+    ),
     # Intel Gaudi2 (Intel launch figures): 96 GB HBM2e, 2.45 TB/s, ~432 bf16 / ~865 fp8 (MME); 24 TPCs.
     # ~USD 1.3/h (approx).
-    DeviceSpec(name="Gaudi2", vendor="intel", memory_bytes=96 * GiB,
-               peak_flops={"bfloat16": 432 * TFLOPS, "fp8": 865 * TFLOPS}, hbm_bytes_per_s=2450 * GBps, num_sms=24,
-               host_link="pcie4x16", price_per_hour=1.3, gemm_efficiency=0.6, kv_layout="HND", kv_block_size=128,
-               notes="approximate public figures; the Gaudi vLLM fork uses 128-token KV blocks"),
+    DeviceSpec(
+        name="Gaudi2",
+        vendor="intel",
+        memory_bytes=96 * GiB,
+        peak_flops={"bfloat16": 432 * TFLOPS, "fp8": 865 * TFLOPS},
+        hbm_bytes_per_s=2450 * GBps,
+        num_sms=24,
+        host_link="pcie4x16",
+        price_per_hour=1.3,
+        gemm_efficiency=0.6,
+        kv_layout="HND",
+        kv_block_size=128,
+        notes="approximate public figures; the Gaudi vLLM fork uses 128-token KV blocks",
+    ),
     # A generic 2-socket server: 2 x 32 cores at ~2 GHz with AVX-512 (2 FMA x 16 lanes x 2 FLOP = 128 GFLOP/s
     # a core), 512 GB DDR5-4800, 8 channels a socket (2 x 307 GB/s). bf16 given at 2x fp32 (AVX512-BF16; AMX
     # can do far more). ~USD 6/h for 128 vCPUs (approx).
-    DeviceSpec(name="cpu-host", vendor="cpu", memory_bytes=512 * GiB,
-               peak_flops={"float32": 8.2 * TFLOPS, "bfloat16": 16.4 * TFLOPS, "float16": 8.2 * TFLOPS},
-               hbm_bytes_per_s=614 * GBps, num_sms=64, host_link="shm", price_per_hour=6.0, gemm_efficiency=0.6,
-               hbm_efficiency=0.7, step_overhead_s=5e-4, notes="generic 2-socket server CPU"),
+    DeviceSpec(
+        name="cpu-host",
+        vendor="cpu",
+        memory_bytes=512 * GiB,
+        peak_flops={"float32": 8.2 * TFLOPS, "bfloat16": 16.4 * TFLOPS, "float16": 8.2 * TFLOPS},
+        hbm_bytes_per_s=614 * GBps,
+        num_sms=64,
+        host_link="shm",
+        price_per_hour=6.0,
+        gemm_efficiency=0.6,
+        hbm_efficiency=0.7,
+        step_overhead_s=5e-4,
+        notes="generic 2-socket server CPU",
+    ),
 )
 
 CATALOG: dict[str, DeviceSpec] = {d.name: d for d in _CATALOG_LIST}
