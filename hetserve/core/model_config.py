@@ -75,7 +75,9 @@ class ModelConfig:
         attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
         if self.qkv_bias:
             attn += self.q_size + 2 * self.kv_size
-        mlp = 3 * h * i
+        if self.o_bias:
+            attn += h
+        mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
         norms = 2 * h + (2 * self.head_dim if self.qk_norm else 0)
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return L * (attn + mlp + norms) + embed + h
@@ -178,8 +180,9 @@ class ModelConfig:
             rope_scaling=rp,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=(family == "qwen2") or attn_bias,
-            o_bias=attn_bias and family in ("llama", "mistral"),
+            # HF: Qwen2 always biases q/k/v; Llama and Qwen3 bias q/k/v/o when attention_bias; Mistral never
+            qkv_bias=(family == "qwen2") or (attn_bias and family in ("llama", "qwen3")),
+            o_bias=attn_bias and family in ("llama", "qwen3"),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=family == "qwen3",
             sliding_window=int(sliding) if sliding else None,
