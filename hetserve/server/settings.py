@@ -1,0 +1,267 @@
+"""Server settings: one frozen dataclass, its command-line flags, and ``--config FILE`` loading.
+
+Every field is a flag spelled ``--field-name`` (vLLM's spelling where vLLM has the option) and a config-file key
+spelled ``field_name``. Precedence: built-in default < config file < flag given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from hetserve.core.config import EngineConfig
+from hetserve.core.errors import ValidationError
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model: str | None = _opt(None, "HF model directory (default: the embedded tiny model, made on first use)")
+    host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
+    port: int = _opt(8000, "TCP port to listen on (0 = any free port)")
+    api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on every route except /health")
+    served_model_name: tuple[str, ...] | None = _opt(
+        None, "model name(s) clients must send; the first is reported (default: the model argument)", nargs="+"
+    )
+    tokenizer: str | None = _opt(None, "tokenizer directory (default: the model directory)")
+    chat_template: str | None = _opt(
+        None, "chat template: a file path, a template name of the model, or inline jinja (default: the model's)"
+    )
+    max_model_len: int | None = _opt(None, "prompt + output token limit (default: the model's context length)")
+    max_num_seqs: int = _opt(256, "most sequences in one engine step")
+    max_num_batched_tokens: int = _opt(2048, "token budget of one engine step")
+    max_queued_requests: int | None = _opt(
+        None, "waiting sequences beyond which new requests get 503 + Retry-After (default: no limit)"
+    )
+    long_prefill_token_threshold: int = _opt(0, "cap on one request's prefill chunk per step (0 = no cap)")
+    block_size: int = _opt(16, "tokens per KV block")
+    num_blocks: int | None = _opt(None, "KV blocks in the pool (default: sized from memory)")
+    gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory the engine may use")
+    enable_prefix_caching: bool = _opt(True, "reuse the KV of shared prompt prefixes")
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = _opt("auto", "weights and activations dtype (auto = float32 on CPU, bfloat16 on GPU)",
+                      choices=_DTYPES)
+    seed: int = _opt(0, "seed of requests that bring none of their own")
+    max_logprobs: int = _opt(20, "largest logprobs / top_logprobs a request may ask for")
+    max_n: int = _opt(16, "largest n (completions per prompt) a request may ask for")
+    max_batch_prompts: int = _opt(256, "most prompts in one /v1/completions batch")
+    max_prompt_chars: int = _opt(1_000_000, "longest prompt or chat message list, in characters, before tokenizing")
+    max_request_body_bytes: int = _opt(16 * 2**20, "largest request body; larger ones get 413")
+    retry_after_s: int = _opt(1, "Retry-After value (seconds) sent with 503 responses")
+    shutdown_timeout_s: float = _opt(
+        30.0, "on SIGINT/SIGTERM, how long in-flight requests may finish before they are aborted"
+    )
+    uvicorn_log_level: str = _opt("info", "uvicorn's log level", choices=_LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.served_model_name, (list, str)):
+            names = [self.served_model_name] if isinstance(self.served_model_name, str) else self.served_model_name
+            object.__setattr__(self, "served_model_name", tuple(names))
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.name])
+        if not self.host:
+            raise ValidationError("host", "must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ValidationError("port", f"must be in [0, 65535], got {self.port}")
+        if self.api_key is not None and not self.api_key:
+            raise ValidationError("api_key", "must not be empty")
+        if self.served_model_name is not None and (not self.served_model_name or not all(self.served_model_name)):
+            raise ValidationError("served_model_name", "needs at least one non-empty name")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_n", "max_batch_prompts",
+                     "max_prompt_chars", "max_request_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValidationError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("max_model_len", "max_queued_requests", "num_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValidationError(name, f"must be >= 1, got {value}")
+        for name in ("long_prefill_token_threshold", "max_logprobs", "retry_after_s"):
+            if getattr(self, name) < 0:
+                raise ValidationError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValidationError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.shutdown_timeout_s < 0:
+            raise ValidationError("shutdown_timeout_s", f"must be >= 0, got {self.shutdown_timeout_s}")
+        if self.dtype not in _DTYPES:
+            raise ValidationError("dtype", f"must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.uvicorn_log_level not in _LOG_LEVELS:
+            raise ValidationError("uvicorn_log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Names a request's ``model`` may carry; the first is the one responses report."""
+        if self.served_model_name:
+            return self.served_model_name
+        return (self.model if self.model is not None else "tiny-llama",)
+
+    def with_model(self, model: str) -> ServerSettings:
+        """The same settings bound to a model directory; the served name stays what it was."""
+        names = self.model_names
+        return replace(self, model=model, served_model_name=names)
+
+    def engine_config(self) -> EngineConfig:
+        if self.model is None:
+            raise ValidationError("model", "no model directory; call with_model() first")
+        return EngineConfig.from_kwargs(
+            self.model,
+            tokenizer=self.tokenizer,
+            served_model_name=self.model_names[0],
+            chat_template=resolve_chat_template(self.chat_template),
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            enable_prefix_caching=self.enable_prefix_caching,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len,
+            long_prefill_token_threshold=self.long_prefill_token_threshold,
+            max_queued_requests=self.max_queued_requests,
+            device=self.device,
+            dtype=self.dtype,
+            seed=self.seed,
+        )
+
+
+# the declared type of each field, for checking config-file values (annotations are strings here)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {}
+for _f in fields(ServerSettings):
+    _ann = str(_f.type)
+    _types: tuple[type, ...] = ()
+    for _name, _t in (("str", str), ("int", int), ("float", float), ("bool", bool), ("tuple", tuple)):
+        if _ann.startswith(_name) or f" {_name}" in _ann:
+            _types += (_t,)
+    if "None" in _ann:
+        _types += (type(None),)
+    _FIELD_TYPES[_f.name] = _types
+
+
+def _check_type(name: str, value: Any, types: tuple[type, ...]) -> None:
+    if value is None and type(None) in types:
+        return
+    if isinstance(value, bool) and bool not in types:
+        raise ValidationError(name, f"must be {_type_words(types)}, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and float in types:
+        return
+    if tuple in types and isinstance(value, tuple):
+        if not all(isinstance(v, str) for v in value):
+            raise ValidationError(name, f"must be a list of strings, got {list(value)!r}")
+        return
+    if not isinstance(value, tuple(t for t in types if t is not type(None))):
+        raise ValidationError(name, f"must be {_type_words(types)}, got {value!r}")
+
+
+def _type_words(types: tuple[type, ...]) -> str:
+    words = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             tuple: "a list of strings", type(None): "null"}
+    return " or ".join(words[t] for t in types)
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """A chat template setting as the tokenizer takes it: a file's content, else the value itself (a template
+    name of the model, or inline jinja)."""
+    if value is None:
+        return None
+    looks_like_path = "{" not in value and "\n" not in value and (
+        value.endswith((".jinja", ".j2", ".jinja2", ".txt")) or "/" in value
+    )
+    path = Path(value).expanduser()
+    if looks_like_path:
+        if not path.is_file():
+            raise ValidationError("chat_template", f"file {value!r} does not exist")
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValidationError("chat_template", f"cannot read {value!r}: {exc}") from exc
+    return value
+
+
+# ---- config files ------------------------------------------------------------------------------
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON settings file: a mapping whose keys are ServerSettings field names."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValidationError("config", f"cannot read {str(p)!r}: {exc}") from exc
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError: report them the same way
+        raise ValidationError("config", f"{str(p)!r} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
+                                        f"{exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValidationError("config", f"{str(p)!r} must hold a mapping of settings, got {type(data).__name__}")
+    known = {f.name for f in fields(ServerSettings)}
+    for key in data:
+        if not isinstance(key, str) or key not in known:
+            hint = ""
+            if isinstance(key, str) and key.replace("-", "_") in known:
+                hint = f" (keys use underscores: {key.replace('-', '_')})"
+            raise ValidationError(str(key), f"unknown setting in {str(p)!r}{hint}")
+    return data
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add a flag per ServerSettings field (and ``--config``). Flags not given stay absent from the namespace,
+    so a config file can fill them."""
+    parser.add_argument("model_dir", nargs="?", default=argparse.SUPPRESS, metavar="MODEL_DIR",
+                        help=ServerSettings.__dataclass_fields__["model"].metadata["help"])
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML or JSON file of settings (keys: these flags with underscores); flags override it")
+    for f in fields(ServerSettings):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{meta.pop('help')} (default: {default})"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
+        types = _FIELD_TYPES[f.name]
+        if bool in types:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            conv: Callable[[str], Any] = str
+            if int in types:
+                conv = int
+            elif float in types:
+                conv = float
+            kwargs["type"] = conv
+            kwargs.update(meta)
+        parser.add_argument(flag, **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """Defaults, then the ``--config`` file, then the flags given on the command line."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_config_file(args.config))
+    for f in fields(ServerSettings):
+        if f.name != "model" and hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    if hasattr(args, "model_dir"):
+        values["model"] = args.model_dir
+    try:
+        return ServerSettings(**values)
+    except TypeError as exc:  # a value of the wrong shape reaching the dataclass, e.g. a nested mapping
+        raise ValidationError("config", str(exc)) from exc
