@@ -15,6 +15,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("hetserve.bench.cli", "load-test any OpenAI-compatible server (vLLM's bench serve flags)"),
     "make-tiny-model": ("hetserve.cli.make_tiny", "write a tiny random-weight checkpoint in HF format"),
     "serve": ("hetserve.cli.serve", "run the OpenAI-compatible HTTP server"),
+    "plan": ("hetserve.cli.plan", "rank deployments of a model on a cluster by simulated goodput"),
+    "simulate": ("hetserve.cli.simulate", "run one deployment config on a workload in the simulator"),
     "profile": ("hetserve.cli.profile", "measure a device (GPU, SM partition, MPS client or CPU) for a model's shape"),
 }
 

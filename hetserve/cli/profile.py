@@ -8,6 +8,7 @@ same command again as an MPS client limited to P% of the SMs, and quits the daem
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import subprocess
@@ -38,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-pool-gb", type=float, default=None, help="KV pool for the attention tables (GiB)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="time every call eagerly")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
 
 
 def git_commit(repo_root: Path | None = None) -> str:
@@ -49,7 +51,8 @@ def git_commit(repo_root: Path | None = None) -> str:
         if text:
             return text.split()[0]
     try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10,
+                           check=False)
         if r.returncode == 0 and r.stdout.strip():
             return r.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -77,6 +80,8 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
         out.append("--quick")
     if args.no_cuda_graphs:
         out.append("--no-cuda-graphs")
+    if args.threads is not None:
+        out += ["--threads", str(args.threads)]
     return out
 
 
@@ -99,10 +104,20 @@ def run(args: argparse.Namespace) -> int:
 
     from hetserve.core.errors import ValidationError
     from hetserve.core.model_config import ModelConfig
-    from hetserve.device import EmulationError, create_green_contexts, parse_partition, physical_device_info
+    from hetserve.device import (
+        EmulationError,
+        create_green_contexts,
+        graph_replay_check,
+        parse_partition,
+        physical_device_info,
+    )
     from hetserve.profiling import ProfileGrid, ProfileOptions, Profiler
 
     device = torch.device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValidationError("--threads", f"must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     partition = parse_partition(args.partition, device.index or 0)
     if partition.emulated and device.type != "cuda":
         raise ValidationError("--partition", f"{partition.label} needs --device cuda; the CPU has no partitions")
@@ -129,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         "git_commit": git_commit(),
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
-        "partition": partition.describe(),
+        "partition": partition.describe(f"cpu-{os.cpu_count()}c" if device.type == "cpu" else "GPU"),
     }
     gcs = []
     stream = None
@@ -148,6 +163,11 @@ def run(args: argparse.Namespace) -> int:
             stream = gcs[0].stream
             emulation = gcs[0].emulation_string()
             meta["partition"] = gcs[0].describe()
+            check = graph_replay_check(gcs[0])
+            meta["partition"]["graph_replay_check"] = check
+            if not check["captured_on_partition_stays_inside"] and options.use_cuda_graphs:
+                print("[profile] CUDA graph replay left the partition's SMs: timing eagerly", flush=True)
+                options = dataclasses.replace(options, use_cuda_graphs=False)
         elif partition.kind == "mps":
             meta["partition"]["mps_client_env"] = {
                 k: v for k, v in os.environ.items() if k.startswith("CUDA_MPS_")
@@ -176,6 +196,6 @@ def run(args: argparse.Namespace) -> int:
     d = profile.dense
     print(f"wrote {out} ({time.perf_counter() - t0:.1f} s): {device_name}"
           f"{' [' + emulation + ']' if emulation else ''}, dense/layer {d.ys[0] * 1e6:.1f} us at {d.xs[0]:g} tokens"
-          f" .. {d.ys[-1] * 1e3:.2f} ms at {d.xs[-1]:g}; copy {profile.copy_bytes_per_s / 1e9:.1f} GB/s; "
+          f" .. {d.ys[-1] * 1e3:.2f} ms at {d.xs[-1]:g}; copy {(profile.copy_bytes_per_s or 0) / 1e9:.1f} GB/s; "
           f"step overhead {profile.step_overhead_s * 1e6:.0f} us")
     return 0
