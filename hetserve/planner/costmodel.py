@@ -194,6 +194,8 @@ class CostModel:
             self.step_overhead_s = profile.step_overhead_s
         else:
             self.step_overhead_s = device.step_overhead_s
+        # host time each request adds to a step (scheduler, input preparation, outputs); measured only
+        self.step_overhead_per_seq_s = profile.step_overhead_per_seq_s if profile is not None else 0.0
         self._profile_scale = (profile.tp / tp) if profile is not None else 1.0
 
     def _check_profile(self, p: DeviceProfile) -> None:
@@ -299,7 +301,7 @@ class CostModel:
             "allreduce": L * 2 * self.ring_time_s(T * self._allreduce_bytes_per_token),
             "lm_head": self._lm_head_s(rows) if self.include_lm_head else 0.0,
             "embedding": T * self._embed_bytes_per_token * self._inv_mem_bw if self.include_embedding else 0.0,
-            "overhead": self.step_overhead_s,
+            "overhead": self.step_overhead_s + batch.num_reqs * self.step_overhead_per_seq_s,
         }
 
     def step_time_s(self, batch: BatchShape, num_kv_heads: int | None = None) -> float:
@@ -318,7 +320,7 @@ class CostModel:
             t += self._lm_head_s(batch.num_reqs if batch.num_sampled is None else batch.num_sampled)
         if self.include_embedding:
             t += T * self._embed_bytes_per_token * self._inv_mem_bw
-        return t + self.step_overhead_s
+        return t + self.step_overhead_s + batch.num_reqs * self.step_overhead_per_seq_s
 
     def step_time_from_scheduler_output(self, out: SchedulerOutput) -> float:
         return self.step_time_s(BatchShape.from_scheduler_output(out))

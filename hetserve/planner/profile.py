@@ -18,6 +18,7 @@ A profile is a JSON file (times in seconds, per layer unless said otherwise)::
       "copy_bytes_per_s": 3.0e12,
       "kv_bytes_per_token": 131072,
       "step_overhead_s": 4e-5,
+      "step_overhead_per_seq_s": 1e-5,
       "meta": {"command": "...", "git_commit": "...", "created": "...", "notes": "..."}
     }
 
@@ -30,6 +31,8 @@ A profile is a JSON file (times in seconds, per layer unless said otherwise)::
 * ``lm_head_s``: final norm, LM head and sampling for ``num_tokens`` sampled rows (whole step, not per layer).
 * ``copy_bytes_per_s``: device-to-device copy bandwidth (read + write bytes over time).
 * ``step_overhead_s``: fixed host-side cost of one step (scheduling, input preparation, launches).
+* ``step_overhead_per_seq_s``: host-side cost each request in a step adds (scheduler books, input
+  preparation, output assembly); optional, 0 when absent.
 
 ``shape_hash`` covers the per-layer shapes and the vocabulary, not the number of layers, so a profile taken on a
 truncated model serves the full one. ``lm_head_s`` and the attention tables are optional (the cost model falls
@@ -190,6 +193,7 @@ class DeviceProfile:
     copy_bytes_per_s: float | None = None
     kv_bytes_per_token: int | None = None
     step_overhead_s: float = 0.0
+    step_overhead_per_seq_s: float = 0.0
     num_hidden_layers: int | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -220,6 +224,7 @@ class DeviceProfile:
             "copy_bytes_per_s": self.copy_bytes_per_s,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "step_overhead_s": self.step_overhead_s,
+            "step_overhead_per_seq_s": self.step_overhead_per_seq_s,
             "meta": dict(self.meta),
         }
 
@@ -284,6 +289,7 @@ class DeviceProfile:
             copy_bytes_per_s=d.get("copy_bytes_per_s"),
             kv_bytes_per_token=d.get("kv_bytes_per_token"),
             step_overhead_s=float(d.get("step_overhead_s") or 0.0),
+            step_overhead_per_seq_s=float(d.get("step_overhead_per_seq_s") or 0.0),
             num_hidden_layers=model.get("num_hidden_layers"),
             meta=dict(d.get("meta") or {}),
         )

@@ -379,7 +379,8 @@ class Profiler:
             self.log("copy bandwidth ...")
             copy_bw = self.measure_copy_bytes_per_s()
         profile = self._assemble(tables, device_name, model_name, emulation, copy_bw, 0.0, {})
-        overhead = self._overhead_and_validation(runner, profile)  # on self.stream, see _runner_step_s
+        overhead, runner_per_seq = self._overhead_and_validation(runner, profile)  # on self.stream
+        per_seq = runner_per_seq + scheduler_host_s_per_seq()
         del runner, model, kv_caches
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -403,7 +404,8 @@ class Profiler:
             ),
         }
         m.update(meta or {})
-        return dataclasses.replace(profile, step_overhead_s=overhead, meta=m)
+        m["step_overhead_per_seq_s"] = {"runner": runner_per_seq, "scheduler": per_seq - runner_per_seq}
+        return dataclasses.replace(profile, step_overhead_s=overhead, step_overhead_per_seq_s=per_seq, meta=m)
 
     def _assemble(self, t: _Tables, device_name: str, model_name: str, emulation: str | None, copy_bw: float,
                   overhead: float, meta: dict[str, Any]) -> DeviceProfile:
@@ -444,8 +446,9 @@ class Profiler:
             meta=meta,
         )
 
-    def _overhead_and_validation(self, runner: Any, profile: DeviceProfile) -> float:
-        """Runner steps measured end to end: batch-1 decode fixes the overhead; the others are checks."""
+    def _overhead_and_validation(self, runner: Any, profile: DeviceProfile) -> tuple[float, float]:
+        """Runner steps measured end to end: batch-1 decode fixes the fixed overhead; larger decode batches
+        give the runner's per-request host cost (what the tables do not explain); all are kept as checks."""
         L = self.num_layers
         g = self.grid
         ctx = g.decode_context_lens[min(1, len(g.decode_context_lens) - 1)]
@@ -466,7 +469,7 @@ class Profiler:
         except Exception as e:  # noqa: BLE001 - the tables stand without it; say why it is 0
             self.validation.append({"error": f"runner step failed: {type(e).__name__}: {e}"})
             self.log(f"  runner step failed ({e}); step_overhead_s = 0")
-            return 0.0
+            return 0.0, 0.0
         overhead = max(0.0, base - parts([(1, ctx)]))
         self.validation.append({"kind": "decode", "num_seqs": 1, "context_len": ctx, "measured_s": base,
                                 "parts_s": parts([(1, ctx)]), "layers": L})
@@ -475,6 +478,7 @@ class Profiler:
             checks.append(("decode", [(1, ctx)] * b))
         n = g.prefill_num_tokens[min(1, len(g.prefill_num_tokens) - 1)]
         checks.append(("prefill", [(n, 0)]))
+        slopes: list[float] = []
         for kind, seqs in checks:
             try:
                 measured = self._runner_step_s(runner, seqs, kind[:2])
@@ -485,4 +489,38 @@ class Profiler:
                 "kind": kind, "num_seqs": len(seqs), "num_tokens": sum(s for s, _ in seqs), "context_len": seqs[0][1],
                 "measured_s": measured, "predicted_s": parts(seqs) + overhead, "layers": L,
             })
-        return overhead
+            if kind == "decode" and len(seqs) > 1:
+                slopes.append((measured - parts(seqs) - overhead) / (len(seqs) - 1))
+        per_seq = max(0.0, sorted(slopes)[len(slopes) // 2]) if slopes else 0.0
+        return overhead, per_seq
+
+
+def scheduler_host_s_per_seq(num_seqs: int = 32, steps: int = 200) -> float:
+    """Host seconds each running request adds to an engine step outside the runner: the scheduler's books
+    and the engine's output assembly (``LLMEngine.step`` with an instant executor, no detokenisation).
+    Device-independent and CPU-bound; uses the embedded tiny model's tokenizer only to build the engine."""
+    from hetserve.core.config import EngineConfig
+    from hetserve.core.sampling_params import SamplingParams
+    from hetserve.engine.llm_engine import LLMEngine
+    from hetserve.sim.simulator import SimExecutor
+    from hetserve.tiny.make_tiny import default_model_dir
+
+    model_dir = str(default_model_dir())
+
+    def per_step(n: int) -> float:
+        blocks = n * 80 + 2
+        cfg = EngineConfig.from_kwargs(model_dir, num_blocks=blocks, max_num_seqs=n, max_model_len=1024)
+        eng = LLMEngine(cfg, executor=SimExecutor(blocks))
+        for i in range(n):
+            eng.add_request(str(i), list(range(10, 26)),
+                            SamplingParams(max_tokens=steps + 10, ignore_eos=True, detokenize=False))
+        eng.step()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(steps // 5):
+                eng.step()
+            times.append((time.perf_counter() - t0) / (steps // 5))
+        return min(times)
+
+    return max(0.0, (per_step(num_seqs) - per_step(1)) / (num_seqs - 1))
