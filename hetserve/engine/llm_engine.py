@@ -235,7 +235,8 @@ class LLMEngine:
             c.sent_tokens = len(c.token_ids)
             comps.append(
                 CompletionOutput(
-                    index=c.index, text=text, token_ids=list(c.token_ids),
+                    # the live list (no per-step copy): it grows until the request finishes
+                    index=c.index, text=text, token_ids=c.token_ids,
                     cumulative_logprob=c.cumulative_logprob, logprobs=c.logprobs,
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                     delta_text=delta_text, delta_token_ids=delta_ids, delta_logprobs=delta_lp,

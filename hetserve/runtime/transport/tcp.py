@@ -1,0 +1,300 @@
+"""TCP transport over pyzmq: a msgspec header frame plus raw payload frames, acknowledged by the receiver.
+
+Each endpoint binds one ROUTER socket, served by a background thread that takes whole messages, hands them to
+``recv`` through a bounded queue and acknowledges them. Sending uses one DEALER socket per peer and a socket
+monitor: a send waits for the connection's handshake before it queues anything, and a refused or dropped
+connection becomes ``PeerUnavailable`` instead of a silent wait (not ``IMMEDIATE``: on a disconnect it drops
+an acknowledgement that had already arrived). Payload frames are sent zero-copy
+(``copy=False``) and received zero-copy (the returned memoryviews point into the zmq messages). A failed send
+closes that peer's socket with linger 0: nothing of the message stays queued.
+
+Subclasses change where buffers travel (``_pack`` / ``_unpack`` / ``_release``), e.g. shared memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from hetserve.runtime.messages import Ack, Envelope, MessageDecodeError, decode, encode
+from hetserve.runtime.transport.base import (
+    Buffer,
+    Header,
+    PeerUnavailable,
+    TransferTimeout,
+    Transport,
+    TransportClosed,
+    TransportError,
+    as_bytes_view,
+    remaining_s,
+)
+
+_POLL_MS = 50
+_READY_EVENT = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
+
+
+class _Peer:
+    """A DEALER connected to one peer, and the events of its monitor."""
+
+    def __init__(self, ctx: zmq.Context, address: str) -> None:
+        self.address = address
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        self.monitor = self.sock.get_monitor_socket()
+        self.ready = False
+        self.lost = False
+        self.refused = False
+        self.created_s = time.monotonic()
+        self.sock.connect(address)
+
+    def pump(self, timeout_ms: int = 0) -> None:
+        while self.monitor.poll(timeout_ms):
+            ev = recv_monitor_message(self.monitor)["event"]
+            timeout_ms = 0
+            if ev == _READY_EVENT:
+                self.ready, self.lost = True, False
+            elif ev in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
+                if self.ready:
+                    self.lost = True
+                self.ready = False
+            elif ev == zmq.EVENT_CONNECT_RETRIED:
+                self.refused = True
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+
+class ZmqTransport(Transport):
+    """``bind``: a zmq endpoint (``tcp://127.0.0.1:*`` picks a free port). ``advertise``: the address peers
+    should use when it differs from the bound one (binding ``tcp://0.0.0.0:*`` on a multi-host cluster: give
+    ``tcp://<this host's IP>:<port>``; a ``{port}`` placeholder is filled in). ``connect_timeout_s`` bounds how
+    long a send waits for a connection to come up before the peer counts as unavailable."""
+
+    name = "tcp"
+
+    def __init__(
+        self,
+        bind: str = "tcp://127.0.0.1:*",
+        connect_timeout_s: float = 1.0,
+        max_queued: int = 64,
+        advertise: str | None = None,
+    ) -> None:
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(bind)
+        bound = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._address = bound if advertise is None else advertise.format(port=bound.rsplit(":", 1)[-1])
+        self.connect_timeout_s = connect_timeout_s
+        self._inbox: queue.Queue[tuple[Header, list[Buffer]]] = queue.Queue(maxsize=max_queued)
+        self._peers: dict[str, _Peer] = {}
+        # peers whose connection dropped: a refused reconnect then fails at once instead of after the timeout
+        self._lost: set[str] = set()
+        # one lock per peer (a slow peer does not hold up sends to others), one for the tables
+        self._peer_locks: dict[str, threading.Lock] = {}
+        self._table_lock = threading.Lock()
+        self._msg_ids = itertools.count(1)
+        self._closed = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"zmq-recv {self._address}", daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    @property
+    def num_peer_connections(self) -> int:
+        return len(self._peers)
+
+    # ---- where buffers travel (overridden by same-host transports) ----------------------------
+    def _pack(self, peer: str, msg_id: int, buffers: Sequence[Buffer]) -> tuple[Envelope, list[Any], Any]:
+        """-> (envelope, payload frames, state for ``_release``)."""
+        env = Envelope(msg_id=msg_id, sender=self._address, num_buffers=len(buffers))
+        return env, [as_bytes_view(b) for b in buffers], None
+
+    def _unpack(self, env: Envelope, frames: list[zmq.Frame]) -> list[Buffer]:
+        if len(frames) != env.num_buffers:
+            raise MessageDecodeError(f"{env.num_buffers} buffers announced, {len(frames)} frames arrived")
+        return [f.buffer for f in frames]
+
+    def _release(self, state: Any) -> None:
+        """The send is over (delivered or failed): drop what ``_pack`` set up."""
+
+    # ---- sending ------------------------------------------------------------------------------
+    def send(self, peer: str, header: Header, buffers: Sequence[Buffer], deadline_s: float) -> None:
+        if self._closed:
+            raise TransportClosed(f"{self._address} is closed")
+        head = encode(header)
+        with self._table_lock:
+            lock = self._peer_locks.setdefault(peer, threading.Lock())
+        with lock:
+            if self._closed:
+                raise TransportClosed(f"{self._address} is closed")
+            conn = self._connection(peer)
+            state: Any = None
+            try:
+                self._wait_ready(conn, deadline_s)
+                msg_id = next(self._msg_ids)
+                env, frames, state = self._pack(peer, msg_id, buffers)
+                self._send_frames(conn, [encode(env), head, *frames], deadline_s)
+                self._wait_ack(conn, msg_id, deadline_s)
+            except BaseException:
+                # a half-sent or unacknowledged message must not linger: drop the socket with it
+                self._drop(peer)
+                raise
+            finally:
+                if state is not None:
+                    self._release(state)
+
+    def _connection(self, peer: str) -> _Peer:
+        with self._table_lock:
+            conn = self._peers.get(peer)
+        if conn is not None:
+            conn.pump()
+            if conn.lost:
+                self._lost.add(peer)
+                self._drop(peer)
+                conn = None
+        if conn is None:
+            try:
+                conn = _Peer(self._ctx, peer)
+            except zmq.ZMQError as e:
+                raise PeerUnavailable(f"cannot connect to {peer}: {e}") from None
+            with self._table_lock:
+                self._peers[peer] = conn
+        return conn
+
+    def _drop(self, peer: str) -> None:
+        with self._table_lock:
+            conn = self._peers.pop(peer, None)
+        if conn is not None:
+            conn.close()
+
+    def _wait_ready(self, conn: _Peer, deadline_s: float) -> None:
+        give_up_s = min(deadline_s, conn.created_s + self.connect_timeout_s) if not conn.ready else deadline_s
+        while not conn.ready:
+            if self._closed:
+                raise TransportClosed(f"{self._address} was closed during a send")
+            left = give_up_s - time.monotonic()
+            if conn.refused and conn.address in self._lost:
+                raise PeerUnavailable(f"{conn.address} went away and refuses connections")
+            if left <= 0:
+                if conn.refused or time.monotonic() < deadline_s:
+                    raise PeerUnavailable(f"no connection to {conn.address} (refused or unreachable)")
+                raise TransferTimeout(f"deadline passed while connecting to {conn.address}")
+            conn.pump(timeout_ms=max(1, min(_POLL_MS, int(left * 1000))))
+        self._lost.discard(conn.address)
+
+    def _send_frames(self, conn: _Peer, frames: list[Any], deadline_s: float) -> None:
+        left_ms = int(remaining_s(deadline_s) * 1000)
+        if left_ms <= 0:
+            raise TransferTimeout(f"deadline passed before sending to {conn.address}")
+        conn.sock.setsockopt(zmq.SNDTIMEO, left_ms)
+        try:
+            conn.sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise TransferTimeout(f"{conn.address} did not take the message before the deadline") from None
+
+    def _wait_ack(self, conn: _Peer, msg_id: int, deadline_s: float) -> None:
+        poller = zmq.Poller()
+        poller.register(conn.sock, zmq.POLLIN)
+        poller.register(conn.monitor, zmq.POLLIN)
+        while True:
+            if self._closed:
+                raise TransportClosed(f"{self._address} was closed during a send")
+            left = remaining_s(deadline_s)
+            if left <= 0:
+                raise TransferTimeout(f"{conn.address} did not acknowledge before the deadline")
+            events = dict(poller.poll(max(1, min(_POLL_MS, int(left * 1000) + 1))))
+            # the acknowledgement first: a peer that acknowledged and then closed did take the message
+            while conn.sock.poll(0):
+                reply = decode(conn.sock.recv())
+                if isinstance(reply, Ack) and reply.msg_id == msg_id:
+                    if not reply.ok:
+                        raise TransportError(f"{conn.address} refused the message: {reply.error}")
+                    return
+            if conn.monitor in events:
+                conn.pump()
+                if conn.lost or not conn.ready:
+                    self._lost.add(conn.address)
+                    raise PeerUnavailable(f"connection to {conn.address} lost during the transfer")
+
+    # ---- receiving ----------------------------------------------------------------------------
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(_POLL_MS):
+                continue
+            frames = self._router.recv_multipart(copy=False)
+            ident, rest = frames[0], frames[1:]
+            env: Any = None
+            try:
+                if len(rest) < 2:
+                    raise MessageDecodeError("a message has an envelope and a header frame")
+                env = decode(rest[0].buffer)
+                if not isinstance(env, Envelope):
+                    raise MessageDecodeError("the first frame is not an envelope")
+                item = (decode(rest[1].buffer), self._unpack(env, rest[2:]))
+            except (MessageDecodeError, OSError, ValueError) as e:
+                msg_id = env.msg_id if isinstance(env, Envelope) else -1
+                self._router.send_multipart([ident, encode(Ack(msg_id=msg_id, ok=False, error=str(e)))])
+                continue
+            if not self._offer(item):
+                return
+            self._router.send_multipart([ident, encode(Ack(msg_id=env.msg_id))])
+
+    def _offer(self, item: tuple[Header, list[Buffer]]) -> bool:
+        # a full inbox holds the ack back, so a receiver that stops reading stalls its senders (deadline)
+        while not self._stop.is_set():
+            try:
+                self._inbox.put(item, timeout=_POLL_MS / 1000)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def recv(self, timeout_s: float) -> tuple[Header, list[Buffer]]:
+        if self._closed:
+            raise TransportClosed(f"{self._address} is closed")
+        try:
+            return self._inbox.get(timeout=max(timeout_s, 0.0))
+        except queue.Empty:
+            raise TransferTimeout(f"nothing arrived at {self._address} in {timeout_s} s") from None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        with self._table_lock:
+            locks = list(self._peer_locks.items())
+        for peer, lock in locks:  # wait for sends in progress, then drop their sockets
+            with lock:
+                self._drop(peer)
+        for peer in list(self._peers):
+            self._drop(peer)
+        # a short linger lets the acknowledgement of the last message taken still reach its sender
+        self._router.close(linger=200)
+        self._ctx.term()
+
+
+def default_ipc_dir() -> str:
+    return os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
