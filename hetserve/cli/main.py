@@ -28,23 +28,41 @@ def _load(module: str) -> tuple[Callable[[argparse.ArgumentParser], None], Calla
     return mod.add_arguments, mod.run
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only`` set, just that subcommand's module is imported (so ``hetserve plan`` runs
+    where torch, aiohttp or fastapi are not installed). Commands whose module cannot be imported here are
+    listed with the reason."""
     parser = argparse.ArgumentParser(prog="hetserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        try:
+            add_arguments, _ = _load(module)
+        except ImportError as e:
+            sub.add_parser(name, help=f"{help_text} [unavailable: {e}]")
+            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments, _ = _load(module)
         add_arguments(p)
         p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(first if first in _COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if not hasattr(args, "_module"):
+        try:
+            _load(_COMMANDS[args.command][0])
+        except ImportError as e:
+            print(f"hetserve {args.command}: error: a dependency is missing ({e}); "
+                  "install the extra it needs, e.g. pip install 'hetserve[server]'", file=sys.stderr)
+            return 2
     _, run = _load(args._module)
     try:
         return int(run(args) or 0)

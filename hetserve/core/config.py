@@ -66,10 +66,15 @@ class DeviceConfig:
     )
     attention_backend: str = field(default="auto", metadata={"help": "registered attention backend name"})
     seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
+    enforce_eager: bool = field(default=False, metadata={"help": "never use CUDA graphs for decode steps"})
+    cuda_graph_max_batch: int = field(
+        default=256, metadata={"help": "largest decode batch captured in a CUDA graph (buckets 1,2,4,8,16,24,...)"}
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValidationError("dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        _positive("cuda_graph_max_batch", self.cuda_graph_max_batch)
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         inv_freq, self.attention_scaling = compute_inv_freq(head_dim, rope_theta, rope_scaling, max_position_embeddings)
+        self.max_position_embeddings = max_position_embeddings
         self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {inv_freq.device: inv_freq}
+        self._cos_sin_by_device: dict[torch.device, torch.Tensor] = {}
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
         found = self._inv_freq_by_device.get(device)
@@ -156,6 +158,19 @@ class RotaryEmbedding(nn.Module):
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
+
+    def cos_sin_cache(self, device: torch.device) -> torch.Tensor:
+        """float32 ``[max_position_embeddings, head_dim]`` (cosines, then sines) for the fused rotary kernel; the
+        values are those :meth:`cos_sin` computes, before its rounding to the activation dtype."""
+        found = self._cos_sin_by_device.get(device)
+        if found is None:
+            from hetserve.kernels.rotary import build_cos_sin_cache
+
+            inv = self._inv_freq(device)
+            found = build_cos_sin_cache(inv[: self.head_dim // 2], self.attention_scaling,
+                                        self.max_position_embeddings, device)
+            self._cos_sin_by_device[device] = found
+        return found
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q ``[num_tokens, num_heads, head_dim]``, k ``[num_tokens, num_kv_heads, head_dim]``."""

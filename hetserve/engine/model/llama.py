@@ -1,6 +1,14 @@
 """Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over a paged KV cache.
 
-Parameter names equal the Hugging Face checkpoint names, so loading is a 1:1 copy.
+Parameter names equal the Hugging Face checkpoint names, so loading is a 1:1 copy. Two forward paths:
+
+* the reference path (CPU): Hugging Face's operations one for one, separate q/k/v and gate/up projections;
+* the fused path (CUDA, or forced with ``fused_path = True``): one qkv GEMM and one gate_up GEMM, Triton kernels
+  for RMSNorm (+ residual add), rotary (+ KV-cache write) and SiLU-and-mul, and no host synchronisation, so the
+  whole forward can be captured in a CUDA graph.
+
+The fused weights are not copies: :meth:`LlamaForCausalLM.fuse_projections` gives q/k/v (and gate/up) one
+storage and re-points each HF-named parameter at its rows, so loading into the HF names fills the fused tensor.
 """
 
 from __future__ import annotations
@@ -12,6 +20,39 @@ from torch import nn
 from hetserve.core.model_config import ModelConfig
 from hetserve.engine.attention.base import AttentionBackend, AttentionMetadata
 from hetserve.engine.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from hetserve.kernels import HAS_TRITON
+from hetserve.kernels.activation import silu_and_mul as fused_silu_and_mul
+from hetserve.kernels.norm import fused_add_rms_norm, rms_norm
+from hetserve.kernels.rotary import apply_rotary_
+
+
+def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) tensor holding the linears' rows in order; each linear's parameters become views."""
+    first = linears[0].weight
+    rows = sum(lin.weight.shape[0] for lin in linears)
+    weight = torch.empty((rows, first.shape[1]), dtype=first.dtype, device=first.device)
+    has_bias = linears[0].bias is not None
+    bias = torch.empty(rows, dtype=first.dtype, device=first.device) if has_bias else None
+    offset = 0
+    with torch.no_grad():
+        for lin in linears:
+            n = lin.weight.shape[0]
+            weight[offset : offset + n].copy_(lin.weight)
+            lin.weight = nn.Parameter(weight[offset : offset + n], requires_grad=lin.weight.requires_grad)
+            if bias is not None and lin.bias is not None:
+                bias[offset : offset + n].copy_(lin.bias)
+                lin.bias = nn.Parameter(bias[offset : offset + n], requires_grad=lin.bias.requires_grad)
+            offset += n
+    return weight, bias
+
+
+def _is_view_of(param: torch.Tensor, fused: torch.Tensor | None) -> bool:
+    return (
+        fused is not None
+        and param.device == fused.device
+        and param.dtype == fused.dtype
+        and param.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    )
 
 
 def layer_sliding_windows(cfg: ModelConfig) -> list[int | None]:
@@ -47,6 +88,16 @@ class LlamaAttention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        # plain attributes, not parameters or buffers: invisible to state_dict and to .to(); see fuse_projections
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse_projections(self) -> None:
+        self.qkv_weight, self.qkv_bias = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+
+    def projections_fused(self) -> bool:
+        return _is_view_of(self.q_proj.weight, self.qkv_weight) and _is_view_of(self.v_proj.weight, self.qkv_weight)
 
     def forward(
         self,
@@ -67,6 +118,34 @@ class LlamaAttention(nn.Module):
         out = backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
+    def forward_fused(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+        cos_sin_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        assert self.qkv_weight is not None
+        n = hidden.shape[0]
+        qkv = F.linear(hidden, self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = rms_norm(q, self.q_norm.weight, self.q_norm.eps, impl="triton")
+            k = rms_norm(k, self.k_norm.weight, self.k_norm.eps, impl="triton")
+        if getattr(backend, "fuses_rotary", False):
+            out = backend.forward_rotary(  # type: ignore[attr-defined]
+                q, k, v, positions, cos_sin_cache, kv_cache, meta, self.scale, self.sliding_window
+            )
+        else:
+            apply_rotary_(q, k, positions, cos_sin_cache, impl="triton")
+            out = backend.forward(q.contiguous(), k, v, kv_cache, meta, self.scale, self.sliding_window)
+        return F.linear(out.reshape(n, self.num_heads * self.head_dim), self.o_proj.weight, self.o_proj.bias)
+
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -75,9 +154,24 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+        self.gate_up_weight: torch.Tensor | None = None
+        self.gate_up_bias: torch.Tensor | None = None
+
+    def fuse_projections(self) -> None:
+        self.gate_up_weight, self.gate_up_bias = _fuse_linears([self.gate_proj, self.up_proj])
+
+    def projections_fused(self) -> bool:
+        return _is_view_of(self.gate_proj.weight, self.gate_up_weight) and _is_view_of(
+            self.up_proj.weight, self.gate_up_weight
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.gate_up_weight is not None
+        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
+        return F.linear(fused_silu_and_mul(gate_up, impl="triton"), self.down_proj.weight, self.down_proj.bias)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -104,6 +198,28 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.mlp(self.post_attention_layernorm(hidden))
         return residual + hidden
 
+    def forward_fused(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+        cos_sin_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden, residual)`` in and out; the residual stream is updated in place by the fused norms and the
+        layer's output still has to be added to it (by the next layer's norm, or the final norm)."""
+        ln_in, ln_post = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            residual = hidden
+            h = rms_norm(hidden, ln_in.weight, ln_in.eps, impl="triton")
+        else:
+            h = fused_add_rms_norm(hidden, residual, ln_in.weight, ln_in.eps, impl="triton")
+        h = self.self_attn.forward_fused(positions, h, kv_cache, meta, backend, cos_sin_cache)
+        h = fused_add_rms_norm(h, residual, ln_post.weight, ln_post.eps, impl="triton")
+        return self.mlp.forward_fused(h), residual
+
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -123,6 +239,25 @@ class LlamaForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        # None: the fused path on CUDA when triton is installed; True/False force it (on CPU tensors the Triton
+        # kernels then run interpreted, which is how CI covers the GPU path)
+        self.fused_path: bool | None = None
+
+    def fuse_projections(self) -> None:
+        """(Re)build the fused qkv and gate_up weights from the current parameters and make those parameters
+        views of them. Needed again after anything that re-allocates parameters (``.to()``, ``to_empty``)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+
+    def projections_fused(self) -> bool:
+        first = self.model.layers[0]
+        return first.self_attn.projections_fused() and first.mlp.projections_fused()
+
+    def uses_fused_path(self, device: torch.device) -> bool:
+        if self.fused_path is None:
+            return device.type == "cuda" and HAS_TRITON
+        return self.fused_path
 
     def forward(
         self,
@@ -133,12 +268,35 @@ class LlamaForCausalLM(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         """input_ids/positions ``[num_tokens]`` -> final-normed hidden states ``[num_tokens, hidden_size]``."""
+        if self.uses_fused_path(input_ids.device):
+            return self._forward_fused(input_ids, positions, kv_caches, meta, backend)
         hidden = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             hidden = layer(positions, hidden, kv_caches[i], meta, backend, self.rotary)
         return self.model.norm(hidden)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[n, hidden_size]`` -> float32 ``[n, vocab_size]``."""
+    def _forward_fused(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        if not self.projections_fused():
+            self.fuse_projections()
+        cos_sin = self.rotary.cos_sin_cache(input_ids.device)
+        hidden = F.embedding(input_ids, self.model.embed_tokens.weight)
+        residual: torch.Tensor | None = None
+        for i, layer in enumerate(self.model.layers):
+            hidden, residual = layer.forward_fused(positions, hidden, residual, kv_caches[i], meta, backend, cos_sin)
+        assert residual is not None
+        norm = self.model.norm
+        return fused_add_rms_norm(hidden, residual, norm.weight, norm.eps, impl="triton")
+
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """``[n, hidden_size]`` -> ``[n, vocab_size]``, float32 unless ``float32=False`` (the activation dtype;
+        enough for an argmax, since the upcast is exact)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        logits = F.linear(hidden, weight)
+        return logits.float() if float32 else logits

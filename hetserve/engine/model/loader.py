@@ -64,10 +64,16 @@ def _safe_open_device(device: torch.device) -> str:
 
 
 def _build_empty(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    """The module tree with uninitialised storage on ``device``: no wasted random init, no CPU detour."""
+    """The module tree with uninitialised storage on ``device``: no wasted random init, no CPU detour.
+
+    q/k/v and gate/up are then re-homed into fused tensors (layer by layer, so the peak is one layer over the
+    model's size); the HF-named parameters are views of them, so the loader fills the fused weights in place.
+    """
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    return model.to(dtype=dtype).to_empty(device=device)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.fuse_projections()
+    return model
 
 
 def load_model(

@@ -1,0 +1,153 @@
+"""Fused GPU kernels (Triton) with torch fallbacks.
+
+Every public kernel function takes ``impl``: ``"auto"`` runs Triton on CUDA tensors and the torch fallback
+elsewhere; ``"triton"`` forces the Triton kernel, which on CPU tensors runs under Triton's interpreter (that is
+how CI checks the kernels without a GPU); ``"torch"`` forces the fallback.
+
+Triton picks interpreter or compiler when a function is decorated, so each kernel here is kept undecorated and
+wrapped twice on demand (:class:`DualKernel`): compiled for CUDA tensors, interpreted for CPU tensors. Kernels
+must therefore be self-contained (no calls to other ``@triton.jit`` helpers).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - CPU installs without triton use the torch fallbacks
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAS_TRITON = False
+
+Impl = Literal["auto", "triton", "torch"]
+
+
+def use_triton(x: torch.Tensor, impl: Impl) -> bool:
+    """Whether a kernel call on ``x`` runs the Triton kernel."""
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("impl='triton' requested but triton is not installed")
+        return True
+    return HAS_TRITON and x.is_cuda
+
+
+class _InterpretedLanguage:
+    """``triton.language`` as an interpreted kernel must see it: library helpers that are ``@jit`` functions
+    (``tl.sum``, ``tl.max``, ``tl.cdiv``, ...) were compiled-mode objects when triton was imported without
+    ``TRITON_INTERPRET=1``; they are handed out re-wrapped for the interpreter."""
+
+    def __init__(self, real: types.ModuleType) -> None:
+        self._real = real
+        self._wrapped: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._real, name)
+        from triton.runtime.jit import JITFunction
+
+        if isinstance(value, JITFunction):
+            found = self._wrapped.get(name)
+            if found is None:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                found = self._wrapped[name] = InterpretedFunction(value.fn)
+            return found
+        return value
+
+
+_interpreter_patched = False
+
+
+def _patch_interpreter() -> None:
+    """Triton 3.6's interpreter turns a scalar into a Python int with ``int(array)``, which NumPy >= 2.4 refuses
+    for the 1-element arrays the interpreter makes of scalars (loop bounds computed from loaded values)."""
+    global _interpreter_patched
+    if _interpreter_patched:
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    _interpreter_patched = True
+
+
+class DualKernel:
+    """A Triton kernel body, compiled (``triton.jit``) for CUDA tensors, interpreted for CPU tensors."""
+
+    def __init__(self, fn: Callable[..., Any], **jit_options: Any) -> None:
+        self.fn = fn
+        self.jit_options = jit_options
+        self._compiled: Any = None
+        self._interpreted: Any = None
+        functools.update_wrapper(self, fn)
+
+    def on(self, device: torch.device) -> Any:
+        if device.type == "cpu":
+            if self._interpreted is None:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                _patch_interpreter()
+                # a copy of the function whose globals see the interpreter-safe language module; the real module
+                # stays visible under another name because the interpreter patches it in place
+                fn = self.fn
+                scope = dict(fn.__globals__)
+                scope["tl"] = _InterpretedLanguage(tl)
+                scope["_triton_language_module"] = tl
+                copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+                copy.__annotations__ = dict(fn.__annotations__)
+                copy.__module__ = fn.__module__
+                copy.__qualname__ = fn.__qualname__
+                self._interpreted = InterpretedFunction(copy)
+            return self._interpreted
+        if self._compiled is None:
+            self._compiled = triton.jit(self.fn, **self.jit_options)
+        return self._compiled
+
+
+def dual_kernel(
+    fn: Callable[..., Any], *, do_not_specialize: tuple[str, ...] = (),
+    do_not_specialize_on_alignment: tuple[str, ...] = (),
+) -> DualKernel:
+    """Wrap a kernel body. Arguments whose values change from step to step (batch sizes, row strides of
+    per-step tables, pointers into per-step metadata packs) should not be specialised on: every new
+    divisibility or alignment class would otherwise compile the kernel again in the middle of serving."""
+    return DualKernel(fn, do_not_specialize=list(do_not_specialize),
+                      do_not_specialize_on_alignment=list(do_not_specialize_on_alignment))
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=16)
+def num_sms(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+def device_num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a nominal 8 elsewhere (the interpreter runs programs one by
+    one, so CPU runs want few of them)."""
+    if device.type != "cuda":
+        return 8
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return num_sms(index)
+
+
+__all__ = ["HAS_TRITON", "DualKernel", "Impl", "device_num_sms", "dual_kernel", "next_power_of_2", "tl", "triton",
+           "use_triton"]
