@@ -87,7 +87,7 @@ def sync() -> None:
 
 def empty_cache() -> None:
     if DEV.type == "cuda":
-        empty_cache()
+        torch.cuda.empty_cache()
 
 
 def log(msg: str) -> None:

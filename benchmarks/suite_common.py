@@ -277,8 +277,10 @@ def matmul_tflops(device: torch.device, n: int = 8192, iters: int = 20, stream: 
     stream (``graph="stream"``) or on a fresh side stream (``graph="side"``, as the engine's graph runner does)."""
     s = stream or torch.cuda.current_stream(device)
     with torch.cuda.stream(s):
-        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        g = torch.Generator(device=device)
+        g.manual_seed(0)
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
         fn: Callable[[], Any] = lambda: a @ b
         for _ in range(3):
             fn()

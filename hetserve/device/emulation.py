@@ -414,8 +414,10 @@ def _matmul_tflops(stream: Any, device: Any, n: int, iters: int, capture: str | 
     import torch
 
     with torch.cuda.stream(stream):
-        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        g = torch.Generator(device=device)
+        g.manual_seed(0)
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
         for _ in range(3):
             a @ b
         run: Any = lambda: a @ b

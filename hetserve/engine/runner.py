@@ -97,10 +97,12 @@ class ModelRunner(Executor):
         self.max_model_len = config.scheduler.max_model_len or mc.max_position_embeddings
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size) + 1
         self.backend = get_attention_backend(config.device.attention_backend, self.device)
-        self.sampler = Sampler(mc.vocab_size, self.device)
-        self.states: dict[str, _ReqState] = {}
+        # unseeded rows draw from the runner's own generator, never torch's global one: a CUDA graph capture
+        # registers the global generator, and a capture on another stream or context can leave it unusable
         self._unseeded_gen = torch.Generator(device=self.device)
         self._unseeded_gen.manual_seed(config.device.seed)
+        self.sampler = Sampler(mc.vocab_size, self.device, generator=self._unseeded_gen)
+        self.states: dict[str, _ReqState] = {}
         self._is_cuda = self.device.type == "cuda"
         # persistent per-request block tables; a request keeps its row while the runner knows it
         self._block_table = np.zeros((max(8, config.scheduler.max_num_seqs), self.max_blocks_per_seq), np.int32)
@@ -192,7 +194,8 @@ class ModelRunner(Executor):
             block_tables=torch.from_numpy(tables.astype(np.int32)).to(dev),
             max_query_len=max(lens), max_seq_len=max(lens), query_start_loc_cpu=qsl, seq_lens_cpu=lens,
         )
-        ids = torch.randint(0, mc.vocab_size, (num_tokens,), device=dev)
+        # no global RNG here (see the sampler's generator above): any valid ids do
+        ids = torch.arange(num_tokens, device=dev) % mc.vocab_size
         hidden = self.model(ids, positions, caches, meta, self.backend)
         logits = self.model.compute_logits(hidden[-num_rows:])
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)

@@ -244,7 +244,7 @@ class Profiler:
             if self._over_budget(t0, "dense_s_per_layer", i, len(self.grid.dense_num_tokens)):
                 break
             n_eff = max(1, n)
-            ids = torch.randint(10, self.cfg.vocab_size, (n_eff,), device=self.device)
+            ids = torch.arange(n_eff, device=self.device) % (self.cfg.vocab_size - 10) + 10  # no global RNG after graph captures
             meta = build_metadata([(n_eff, 0)], self.options.block_size, self.device, self._pool)
             t = self.timer(functools.partial(model, ids, meta.positions, kv_caches, meta, none))
             tables.dense[n] = t / self.num_layers
@@ -301,7 +301,7 @@ class Profiler:
         for i, r in enumerate(self.grid.lm_head_rows):
             if self._over_budget(t0, "lm_head_s", i, len(self.grid.lm_head_rows)):
                 break
-            h = torch.randn(max(1, r), self.cfg.hidden_size, device=self.device, dtype=self.dtype)
+            h = torch.ones(max(1, r), self.cfg.hidden_size, device=self.device, dtype=self.dtype)  # values don't matter
             def logits_argmax(h: torch.Tensor = h) -> torch.Tensor:
                 return model.compute_logits(norm(h), **kw).argmax(dim=-1)
 

@@ -36,10 +36,17 @@ class SimExecutor(Executor):
         return self._num_blocks
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        # the scheduler only reads these lists, so two shared ones serve every row
+        one, none = _ONE_TOKEN, _NO_TOKEN
+        sched = so.scheduled
         return ModelRunnerOutput(
-            req_ids=[s.req_id for s in so.scheduled],
-            sampled_token_ids=[[_TOKEN] if s.sample else [] for s in so.scheduled],
+            req_ids=[s.req_id for s in sched],
+            sampled_token_ids=[one if s.sample else none for s in sched],
         )
+
+
+_ONE_TOKEN: list[int] = [_TOKEN]
+_NO_TOKEN: list[int] = []
 
 
 @dataclass
@@ -52,6 +59,25 @@ class _Track:
     done_s: float | None = None
     num_tokens: int = 0
     failed: str = ""
+
+
+class _CachedView(InstanceView):
+    """An InstanceView whose O(batch) figures are computed once per scheduler state: routing asks every
+    instance for each arriving request, and between two steps the answer only changes when a queue does.
+    The key is the scheduler's step counter and its queue lengths (any change between steps alters one)."""
+
+    def __init__(self, plan: InstancePlan, scheduler: Scheduler) -> None:
+        super().__init__(plan, scheduler)
+        self._key: tuple[int, int, int, int] = (-1, 0, 0, 0)
+        self._pending = 0
+
+    def pending_prefill_tokens(self) -> int:
+        s = self.scheduler
+        key = (s._step_id, len(s.running), len(s.waiting), len(s.receiving))
+        if key != self._key:
+            self._key = key
+            self._pending = super().pending_prefill_tokens()
+        return self._pending
 
 
 class _Instance:
@@ -90,12 +116,15 @@ class Simulator:
         self.deployment = deployment
         self.max_sim_time_s = max_sim_time_s
         self.instances = {name: _Instance(p) for name, p in deployment.plans.items()}
-        self.views = {name: InstanceView(i.plan, i.scheduler) for name, i in self.instances.items()}
+        self.views: dict[str, InstanceView] = {n: _CachedView(i.plan, i.scheduler) for n, i in self.instances.items()}
         self._heap: list[tuple[float, int, Callable[[float], None]]] = []
         self._seq = itertools.count()
         self._tracks: dict[str, _Track] = {}
         self._prompts: dict[int, list[int]] = {}
         self.now_s = 0.0
+        self._ttft_limit_s = self._tpot_limit_s = float("inf")
+        self._num_bad, self._max_bad, self.stopped_early = 0, 1 << 62, False
+        self._count_from_s = 0.0
 
     def _push(self, t: float, fn: Callable[[float], None]) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), fn))
@@ -109,24 +138,28 @@ class Simulator:
     # ---- events ---------------------------------------------------------------------------
     def _arrive(self, rid: str, spec: SimRequest) -> Callable[[float], None]:
         def fire(now: float) -> None:
-            req = Request(rid, self._prompt(spec.prompt_len),
-                          SamplingParams(max_tokens=spec.output_len, ignore_eos=True, detokenize=False))
+            req = Request(
+                rid,
+                self._prompt(spec.prompt_len),
+                SamplingParams(max_tokens=spec.output_len, ignore_eos=True, detokenize=False),
+            )
             name, kt = self.deployment.route(req, self.views, now)
             req.kv_transfer = kt
             self._admit(name, req, now)
 
         return fire
 
-    def _admit(self, name: str, req: Request, now: float) -> None:
+    def _admit(self, name: str, req: Request, now: float) -> bool:
         inst = self.instances[name]
         sched = inst.scheduler
         if req.num_prompt_tokens + (req.sampling_params.max_tokens or 0) > sched.max_model_len:
             tr = self._tracks[req.request_id]
             tr.failed = f"longer than max_model_len {sched.max_model_len} on {name}"
             tr.done_s = now
-            return
+            return False
         sched.add_request(req)
         self._kick(name, now)
+        return True
 
     def _kick(self, name: str, now: float) -> None:
         inst = self.instances[name]
@@ -172,28 +205,59 @@ class Simulator:
                 if o.new_token_ids:
                     if tr.first_token_s is None:
                         tr.first_token_s = now
+                        if now - tr.spec.arrival_s > self._ttft_limit_s:
+                            self._count_bad(tr)
                     tr.token_times.append(now)
                     tr.num_tokens += len(o.new_token_ids)
                 if o.finish_reason == "remote":
                     self._handoff(name, o.req_id, now)
                 elif o.finish_reason is not None:
                     tr.done_s = now
+                    first = tr.first_token_s
+                    # a request already counted for its TTFT is not counted again for its TPOT
+                    if (
+                        first is not None
+                        and tr.num_tokens > 1
+                        and first - tr.spec.arrival_s <= self._ttft_limit_s
+                        and (now - first) / (tr.num_tokens - 1) > self._tpot_limit_s
+                    ):
+                        self._count_bad(tr)
             self.deployment.on_step_done(name, self.views, now)
             self._kick(name, now)
 
         return fire
 
+    def _count_bad(self, tr: _Track) -> None:
+        if tr.spec.arrival_s < self._count_from_s:
+            return
+        self._num_bad += 1
+        if self._num_bad >= self._max_bad:
+            self.stopped_early = True
+
     def _handoff(self, src: str, rid: str, now: float) -> None:
         old = self.instances[src].scheduler.pinned[rid]
-        dst, n_remote = self.deployment.handoff(src, old, self.views, now)
-        req = Request(rid, old.prompt_token_ids, old.sampling_params, output_token_ids=list(old.output_token_ids),
-                      kv_transfer=KVTransferParams(num_remote_tokens=n_remote, remote_instance=src))
+        target = self.deployment.handoff(src, old, self.views, now)
+        assert target is not None, f"{self.deployment.strategy} left request {rid} pinned on {src} with no taker"
+        dst, n_remote = target
+        req = Request(
+            rid,
+            old.prompt_token_ids,
+            old.sampling_params,
+            output_token_ids=list(old.output_token_ids),
+            kv_transfer=KVTransferParams(num_remote_tokens=n_remote, remote_instance=src),
+        )
         self._pending_src[rid] = src
-        self._admit(dst, req, now)
+        if not self._admit(dst, req, now):
+            del self._pending_src[rid]
+            self.instances[src].scheduler.release_remote(rid)
 
     def _start_transfer(self, rid: str, dst: str, num_tokens: int, now: float) -> None:
         src = self._pending_src.pop(rid)
         dt = self.deployment.transfer_time_s(src, dst, num_tokens)
+        # transfers between one pair of instances share the link: first come, first served
+        start = max(now, self._link_free_s.get((src, dst), 0.0))
+        self._link_free_s[(src, dst)] = start + dt
+        dt += start - now
 
         def fire(t: float) -> None:
             self.instances[src].scheduler.release_remote(rid)
@@ -204,16 +268,36 @@ class Simulator:
         self._push(now + dt, fire)
 
     # ---- run ------------------------------------------------------------------------------
-    def run(self, workload: list[SimRequest]) -> SimResult:
+    def run(
+        self,
+        workload: list[SimRequest],
+        *,
+        stop_after_bad: tuple[float | None, float | None, int] | None = None,
+        count_bad_from_s: float = 0.0,
+    ) -> SimResult:
+        """Simulate ``workload`` to the end (or ``max_sim_time_s``). ``stop_after_bad = (ttft_s, tpot_s, n)``
+        stops early once ``n`` requests that arrived at or after ``count_bad_from_s`` have missed a TTFT or
+        TPOT limit (None: no limit): the planner's rate search needs only to know that a rate fails, not by
+        how much. Unfinished requests then count as failed."""
         from hetserve.bench.records import RequestRecord
 
+        inf = float("inf")
+        ttft_lim, tpot_lim, max_bad = stop_after_bad or (None, None, 0)
+        self._ttft_limit_s = inf if ttft_lim is None else ttft_lim
+        self._tpot_limit_s = inf if tpot_lim is None else tpot_lim
+        self._max_bad = max_bad if stop_after_bad else 1 << 62
+        self._num_bad = 0
+        self._count_from_s = count_bad_from_s
+        self.stopped_early = False
+
         self._pending_src: dict[str, str] = {}
+        self._link_free_s: dict[tuple[str, str], float] = {}
         for i, spec in enumerate(workload):
             rid = str(i)
             self._tracks[rid] = _Track(spec, i)
             self._push(spec.arrival_s, self._arrive(rid, spec))
         n_events = 0
-        while self._heap:
+        while self._heap and not self.stopped_early:
             t, _, fn = heapq.heappop(self._heap)
             if self.max_sim_time_s is not None and t > self.max_sim_time_s:
                 break
@@ -226,14 +310,18 @@ class Simulator:
         for tr in self._tracks.values():
             a = tr.spec.arrival_s
             ok = tr.done_s is not None and not tr.failed and tr.first_token_s is not None
-            rec = RequestRecord(index=tr.index, prompt_len=tr.spec.prompt_len,
-                                expected_output_len=tr.spec.output_len, scheduled_s=a - start)
-            if ok:
+            rec = RequestRecord(
+                index=tr.index,
+                prompt_len=tr.spec.prompt_len,
+                expected_output_len=tr.spec.output_len,
+                scheduled_s=a - start,
+            )
+            if ok and tr.first_token_s is not None:
                 rec.success = True
                 rec.output_len = tr.num_tokens
                 rec.ttft_s = tr.first_token_s - a
                 times = tr.token_times
-                rec.itl_s = [b - c for c, b in zip(times, times[1:])]
+                rec.itl_s = [b - c for c, b in itertools.pairwise(times)]
                 rec.e2el_s = times[-1] - a
                 rec.start_s, rec.end_s = a - start, times[-1] - start
                 end = max(end, times[-1])
@@ -241,15 +329,34 @@ class Simulator:
                 rec.error = tr.failed or "not finished when the simulation stopped"
             records.append(rec)
         stats = {
-            name: {"busy_s": i.busy_s, "num_steps": i.num_steps, "num_preemptions": i.scheduler.num_preemptions,
-                   "utilization": i.busy_s / max(end - start, 1e-9)}
+            name: {
+                "busy_s": i.busy_s,
+                "num_steps": i.num_steps,
+                "num_preemptions": i.scheduler.num_preemptions,
+                "utilization": i.busy_s / max(end - start, 1e-9),
+            }
             for name, i in self.instances.items()
         }
         return SimResult(records, end - start, stats, n_events)
+
+
+def ttft_lower_bounds_s(sim: Simulator, from_s: float = 0.0) -> list[float]:
+    """TTFT of every request that arrived in [``from_s``, end of run]; one still waiting for its first token
+    counts the time it has waited (a lower bound), so an early stop does not hide the queue."""
+    out = []
+    for tr in sim._tracks.values():
+        a = tr.spec.arrival_s
+        if a < from_s:
+            continue
+        if tr.first_token_s is not None:
+            out.append(tr.first_token_s - a)
+        elif a <= sim.now_s and not tr.failed:
+            out.append(sim.now_s - a)
+    return out
 
 
 def unfinished(sim: Simulator) -> list[str]:
     return [rid for rid, t in sim._tracks.items() if t.done_s is None]
 
 
-__all__ = ["SimExecutor", "SimResult", "Simulator", "RequestStatus", "unfinished"]
+__all__ = ["RequestStatus", "SimExecutor", "SimResult", "Simulator", "ttft_lower_bounds_s", "unfinished"]

@@ -1,0 +1,251 @@
+"""The simulator runs the engine's own scheduler objects; queueing against theory; every strategy finishes every
+request with no KV block left behind on any instance."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hetserve.core.cluster import load_cluster
+from hetserve.core.model_config import ModelConfig
+from hetserve.core.request import KVTransferParams, Request
+from hetserve.engine.kv.block_pool import BlockPool
+from hetserve.engine.kv.kv_cache_manager import KVCacheManager
+from hetserve.engine.sched.scheduler import Scheduler
+from hetserve.sim.simulator import Simulator, unfinished
+from hetserve.sim.workload import SimRequest
+from hetserve.strategies.base import Deployment, InstancePlan, InstanceView
+from hetserve.strategies.build import build_deployment
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ModelConfig.from_path(ROOT / "examples/models/llama-3.1-8b")
+CLUSTER = load_cluster(ROOT / "examples/clusters/h100-a10.yaml")
+
+
+def workload(n: int, rate: float, seed: int = 0, lo: int = 20, hi: int = 900) -> list[SimRequest]:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(SimRequest(t, rng.randint(lo, hi), rng.randint(1, 48)))
+        t += rng.expovariate(rate)
+    return out
+
+
+def assert_clean(sim: Simulator) -> None:
+    """Nothing waiting, running, receiving or pinned, and every block back in the free queue."""
+    for name, inst in sim.instances.items():
+        s = inst.scheduler
+        assert not s.has_unfinished(), name
+        assert not s.pinned and not s.receiving and not s.requests, name
+        assert not s.kv.req_to_blocks, name
+        assert s.kv.pool.num_free_blocks == s.kv.pool.num_usable_blocks, f"{name} leaked blocks"
+        s.kv.check_invariants()
+
+
+def run(cfg: dict[str, Any], wl: list[SimRequest]) -> tuple[Simulator, Any]:
+    dep = build_deployment(CLUSTER, MODEL, cfg)
+    sim = Simulator(dep)
+    res = sim.run(wl)
+    return sim, res
+
+
+def test_simulator_runs_the_engines_own_classes() -> None:
+    cfg = {"strategy": "dp", "instances": [{"devices": ["n0:0"]}, {"devices": ["n0:1"]}]}
+    sim, res = run(cfg, workload(20, 5.0))
+    for inst in sim.instances.values():
+        assert type(inst.scheduler) is Scheduler
+        assert type(inst.scheduler.kv) is KVCacheManager
+        assert type(inst.scheduler.kv.pool) is BlockPool
+    assert all(r.success for r in res.records)
+    assert_clean(sim)
+
+
+# ---- M/D/1 -----------------------------------------------------------------------------------
+
+
+class ConstantCost:
+    """Cost-model stand-in: every step takes ``step_s``."""
+
+    tp = 1
+    kv_cache_dtype = "bfloat16"
+
+    def __init__(self, step_s: float) -> None:
+        self.step_s = step_s
+        self.layers = (0, 1)
+
+    def step_time_s(self, shape: Any, num_kv_heads: int | None = None) -> float:
+        return self.step_s if shape.num_tokens else 0.0
+
+
+class OneInstance(Deployment):
+    strategy = "one"
+
+    def route(self, req: Request, views: dict[str, InstanceView], now_s: float) -> tuple[str, KVTransferParams | None]:
+        return next(iter(self.plans)), None
+
+
+def _md1(rho: float, n: int, seed: int) -> tuple[list[SimRequest], float, Simulator]:
+    step_s = 0.01
+    plan = InstancePlan(
+        "q",
+        ("d0",),
+        "mixed",
+        (ConstantCost(step_s),),
+        num_kv_blocks=64,  # type: ignore[arg-type]
+        max_num_seqs=1,
+    )
+    rng = random.Random(seed)
+    t, wl = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rho / step_s)
+        wl.append(SimRequest(t, 4, 1))
+    return wl, step_s, Simulator(OneInstance([plan], lambda a, b: None))  # type: ignore[arg-type,return-value]
+
+
+def test_constant_service_waits_follow_the_lindley_recursion() -> None:
+    """Request by request, the wait equals W_{n+1} = max(0, W_n + D - A_{n+1}) of a FIFO D/1 server."""
+    wl, step_s, sim = _md1(0.8, 3000, 5)
+    res = sim.run(wl)
+    w, prev = 0.0, wl[0].arrival_s
+    for rec, spec in zip(res.records, wl):
+        w = max(0.0, w + step_s - (spec.arrival_s - prev)) if spec is not wl[0] else 0.0
+        prev = spec.arrival_s
+        assert rec.ttft_s - step_s == pytest.approx(w, abs=1e-9)
+    assert_clean(sim)
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.7])
+def test_constant_service_reproduces_md1_mean_wait(rho: float) -> None:
+    """max_num_seqs = 1 and one-token outputs: each request is one step of D seconds, served FIFO. The
+    Pollaczek-Khinchine mean wait of M/D/1 is rho / (2 mu (1 - rho)) with mu = 1 / D. With 40k requests the
+    sampling noise of the mean is about 2% (rho 0.5) to 3% (rho 0.7) of it."""
+    wl, step_s, sim = _md1(rho, 40_000, 1234)
+    res = sim.run(wl)
+    waits = [r.ttft_s - step_s for r in res.records]
+    assert all(w >= -1e-9 for w in waits)
+    mu = 1 / step_s
+    expected = rho / (2 * mu * (1 - rho))
+    assert sum(waits) / len(waits) == pytest.approx(expected, rel=0.05)
+    assert_clean(sim)
+
+
+# ---- every strategy finishes every request, no leaks ------------------------------------------
+
+H, A1, A2 = "n0:0", "n0:1", "n0:2"
+CONFIGS: dict[str, dict[str, Any]] = {
+    "pd-low-prefill": {
+        "strategy": "pd",
+        "instances": [
+            {"role": "prefill", "devices": [A1]},
+            {"role": "prefill", "devices": [A2]},
+            {"role": "decode", "devices": [H]},
+        ],
+    },
+    "pd-high-prefill": {
+        "strategy": "pd",
+        "instances": [{"role": "prefill", "devices": [H]}, {"role": "decode", "devices": [A1, A2], "tp": 2}],
+    },
+    "pp": {"strategy": "pp", "instances": [{"devices": [H, A1, A2], "layers": "auto"}]},
+    "hetis-none": {
+        "strategy": "hetis",
+        "instances": [{"role": "main", "devices": [H], "workers": [{"device": A1, "kv_heads": 0}]}],
+    },
+    "hetis-some": {
+        "strategy": "hetis",
+        "instances": [
+            {"role": "main", "devices": [H], "workers": [{"device": A1, "kv_heads": 2}, {"device": A2, "kv_heads": 1}]}
+        ],
+    },
+    "hetis-all": {
+        "strategy": "hetis",
+        "instances": [
+            {"role": "main", "devices": [H], "workers": [{"device": A1, "kv_heads": 4}, {"device": A2, "kv_heads": 4}]}
+        ],
+    },
+    "hetis-redispatch": {
+        "strategy": "hetis",
+        "redispatch_every_steps": 4,
+        "instances": [
+            {"role": "main", "devices": [H], "workers": [{"device": A1, "kv_heads": 6}, {"device": A2, "kv_heads": 0}]}
+        ],
+    },
+}
+for _k in (0, 1, 16, 24, 10_000):
+    CONFIGS[f"cronus-k{_k}"] = {
+        "strategy": "cronus",
+        "split_policy": {"kind": "fixed", "k": _k},
+        "instances": [{"role": "head", "devices": [A1]}, {"role": "main", "devices": [H]}],
+    }
+CONFIGS["cronus-adaptive"] = {
+    "strategy": "cronus",
+    "split_policy": {"kind": "adaptive", "tbt_slo_ms": 50},
+    "instances": [
+        {"role": "head", "devices": [A1]},
+        {"role": "head", "devices": [A2]},
+        {"role": "main", "devices": [H]},
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_strategy_finishes_every_request_without_leaks(name: str) -> None:
+    wl = workload(80, 12.0, seed=7)
+    sim, res = run(CONFIGS[name], wl)
+    assert not unfinished(sim)
+    bad = [r.error for r in res.records if not r.success]
+    assert not bad, bad[:3]
+    for rec, spec in zip(res.records, wl):
+        assert rec.output_len == spec.output_len
+        assert len(rec.itl_s) == spec.output_len - 1
+    assert_clean(sim)
+    if name == "hetis-redispatch":
+        d = sim.deployment.dispatchers["i0"]  # type: ignore[attr-defined]
+        assert d.num_redispatches >= 1 and sim.deployment.redispatch_log  # type: ignore[attr-defined]
+    if name.startswith("cronus-k") and name != "cronus-k0":
+        # the head computed something for every request whose prompt was longer than nothing
+        head = sim.instances["i0"]
+        assert head.num_steps > 0
+
+
+def test_cronus_k0_is_plain_serving_on_the_main_instance() -> None:
+    wl = workload(120, 8.0, seed=3)
+    main = {"role": "main", "devices": [H], "max_num_batched_tokens": 512}
+    cronus = {
+        "strategy": "cronus",
+        "split_policy": {"kind": "fixed", "k": 0},
+        "instances": [{"role": "head", "devices": [A1]}, main],
+    }
+    alone = {"strategy": "dp", "instances": [{"devices": [H], "max_num_batched_tokens": 512}]}
+    sim_c, res_c = run(cronus, wl)
+    _, res_d = run(alone, wl)
+    assert sim_c.instances["i0"].num_steps == 0
+    for c, d in zip(res_c.records, res_d.records):
+        assert c.ttft_s == d.ttft_s and c.itl_s == d.itl_s and c.e2el_s == d.e2el_s
+
+
+def test_transfers_share_a_link_first_come_first_served() -> None:
+    """Two hand-offs over one slow link at once: the second waits for the first."""
+    slow = {"name": "slow", "kind": "ethernet", "bandwidth_gb_per_s": 0.5, "latency_us": 0}
+    cl = load_cluster(
+        {
+            "nodes": [{"name": "a", "devices": [{"type": "A10"}]}, {"name": "b", "devices": [{"type": "H100-SXM"}]}],
+            "inter_node_link": slow,
+        }
+    )
+    cfg = {
+        "strategy": "pd",
+        "instances": [{"role": "prefill", "devices": ["a:0"]}, {"role": "decode", "devices": ["b:0"]}],
+    }
+    dep = build_deployment(cl, MODEL, cfg)
+    xfer = dep.transfer_time_s("i0", "i1", 500)
+    wl = [SimRequest(0.0, 500, 2), SimRequest(0.0, 500, 2)]
+    sim = Simulator(dep)
+    res = sim.run(wl)
+    # both prompts are prefilled in one step, so both transfers start together; the second lands one
+    # transfer later than the first
+    ends = sorted(r.ttft_s + r.itl_s[0] for r in res.records)
+    assert ends[1] - ends[0] == pytest.approx(xfer, rel=0.05)
+    assert_clean(sim)
