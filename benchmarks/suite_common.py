@@ -318,7 +318,9 @@ def graph_partition_diag(device: torch.device, gcs: Sequence[Any]) -> dict[str, 
 def copy_gbs(device: torch.device, nbytes: int = 2 << 30, iters: int = 20, stream: Any = None) -> float:
     s = stream or torch.cuda.current_stream(device)
     with torch.cuda.stream(s):
-        x = torch.empty(nbytes // 2, device=device, dtype=torch.bfloat16).normal_()
+        g = torch.Generator(device=device)
+        g.manual_seed(0)
+        x = torch.empty(nbytes // 2, device=device, dtype=torch.bfloat16).normal_(generator=g)
         y = torch.empty_like(x)
         for _ in range(3):
             y.copy_(x)

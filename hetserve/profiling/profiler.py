@@ -311,7 +311,7 @@ class Profiler:
     def measure_copy_bytes_per_s(self) -> float:
         nbytes = self.options.copy_bytes or (2**30 if self.device.type == "cuda" else 128 * 2**20)
         with torch.cuda.stream(self.stream) if self.device.type == "cuda" else nullcontext_():
-            x = torch.empty(nbytes // 4, dtype=torch.float32, device=self.device).normal_()
+            x = torch.empty(nbytes // 4, dtype=torch.float32, device=self.device).normal_(generator=_private_gen(self.device))
             y = torch.empty_like(x)
             t = self.timer(functools.partial(y.copy_, x), graph=False)
         return 2 * nbytes / t
@@ -365,7 +365,7 @@ class Profiler:
             self._pool = int(runner.num_kv_blocks)
             kv_caches = runner.kv_caches
             for kv in kv_caches:
-                kv.normal_()  # timing on zeros flatters some kernels
+                kv.normal_(generator=_private_gen(self.device))  # timing on zeros flatters some kernels
             self._sync()
             backend_name = getattr(runner.backend, "name", type(runner.backend).__name__)
             self.log(f"attention backend: {backend_name}; "
@@ -524,3 +524,11 @@ def scheduler_host_s_per_seq(num_seqs: int = 32, steps: int = 200) -> float:
         return min(times)
 
     return max(0.0, (per_step(num_seqs) - per_step(1)) / (num_seqs - 1))
+
+
+def _private_gen(device: torch.device) -> torch.Generator:
+    """A generator of our own: after a CUDA graph capture torch's global CUDA generator can refuse eager draws
+    ("Offset increment outside graph capture"), seen on torch 2.11 / H100."""
+    g = torch.Generator(device=device)
+    g.manual_seed(0)
+    return g
