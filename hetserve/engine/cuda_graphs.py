@@ -115,6 +115,10 @@ class CudaGraphRunner:
     def capture(self) -> None:
         start = time.perf_counter()
         self._fill_dummy()
+        # Seen on torch 2.11 / H100: after a capture, eager draws from torch's global CUDA generator could fail
+        # with "Offset increment outside graph capture". Our own code draws from private generators only; one
+        # eager draw before the first capture initialises the global generator outside any capture.
+        torch.empty(1, device=self.device).normal_()
         pool = torch.cuda.graph_pool_handle()
         ambient = torch.cuda.current_stream(self.device)
         # capture on the caller's stream when it is not the default one (e.g. a green-context stream, so the

@@ -21,7 +21,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    norm = RMSNorm(x.shape[-1], eps).double()
+    norm = RMSNorm(x.shape[-1], eps).double().to(x.device)
     with torch.no_grad():
         norm.weight.copy_(weight.double())
         return norm(x.double())
