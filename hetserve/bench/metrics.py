@@ -86,11 +86,11 @@ def parse_percentiles(text: str) -> tuple[float, ...]:
     return ps
 
 
-def percentile(values: Sequence[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float, *, is_sorted: bool = False) -> float:
     """The q-th percentile (q in [0, 100]) with linear interpolation between closest ranks."""
     if not values:
         return 0.0
-    ordered = sorted(values)
+    ordered = values if is_sorted else sorted(values)
     pos = (len(ordered) - 1) * q / 100.0
     lo = math.floor(pos)
     hi = min(lo + 1, len(ordered) - 1)
@@ -130,12 +130,14 @@ def _max_output_tokens_per_s(records: Iterable[RequestRecord]) -> float:
     for rec in records:
         if not rec.success:
             continue
-        times = [rec.start_s + rec.ttft_s]
+        t = rec.start_s + rec.ttft_s
+        tokens_per_chunk = rec.output_len / (len(rec.itl_s) + 1)
+        b = math.floor(t)
+        buckets[b] = buckets.get(b, 0.0) + tokens_per_chunk
         for gap in rec.itl_s:
-            times.append(times[-1] + gap)
-        tokens_per_chunk = rec.output_len / len(times)
-        for t in times:
-            buckets[math.floor(t)] = buckets.get(math.floor(t), 0.0) + tokens_per_chunk
+            t += gap
+            b = math.floor(t)
+            buckets[b] = buckets.get(b, 0.0) + tokens_per_chunk
     return max(buckets.values(), default=0.0)
 
 
@@ -184,10 +186,11 @@ def compute_metrics(
     for metric in PERCENTILE_METRICS:
         values = per_metric[metric]
         result[f"mean_{metric}_ms"] = mean(values) * 1000.0
-        result[f"median_{metric}_ms"] = percentile(values, 50.0) * 1000.0
+        ordered = sorted(values)
+        result[f"median_{metric}_ms"] = percentile(ordered, 50.0, is_sorted=True) * 1000.0
         result[f"std_{metric}_ms"] = std(values) * 1000.0
         for p in percentiles:
-            result[percentile_key(p, metric)] = percentile(values, p) * 1000.0
+            result[percentile_key(p, metric)] = percentile(ordered, p, is_sorted=True) * 1000.0
     result.update(
         {
             "input_lens": [input_len(r) for r in records],

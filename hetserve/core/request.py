@@ -61,7 +61,7 @@ class KVTransferParams:
     remote_instance: str | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: list.remove() must not compare every field
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -83,6 +83,15 @@ class Request:
     # chained hashes of this request's full blocks, filled lazily by the KV cache manager
     block_hashes: list[int] = field(default_factory=list)
     kv_transfer: KVTransferParams | None = None
+    # len(prompt) + len(output), kept current by append_output (the scheduler's hot path reads it often)
+    _num_tokens: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        self._num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def append_output(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self._num_tokens += 1
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -98,7 +107,7 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return self._num_tokens
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_token_ids)
@@ -124,6 +133,12 @@ class Request:
         """Stop condition after appending ``new_token_id``; stop strings are checked after detokenising."""
         sp = self.sampling_params
         n_out = len(self.output_token_ids)
+        if sp.ignore_eos and not sp.stop_token_ids:  # the common benchmark case: only lengths stop it
+            if (sp.max_tokens is not None and n_out >= sp.max_tokens) or (
+                self.max_model_len is not None and self._num_tokens >= self.max_model_len
+            ):
+                return RequestStatus.FINISHED_LENGTH_CAPPED
+            return None
         if n_out >= sp.min_tokens:
             if not sp.ignore_eos and new_token_id in self.eos_token_ids:
                 self.stop_reason = None
@@ -133,6 +148,6 @@ class Request:
                 return RequestStatus.FINISHED_STOPPED
         if sp.max_tokens is not None and n_out >= sp.max_tokens:
             return RequestStatus.FINISHED_LENGTH_CAPPED
-        if self.max_model_len is not None and self.num_tokens >= self.max_model_len:
+        if self.max_model_len is not None and self._num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH_CAPPED
         return None

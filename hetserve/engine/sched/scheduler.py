@@ -161,7 +161,7 @@ class Scheduler:
                     break
             if new_blocks is None:
                 break
-            scheduled.append(self._scheduled(req, n, [b.block_id for b in new_blocks]))
+            scheduled.append(self._scheduled(req, n, [b.block_id for b in new_blocks] if new_blocks else []))
             budget -= n
             i += 1
 
@@ -273,14 +273,14 @@ class Scheduler:
                 continue
             status = None
             for t in new_ids:
-                req.output_token_ids.append(t)
+                req.append_output(t)
                 status = req.check_stop(t)
                 if status is not None:
                     break
             lp = logprobs[idx] if logprobs is not None else None
             out = EngineCoreOutput(
                 req_id=rid,
-                new_token_ids=list(new_ids),
+                new_token_ids=new_ids,
                 new_logprobs=[lp] if lp is not None else None,
                 num_cached_tokens=max(req.num_cached_tokens, 0),
             )
