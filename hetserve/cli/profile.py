@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-pool-gb", type=float, default=None, help="KV pool for the attention tables (GiB)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="time every call eagerly")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--statistic", choices=["auto", "median", "min"], default="auto",
+                   help="reduce repeats by median (what a serving step typically costs) or min (least noise); "
+                        "auto: median on GPU, min on CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
 
 
@@ -136,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         use_cuda_graphs=not args.no_cuda_graphs,
         attention_backend=args.attention_backend,
         seed=args.seed,
+        statistic=args.statistic,
         table_budget_s=args.table_budget_s if args.table_budget_s is not None else (20.0 if args.quick else 90.0),
         kv_pool_bytes=None if args.kv_pool_gb is None else int(args.kv_pool_gb * 2**30),
     )
