@@ -17,19 +17,35 @@ class LLM:
 
     ``LLM(model=DIR, max_num_seqs=..., block_size=..., num_blocks=..., max_num_batched_tokens=..., ...)`` takes
     the fields of ``CacheConfig``, ``SchedulerConfig`` and ``DeviceConfig`` as keywords. ``model=None`` uses the
-    embedded tiny model (made on first use).
+    embedded tiny model (made on first use). ``LLM(model, cluster="cpu-pair", strategy="dp"|"pd", ...)`` serves
+    through one worker process per device (``hetserve.runtime.cluster_engine``); call ``shutdown()`` after.
     """
 
-    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: str | None = None, cluster: Any = None, strategy: str | None = None,
+                 **kwargs: Any) -> None:
         if model is None:
             from hetserve.tiny.make_tiny import default_model_dir
 
             model = str(default_model_dir())
+        self.engine: Any
+        if cluster is not None:
+            # one worker process per device; kwargs go to hetserve.runtime.cluster_engine.from_cluster
+            from hetserve.runtime.cluster_engine import from_cluster
+
+            self.config = EngineConfig.from_kwargs(str(model))
+            self.engine = from_cluster(str(model), cluster, strategy or "dp", **kwargs)
+            return
         self.config = EngineConfig.from_kwargs(str(model), **kwargs)
         self.engine = LLMEngine(self.config)
 
+    def shutdown(self) -> None:
+        """Stop worker processes (cluster engines); a no-op for a single device."""
+        stop = getattr(self.engine, "shutdown", None)
+        if callable(stop):
+            stop()
+
     @property
-    def tokenizer(self):  # noqa: ANN201 - hetserve.engine.tokenizer.Tokenizer
+    def tokenizer(self):
         return self.engine.tokenizer
 
     def generate(

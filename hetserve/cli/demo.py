@@ -25,9 +25,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--output-dir", default="hetserve-demo", help="where the JSON, plot and settings go")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cluster", default=None,
+                   help="run DP and PD over worker processes on this cluster file or name (e.g. cpu-pair)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "cluster", None):
+        from hetserve.cli.demo_cluster import run_cluster_demo
+
+        return run_cluster_demo(args)
     from hetserve.bench.cli import main as bench_main
     from hetserve.server.launch import ServerThread, resolve_model
     from hetserve.server.settings import ServerSettings

@@ -1,0 +1,555 @@
+"""A deployment served by real workers: the coordinator keeps one engine ``Scheduler`` per instance and the
+strategy's ``Deployment`` (the very objects the simulator runs), and each instance's steps execute in its
+worker process (``worker.py``). Routing, hand-offs and KV books follow ``sim/simulator.py`` event for event:
+route -> admit -> schedule -> execute -> update -> (PD) hand off -> KV load -> transfer -> finish_remote_kv.
+
+KV moves prefill worker -> coordinator -> decode worker: the sender converts its cache's blocks into the
+wire format (the receiver's declared descriptor, narrowest dtype), the receiver converts the wire format into
+its own cache (the ModelRunner holds NHD layer-major only, so a declared HND device is converted on the wire
+and back on arrival). Every transfer has a deadline; past it the request is re-prefilled on the decode side
+(``finish_remote_kv(success=False)``) and the sender's pinned blocks are released. A worker that dies (pipe
+EOF, exit, or silence past ``step_timeout_s`` / the heartbeat) is dropped; its requests are retried once on
+a healthy instance (continuing from the tokens already produced) or finish with ``finish_reason="error"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hetserve.core.config import CacheConfig, SchedulerConfig
+from hetserve.core.errors import ValidationError
+from hetserve.core.model_config import ModelConfig
+from hetserve.core.outputs import CompletionOutput, EngineCoreOutput, RequestMetrics, RequestOutput, SchedulerOutput
+from hetserve.core.request import KVTransferParams, Request, RequestStatus
+from hetserve.core.sampling_params import SamplingParams
+from hetserve.engine.detokenizer import IncrementalDetokenizer
+from hetserve.engine.sched.scheduler import Scheduler
+from hetserve.engine.tokenizer import Tokenizer
+from hetserve.runtime.kv_layout import KVDescriptor, wire_descriptor
+from hetserve.runtime.worker import (
+    Execute,
+    ExtractKV,
+    Failed,
+    InsertKV,
+    KVIn,
+    KVOut,
+    Ping,
+    Pong,
+    StepDone,
+    WorkerDied,
+    WorkerHandle,
+    WorkerSpec,
+    wait_readable,
+)
+from hetserve.strategies.base import Deployment, InstanceView
+
+
+@dataclass(frozen=True)
+class InstanceOptions:
+    """How one instance's worker runs. ``kv_layout`` is the layout the device declares for received KV."""
+
+    dtype: str = "float32"
+    speed: float = 1.0
+    kv_layout: str = "NHD"
+    kv_stall_s: float = 0.0
+
+
+@dataclass
+class _Instance:
+    name: str
+    scheduler: Scheduler
+    worker: WorkerHandle
+    desc: KVDescriptor  # the runner's cache
+    declared: KVDescriptor  # what the device asks received KV to arrive as
+    in_flight: tuple[int, SchedulerOutput, float] | None = None
+    last_reply_s: float = field(default_factory=time.monotonic)
+    ping_sent_s: float | None = None
+    alive: bool = True
+
+
+@dataclass
+class _Transfer:
+    req_id: str
+    src: str
+    dst: str
+    block_ids: list[int]
+    num_tokens: int
+    deadline_s: float
+    stage: str = "extract"
+
+
+@dataclass
+class _ReqState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detok: IncrementalDetokenizer | None
+    metrics: RequestMetrics
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+    sent_text_len: int = 0
+    sent_tokens: int = 0
+    num_retries: int = 0
+
+
+class ClusterEngine:
+    """LLMEngine-like (``add_request`` / ``step`` / ``abort_request`` / ``has_unfinished_requests``) over a
+    deployment whose instances each run in a worker process. Requests take ``n == 1`` only."""
+
+    def __init__(
+        self,
+        model: str,
+        deployment: Deployment,
+        options: dict[str, InstanceOptions] | None = None,
+        *,
+        max_model_len: int = 512,
+        num_kv_blocks: int = 256,
+        kv_deadline_s: float = 10.0,
+        step_timeout_s: float = 60.0,
+        heartbeat_s: float = 1.0,
+        max_retries: int = 1,
+    ) -> None:
+        self.model_config = ModelConfig.from_path(model)
+        self.tokenizer = Tokenizer.from_dir(model)
+        self.deployment = deployment
+        self.max_model_len = min(max_model_len, self.model_config.max_position_embeddings)
+        self.kv_deadline_s = kv_deadline_s
+        self.step_timeout_s = step_timeout_s
+        self.heartbeat_s = heartbeat_s
+        self.max_retries = max_retries
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
+        options = options or {}
+        handles: dict[str, WorkerHandle] = {}
+        try:
+            for name, plan in list(deployment.plans.items()):
+                opt = options.get(name, InstanceOptions())
+                nb = min(plan.num_kv_blocks, num_kv_blocks)
+                plan = dataclasses.replace(plan, num_kv_blocks=nb, max_model_len=self.max_model_len)
+                deployment.plans[name] = plan
+                spec = WorkerSpec(name=name, model=str(model), block_size=plan.block_size, num_blocks=nb,
+                                  dtype=opt.dtype, max_num_seqs=plan.max_num_seqs,
+                                  max_num_batched_tokens=plan.max_num_batched_tokens,
+                                  max_model_len=self.max_model_len, speed=opt.speed, kv_stall_s=opt.kv_stall_s)
+                handles[name] = WorkerHandle(spec).launch()
+            self.instances: dict[str, _Instance] = {}
+            for name, h in handles.items():
+                ready = h.wait_ready(120.0)
+                plan = deployment.plans[name]
+                sched = Scheduler(
+                    SchedulerConfig(max_num_batched_tokens=plan.max_num_batched_tokens, max_num_seqs=plan.max_num_seqs),
+                    CacheConfig(block_size=plan.block_size, num_blocks=h.num_kv_blocks, enable_prefix_caching=False),
+                    h.num_kv_blocks, self.max_model_len,
+                )
+                opt = options.get(name, InstanceOptions())
+                declared = dataclasses.replace(ready.desc, layout=opt.kv_layout)  # type: ignore[arg-type]
+                self.instances[name] = _Instance(name, sched, h, ready.desc, declared)
+        except BaseException:
+            for h in handles.values():
+                h.stop(1.0)
+            raise
+        self.views = {n: InstanceView(deployment.plans[n], i.scheduler) for n, i in self.instances.items()}
+        self._reqs: dict[str, _ReqState] = {}
+        self._where: dict[str, str] = {}
+        self._pending_src: dict[str, str] = {}
+        self._transfers: dict[str, _Transfer] = {}
+        self._by_conn = {i.worker.conn: i for i in self.instances.values()}
+        self._ids = itertools.count()
+        self._tids = itertools.count()
+        self._touched: dict[str, _ReqState] = {}
+        self.num_transfers_ok = 0
+        self.num_transfers_failed = 0
+        self.num_retries = 0
+
+    # ---- requests --------------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> str:
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValidationError("n", "a cluster engine serves n=1 only")
+        rid = request_id if request_id is not None else str(next(self._ids))
+        if rid in self._reqs:
+            raise ValidationError("request_id", f"{rid!r} is already in use")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+        if not ids:
+            raise ValidationError("prompt", "must not be empty")
+        if len(ids) + (params.max_tokens or 1) > self.max_model_len:
+            raise ValidationError("max_tokens", f"prompt {len(ids)} + max_tokens exceeds max_model_len "
+                                                f"{self.max_model_len}")
+        detok = None
+        if params.detokenize:
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
+                                           params.include_stop_str_in_output)
+        now = arrival_time if arrival_time is not None else time.monotonic()
+        self._reqs[rid] = _ReqState(rid, text, ids, params, detok, RequestMetrics(arrival_time=now))
+        alive = {n: v for n, v in self.views.items() if self.instances[n].alive}
+        if not alive:
+            self._fail(rid, "no healthy instance")
+            return rid
+        req = self._new_request(rid)
+        try:
+            name, kt = self.deployment.route(req, alive, time.monotonic())
+        except KeyError:  # the strategy's pick of a role is down: any healthy instance serves it whole
+            name, kt = min(alive, key=lambda n: alive[n].num_running() + alive[n].num_waiting()), None
+        req.kv_transfer = kt
+        self._admit(name, req)
+        return rid
+
+    def _new_request(self, rid: str) -> Request:
+        st = self._reqs[rid]
+        return Request(rid, st.prompt_token_ids, st.params, eos_token_ids=self.eos_token_ids,
+                       arrival_time=st.metrics.arrival_time, max_model_len=self.max_model_len,
+                       output_token_ids=list(st.token_ids))
+
+    def _admit(self, name: str, req: Request) -> None:
+        self.instances[name].scheduler.add_request(req)
+        self._where[req.request_id] = name
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            if self._reqs.pop(rid, None) is None:
+                continue
+            self._drop_everywhere(rid)
+
+    def _drop_everywhere(self, rid: str) -> None:
+        name = self._where.pop(rid, None)
+        self._pending_src.pop(rid, None)
+        for tid, t in list(self._transfers.items()):
+            if t.req_id == rid:
+                del self._transfers[tid]
+                self.instances[t.src].scheduler.release_remote(rid)
+        for inst in self.instances.values():
+            inst.scheduler.release_remote(rid)
+        if name is not None:
+            self.instances[name].scheduler.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._reqs)
+
+    # ---- the step --------------------------------------------------------------------------------
+    def step(self, timeout_s: float = 0.05) -> list[RequestOutput]:
+        """Start a step on every idle healthy instance, take the replies that come within ``timeout_s``, check
+        deadlines and health; outputs for every request that produced something."""
+        for inst in self.instances.values():
+            self._kick(inst)
+        conns = [i.worker.conn for i in self.instances.values() if i.alive]
+        outstanding = any(i.in_flight or i.ping_sent_s for i in self.instances.values() if i.alive)
+        if conns and (outstanding or self._transfers):
+            for conn in wait_readable(conns, timeout_s):
+                inst = self._by_conn[conn]  # type: ignore[index]
+                while inst.alive and inst.worker.conn.poll(0):
+                    try:
+                        reply = inst.worker.recv(0.0)
+                    except WorkerDied as e:
+                        self._on_dead(inst, str(e))
+                        break
+                    inst.last_reply_s = time.monotonic()
+                    self._on_reply(inst, reply)
+        elif self._reqs:
+            time.sleep(0.002)
+        self._check_deadlines()
+        self._check_health()
+        touched, self._touched = self._touched, {}
+        outs = []
+        now = time.monotonic()
+        for rid, st in touched.items():
+            outs.append(self._make_output(st, now))
+            if st.finish_reason is not None:
+                self._reqs.pop(rid, None)
+        return outs
+
+    def _kick(self, inst: _Instance) -> None:
+        if not inst.alive or inst.in_flight is not None:
+            return
+        so = inst.scheduler.schedule()
+        for load in so.kv_loads:
+            self._start_transfer(load.req_id, inst.name, load.block_ids, load.num_tokens)
+        if not (so.scheduled or so.finished_req_ids or so.preempted_req_ids):
+            return
+        seq = inst.worker.next_seq()
+        try:
+            inst.worker.send(Execute(seq=seq, so=so))
+        except WorkerDied as e:
+            self._on_dead(inst, str(e))
+            return
+        inst.in_flight = (seq, so, time.monotonic())
+
+    def _on_reply(self, inst: _Instance, reply: Any) -> None:
+        if isinstance(reply, Pong):
+            inst.ping_sent_s = None
+        elif isinstance(reply, StepDone):
+            assert inst.in_flight is not None and inst.in_flight[0] == reply.seq
+            so = inst.in_flight[1]
+            inst.in_flight = None
+            for o in inst.scheduler.update_from_output(so, reply.ro):
+                self._deliver(inst.name, o)
+        elif isinstance(reply, Failed):
+            self._on_dead(inst, f"worker {inst.name} failed: {reply.error}")
+        elif isinstance(reply, KVOut):
+            self._on_kv_out(inst, reply)
+        elif isinstance(reply, KVIn):
+            t = self._transfers.pop(reply.transfer_id, None)
+            if t is not None:
+                self._finish_transfer(t, reply.ok)
+
+    def _deliver(self, name: str, o: EngineCoreOutput) -> None:
+        st = self._reqs.get(o.req_id)
+        if st is None:
+            self.instances[name].scheduler.release_remote(o.req_id)
+            return
+        now = time.monotonic()
+        if o.new_token_ids:
+            if st.metrics.first_token_time is None:
+                st.metrics.first_token_time = now
+            st.metrics.last_token_time = now
+            st.token_ids.extend(o.new_token_ids)
+        finish, stop_reason = o.finish_reason, o.stop_reason
+        if st.detok is not None:
+            stop_str = st.detok.update(o.new_token_ids)
+            if stop_str is not None:
+                if finish is None:
+                    self.instances[name].scheduler.finish_requests([o.req_id], RequestStatus.FINISHED_STOPPED)
+                elif finish == "remote":
+                    self.instances[name].scheduler.release_remote(o.req_id)
+                finish, stop_reason = "stop", stop_str
+        if finish == "remote":
+            self._handoff(name, o.req_id)
+        elif finish is not None:
+            st.finish_reason, st.stop_reason = finish, stop_reason
+            self._where.pop(o.req_id, None)
+        self._touched[o.req_id] = st
+
+    def _handoff(self, src: str, rid: str) -> None:
+        sched = self.instances[src].scheduler
+        old = sched.pinned[rid]
+        alive = {n: v for n, v in self.views.items() if self.instances[n].alive}
+        target = None
+        try:
+            target = self.deployment.handoff(src, old, self.views, time.monotonic())
+        except (KeyError, NotImplementedError):
+            target = None
+        req = self._new_request(rid)
+        if target is None or target[0] not in alive:
+            # no healthy taker: the request continues where it is, recomputing its prompt there
+            sched.release_remote(rid)
+            self._admit(src, req)
+            return
+        dst, n_remote = target
+        req.kv_transfer = KVTransferParams(num_remote_tokens=n_remote, remote_instance=src)
+        self._pending_src[rid] = src
+        self._admit(dst, req)
+
+    # ---- KV transfer -----------------------------------------------------------------------------
+    def _start_transfer(self, rid: str, dst: str, block_ids: list[int], num_tokens: int) -> None:
+        src = self._pending_src.pop(rid, None)
+        t = _Transfer(rid, src or "", dst, list(block_ids), num_tokens, time.monotonic() + self.kv_deadline_s)
+        if src is None or not self.instances[src].alive:
+            self._finish_transfer(t, False)
+            return
+        si, di = self.instances[src], self.instances[dst]
+        tid = f"kv{next(self._tids)}"
+        self._transfers[tid] = t
+        try:
+            si.worker.send(ExtractKV(seq=si.worker.next_seq(), transfer_id=tid,
+                                     block_ids=si.scheduler.kv.get_block_ids(rid), num_tokens=num_tokens,
+                                     wire=wire_descriptor(si.desc, di.declared)))
+        except WorkerDied as e:
+            self._on_dead(si, str(e))
+
+    def _on_kv_out(self, src: _Instance, reply: KVOut) -> None:
+        t = self._transfers.get(reply.transfer_id)
+        if t is None:
+            return
+        src.scheduler.release_remote(t.req_id)  # the KV was copied out of the sender's blocks
+        di = self.instances[t.dst]
+        if not reply.ok or not di.alive:
+            del self._transfers[reply.transfer_id]
+            self._finish_transfer(t, False)
+            return
+        t.stage = "insert"
+        assert reply.wire is not None
+        try:
+            di.worker.send(InsertKV(seq=di.worker.next_seq(), transfer_id=reply.transfer_id, block_ids=t.block_ids,
+                                    num_tokens=t.num_tokens, wire=reply.wire, head_start=reply.head_start,
+                                    shapes=reply.shapes, buffers=reply.buffers))
+        except WorkerDied as e:
+            self._on_dead(di, str(e))
+
+    def _finish_transfer(self, t: _Transfer, ok: bool) -> None:
+        if t.src and t.src in self.instances:
+            self.instances[t.src].scheduler.release_remote(t.req_id)
+        di = self.instances[t.dst]
+        if di.alive:
+            # failure: the blocks are freed and the request is computed on the decode side from scratch; a late
+            # insert still queued to the worker lands before any later step, so reusing the blocks is safe
+            di.scheduler.finish_remote_kv(t.req_id, success=ok)
+        if ok:
+            self.num_transfers_ok += 1
+        else:
+            self.num_transfers_failed += 1
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for tid, t in list(self._transfers.items()):
+            if now > t.deadline_s:
+                del self._transfers[tid]
+                self._finish_transfer(t, False)
+
+    # ---- faults ----------------------------------------------------------------------------------
+    def _check_health(self) -> None:
+        now = time.monotonic()
+        for inst in self.instances.values():
+            if not inst.alive:
+                continue
+            if not inst.worker.alive():
+                self._on_dead(inst, f"worker {inst.name} exited (code {inst.worker.process.exitcode})")
+            elif inst.in_flight is not None and now - inst.in_flight[2] > self.step_timeout_s:
+                self._on_dead(inst, f"worker {inst.name} did not finish a step within {self.step_timeout_s} s")
+            elif inst.ping_sent_s is not None and now - inst.ping_sent_s > self.step_timeout_s:
+                self._on_dead(inst, f"worker {inst.name} missed its heartbeat")
+            elif inst.ping_sent_s is None and inst.in_flight is None and now - inst.last_reply_s > self.heartbeat_s:
+                try:
+                    inst.worker.send(Ping(seq=inst.worker.next_seq()))
+                    inst.ping_sent_s = now
+                except WorkerDied as e:
+                    self._on_dead(inst, str(e))
+
+    def _on_dead(self, inst: _Instance, reason: str) -> None:
+        if not inst.alive:
+            return
+        inst.alive = False
+        inst.in_flight = None
+        inst.worker.dead_reason = inst.worker.dead_reason or reason
+        inst.worker.stop(0.5)
+        # transfers from the dead sender: the receiver re-prefills; to the dead receiver: retried below
+        for tid, t in list(self._transfers.items()):
+            if t.src == inst.name:
+                del self._transfers[tid]
+                self._finish_transfer(t, False)
+            elif t.dst == inst.name:
+                del self._transfers[tid]
+                self.instances[t.src].scheduler.release_remote(t.req_id)
+        sched = inst.scheduler
+        victims = [r.request_id for r in [*sched.running, *sched.waiting, *sched.receiving.values()]]
+        for rid in victims:
+            self._pending_src.pop(rid, None)
+        for rid in list(self._pending_src):
+            if self._pending_src[rid] == inst.name:
+                del self._pending_src[rid]  # its KV is lost: the transfer will fail and re-prefill
+        for rid in victims:
+            self._where.pop(rid, None)
+            self._retry(rid, reason)
+
+    def _retry(self, rid: str, reason: str) -> None:
+        st = self._reqs.get(rid)
+        if st is None:
+            return
+        alive = [n for n, i in self.instances.items() if i.alive]
+        if st.num_retries >= self.max_retries or not alive:
+            self._fail(rid, f"{reason}; {'retry limit reached' if alive else 'no healthy instance left'}")
+            return
+        st.num_retries += 1
+        self.num_retries += 1
+        req = self._new_request(rid)
+        plans = self.deployment.plans
+        if st.token_ids:  # decoding already: any healthy instance continues, decode instances first
+            name = min(alive, key=lambda n: (plans[n].role == "prefill", self.views[n].num_running()))
+        else:
+            views = {n: self.views[n] for n in alive}
+            try:
+                name, req.kv_transfer = self.deployment.route(req, views, time.monotonic())
+            except KeyError:
+                name = min(alive, key=lambda n: self.views[n].num_running())
+        self._admit(name, req)
+
+    def _fail(self, rid: str, error: str) -> None:
+        st = self._reqs[rid]
+        st.finish_reason, st.stop_reason, st.error = "error", error, error
+        self._touched[rid] = st
+
+    # ---- outputs and figures ---------------------------------------------------------------------
+    def _make_output(self, st: _ReqState, now: float) -> RequestOutput:
+        finished = st.finish_reason is not None
+        text = st.detok.get_next_output_text(finished, delta=False) if st.detok is not None else ""
+        delta_text, st.sent_text_len = text[st.sent_text_len:], len(text)
+        delta_ids, st.sent_tokens = st.token_ids[st.sent_tokens:], len(st.token_ids)
+        if finished:
+            st.metrics.finished_time = now
+        comp = CompletionOutput(index=0, text=text, token_ids=st.token_ids, cumulative_logprob=None, logprobs=None,
+                                finish_reason=st.finish_reason, stop_reason=st.stop_reason, delta_text=delta_text,
+                                delta_token_ids=delta_ids)
+        return RequestOutput(request_id=st.request_id, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,
+                             outputs=[comp], finished=finished, metrics=st.metrics)
+
+    def free_blocks(self) -> dict[str, tuple[int, int]]:
+        """(free, usable) KV blocks per healthy instance; equal when nothing leaks and nothing runs."""
+        return {n: (i.scheduler.kv.pool.num_free_blocks, i.worker.num_kv_blocks - 1)
+                for n, i in self.instances.items() if i.alive}
+
+    def worker_pids(self) -> dict[str, int | None]:
+        return {n: i.worker.pid for n, i in self.instances.items()}
+
+    def shutdown(self) -> None:
+        for inst in self.instances.values():
+            inst.worker.stop(2.0)
+            inst.alive = False
+
+    def __enter__(self) -> ClusterEngine:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def from_cluster(model: str, cluster: Any, strategy: str, *, instances: list[dict[str, Any]] | None = None,
+                 kv_layouts: dict[str, str] | None = None, dtypes: dict[str, str] | None = None,
+                 block_sizes: dict[str, int] | None = None, kv_stall_s: dict[str, float] | None = None,
+                 **engine_kwargs: Any) -> ClusterEngine:
+    """A ClusterEngine for ``strategy`` on a cluster file (a path, a name under examples/clusters, a mapping or
+    a ClusterConfig). Default instances: one per device in order (PD: the first prefill, the rest decode).
+    Paced CPU partitions (``emulation: paced_cpu``) set each worker's speed."""
+    from pathlib import Path
+
+    from hetserve.core.cluster import ClusterConfig, load_cluster
+    from hetserve.strategies.build import build_deployment
+
+    if isinstance(cluster, str) and not Path(cluster).exists():
+        root = Path(__file__).resolve().parents[2] / "examples" / "clusters"
+        cand = root / f"{cluster}.yaml"
+        if cand.exists():
+            cluster = str(cand)
+    cl = cluster if isinstance(cluster, ClusterConfig) else load_cluster(cluster)
+    mc = ModelConfig.from_path(model)
+    ids = cl.device_ids
+    if instances is None:
+        if strategy == "pd":
+            instances = [{"name": "prefill0", "role": "prefill", "devices": [ids[0]]}] + [
+                {"name": f"decode{i}", "role": "decode", "devices": [d]} for i, d in enumerate(ids[1:])]
+        else:
+            instances = [{"name": f"i{i}", "devices": [d]} for i, d in enumerate(ids)]
+    max_len = int(engine_kwargs.get("max_model_len", 512))
+    cfg = {"strategy": strategy, "dtype": "float32", "max_model_len": max_len, "instances": instances}
+    dep = build_deployment(cl, mc, cfg)
+    speeds = {}
+    if cl.emulation is not None and cl.emulation.kind == "paced_cpu":
+        speeds = {p.name: p.amount for p in cl.emulation.partitions}
+    options = {}
+    for inst in instances:
+        name = inst["name"]
+        dev = cl.device(inst["devices"][0])
+        options[name] = InstanceOptions(dtype=(dtypes or {}).get(name, "float32"),
+                                        speed=float(speeds.get(dev.spec.name, 1.0)),
+                                        kv_layout=(kv_layouts or {}).get(name, "NHD"),
+                                        kv_stall_s=(kv_stall_s or {}).get(name, 0.0))
+        if block_sizes and name in block_sizes:
+            dep.plans[name] = dataclasses.replace(dep.plans[name], block_size=block_sizes[name])
+    return ClusterEngine(model, dep, options, **engine_kwargs)
