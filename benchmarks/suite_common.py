@@ -14,7 +14,7 @@ import subprocess
 import tarfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -274,31 +274,14 @@ def median(xs: Sequence[float]) -> float:
 def matmul_tflops(device: torch.device, n: int = 8192, iters: int = 20, stream: Any = None,
                   graph: str | None = None) -> float:
     """bf16 n^3 matmul rate on ``stream``: eager, or replayed there from a CUDA graph captured on that same
-    stream (``graph="stream"``) or on a fresh side stream (``graph="side"``, as the engine's graph runner does)."""
+    stream (``graph="stream"``) or on a fresh side stream (``graph="side"``, as a side-stream graph runner does)."""
+    from hetserve.device.emulation import matmul_tflops_on
+
     s = stream or torch.cuda.current_stream(device)
-    with torch.cuda.stream(s):
-        g = torch.Generator(device=device)
-        g.manual_seed(0)
-        a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
-        b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
-        fn: Callable[[], Any] = lambda: a @ b
-        for _ in range(3):
-            fn()
-        if graph is not None:
-            g = torch.cuda.CUDAGraph()
-            on_stream = graph == "stream" and s != torch.cuda.default_stream(device)
-            with torch.cuda.graph(g, stream=s if on_stream else torch.cuda.Stream(device)):
-                a @ b
-            fn = g.replay
-            fn()
-        s.synchronize()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record(s)
-        for _ in range(iters):
-            fn()
-        e1.record(s)
-        s.synchronize()
-    return 2 * n**3 * iters / (e0.elapsed_time(e1) / 1e3) / 1e12
+    capture = None
+    if graph is not None:
+        capture = "partition" if graph == "stream" and s != torch.cuda.default_stream(device) else "side"
+    return matmul_tflops_on(s, device, n, iters, capture)
 
 
 def graph_partition_diag(device: torch.device, gcs: Sequence[Any]) -> dict[str, Any]:

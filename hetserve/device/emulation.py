@@ -410,7 +410,9 @@ def create_green_contexts(partitions: Sequence[Partition], physical_name: str | 
     return made
 
 
-def _matmul_tflops(stream: Any, device: Any, n: int, iters: int, capture: str | None) -> float:
+def matmul_tflops_on(stream: Any, device: Any, n: int, iters: int, capture: str | None) -> float:
+    """bf16 ``n``^3 matmul rate on ``stream``: eager (``capture=None``), or replayed there from a CUDA graph
+    captured on that stream (``"partition"``) or on a fresh side stream (``"side"``)."""
     import torch
 
     with torch.cuda.stream(stream):
@@ -444,9 +446,9 @@ def graph_replay_check(gc: GreenContext, n: int = 4096, iters: int = 10) -> dict
     import torch
 
     device = torch.device("cuda", gc.partition.device_index)
-    eager = _matmul_tflops(gc.stream, device, n, iters, None)
-    on_partition = _matmul_tflops(gc.stream, device, n, iters, "partition")
-    on_side = _matmul_tflops(gc.stream, device, n, iters, "side")
+    eager = matmul_tflops_on(gc.stream, device, n, iters, None)
+    on_partition = matmul_tflops_on(gc.stream, device, n, iters, "partition")
+    on_side = matmul_tflops_on(gc.stream, device, n, iters, "side")
     return {
         "eager_tflops": eager,
         "graph_captured_on_partition_tflops": on_partition,
