@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import sys
 import time
@@ -126,6 +127,7 @@ def main() -> int:
         print(json.dumps({k: v for k, v in row.items() if k != "plan"}))
     out = {
         "benchmark": "plan_speed",
+        "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores; simulated devices are the cluster's)",
         "trace": str(trace.relative_to(ROOT.parent)),
         "slo": slo.as_dict(),
         "model": "llama-3.1-8b",

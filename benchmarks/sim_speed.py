@@ -128,6 +128,7 @@ def main() -> int:
         print(json.dumps(row))
     out = {
         "benchmark": "sim_speed",
+        "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores; simulated devices are the cluster's)",
         "trace": str(trace.relative_to(ROOT.parent)),
         "request_rate": args.request_rate,
         "cluster": "examples/clusters/h100-a10.yaml",
