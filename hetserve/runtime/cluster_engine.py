@@ -513,7 +513,7 @@ class ClusterEngine:
 def from_cluster(model: str, cluster: Any, strategy: str, *, instances: list[dict[str, Any]] | None = None,
                  kv_layouts: dict[str, str] | None = None, dtypes: dict[str, str] | None = None,
                  block_sizes: dict[str, int] | None = None, kv_stall_s: dict[str, float] | None = None,
-                 **engine_kwargs: Any) -> ClusterEngine:
+                 deployment_params: dict[str, Any] | None = None, **engine_kwargs: Any) -> ClusterEngine:
     """A ClusterEngine for ``strategy`` on a cluster file (a path, a name under examples/clusters, a mapping or
     a ClusterConfig). Default instances: one per device in order (PD: the first prefill, the rest decode).
     Paced CPU partitions (``emulation: paced_cpu``) set each worker's speed."""
@@ -537,7 +537,8 @@ def from_cluster(model: str, cluster: Any, strategy: str, *, instances: list[dic
         else:
             instances = [{"name": f"i{i}", "devices": [d]} for i, d in enumerate(ids)]
     max_len = int(engine_kwargs.get("max_model_len", 512))
-    cfg = {"strategy": strategy, "dtype": "float32", "max_model_len": max_len, "instances": instances}
+    cfg = {"strategy": strategy, "dtype": "float32", "max_model_len": max_len, "instances": instances,
+           **(deployment_params or {})}  # e.g. Cronus split_policy, Hetis redispatch_every_steps
     dep = build_deployment(cl, mc, cfg)
     speeds = {}
     if cl.emulation is not None and cl.emulation.kind == "paced_cpu":
