@@ -106,9 +106,9 @@ def run_sim(cluster: Any, mc: Any, cfg: dict[str, Any], profiles: dict[str, Any]
 def main() -> int:  # noqa: PLR0915
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strategies", default="high-alone,low-alone,dp,pp,pd-lp,pd-hp,cronus,hetis")
-    ap.add_argument("--rates", default="4,8,16", help="request rates (req/s), comma-separated")
-    ap.add_argument("--num-requests", type=int, default=120)
-    ap.add_argument("--layers", type=int, default=8, help="truncate the 8B shape to this many layers")
+    ap.add_argument("--rates", default="8,16,24", help="request rates (req/s), comma-separated")
+    ap.add_argument("--num-requests", type=int, default=160)
+    ap.add_argument("--layers", type=int, default=32, help="truncate the 8B shape to this many layers")
     ap.add_argument("--max-input", type=int, default=2048)
     ap.add_argument("--max-output", type=int, default=256)
     ap.add_argument("--slo", default="ttft_ms=2000,tpot_ms=100")

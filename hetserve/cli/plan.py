@@ -66,6 +66,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=8192, help="per-request token limit (default 8192)")
     p.add_argument("--dtype", default="bfloat16", help="weights and KV dtype (default bfloat16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profiles",
+        default=None,
+        metavar="PATHS",
+        help="comma-separated profile JSONs or directories from `hetserve profile`, or DEVICE=PATH to let a "
+        "profile stand in for another device type; a device with a matching profile is costed from it",
+    )
 
 
 def _flag(flag: str, fn: Any, *args: Any) -> Any:
@@ -109,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValidationError(flag, f"must be >= 1, got {v}")
     if args.window_s is not None and not args.window_s > 0:
         raise ValidationError("--window-s", f"must be > 0, got {args.window_s}")
+    profiles, sources = _profiles(args.profiles, model, args.dtype)
     kw: dict[str, Any] = {"seed": args.seed, "exhaustive": args.exhaustive}
     if args.window_s is not None:
         kw["window_s"] = args.window_s
@@ -126,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         max_simulated_per_strategy=args.per_strategy,
         max_model_len=args.max_model_len,
         dtype=args.dtype,
+        profiles=profiles,
     )
     print(format_table(result))
     if args.json:
@@ -134,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     cluster_ref = os.path.relpath(Path(args.cluster).resolve(), out_dir)
     model_ref = os.path.relpath(Path(args.model).resolve(), out_dir)
     cfg = winner_config(result, cluster_ref, model_ref)
+    if profiles:
+        cfg["profiles"] = {n: os.path.relpath(Path(sources[n]).resolve(), out_dir) for n in sorted(profiles)}
     if args.output:
         write_config(cfg, args.output)
         print(f"winner: {result.winner.candidate.name} -> {args.output}")
@@ -143,3 +154,18 @@ def run(args: argparse.Namespace) -> int:
         print("# winner config (hetserve simulate --config / serve --config):")
         sys.stdout.write(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None))
     return 0
+
+
+def _profiles(arg: str | None, model: Any, dtype: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """``--profiles`` -> (usable profiles by device type, their source files); prints the ones set aside."""
+    if not arg:
+        return {}, {}
+    from hetserve.planner.profile_set import load_profile_set, usable_profiles
+
+    loaded = load_profile_set(arg.split(","), "--profiles")
+    usable, skipped = usable_profiles(loaded, model, dtype)
+    for why in skipped:
+        print(f"profile not used: {why}", file=sys.stderr)
+    if usable:
+        print("measured profiles: " + ", ".join(f"{n} <- {loaded[n][1]}" for n in sorted(usable)))
+    return usable, {n: loaded[n][1] for n in usable}

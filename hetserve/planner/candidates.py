@@ -80,6 +80,7 @@ class Estimator:
         dtype: str,
     ) -> None:
         self.cluster, self.model, self.slo, self.dtype = cluster, model, slo, dtype
+        self.profiles: dict[str, Any] = {}  # device type name -> DeviceProfile (measured beats the roofline)
         self.max_model_len = max_model_len
         self.P = max(1, int(stats["mean_prompt_tokens"]))
         self.P90 = max(1, int(stats["p90_prompt_tokens"]))
@@ -95,7 +96,8 @@ class Estimator:
             from hetserve.strategies.build import slowest_link
 
             link = slowest_link(self.cluster, list(unit.ids), list(unit.ids))
-        return CostModel(self.model, unit.spec, self.dtype, tp=unit.tp, tp_link=link)
+        prof = self.profiles.get(unit.spec.name)
+        return CostModel(self.model, unit.spec, self.dtype, prof, tp=unit.tp, tp_link=link)
 
     def fits(self, unit: Unit) -> tuple[bool, str]:
         from hetserve.strategies.build import weights_reason
@@ -212,9 +214,11 @@ def enumerate_candidates(
     strategies: tuple[str, ...] | None = None,
     max_model_len: int = 8192,
     dtype: str = "bfloat16",
+    profiles: dict[str, Any] | None = None,
 ) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
-    """(candidates, pruned with reasons)."""
+    """(candidates, pruned with reasons). ``profiles``: measured DeviceProfiles by device type name."""
     est = Estimator(cluster, model, stats, slo, max_model_len, dtype)
+    est.profiles = dict(profiles or {})
     want = set(strategies or ("dp", "pp", "pd", "cronus", "hetis"))
     pruned: list[tuple[Candidate, str]] = []
     base = {"max_model_len": max_model_len, "dtype": dtype}
@@ -340,7 +344,7 @@ def _pp_candidates(
     for name, insts in configs:
         cfg = {"strategy": "pp", "max_model_len": est.max_model_len, "dtype": est.dtype, "instances": insts}
         try:
-            dep = build_deployment(cluster, est.model, cfg)
+            dep = build_deployment(cluster, est.model, cfg, est.profiles)
         except ValidationError:
             continue  # the memory reasons are reported with the DP units
         insts = [dict(i, layers=dep.plans[i["name"]].notes["layers"]) if "layers" in i else i for i in insts]
@@ -486,7 +490,7 @@ def _hetis_candidates(
         }
         name = f"hetis main[{_label(mains)}] ({tag})"
         try:
-            dep = build_deployment(cluster, model, cfg)
+            dep = build_deployment(cluster, model, cfg, est.profiles)
         except ValidationError as e:
             pruned.append((Candidate(name, "hetis", {}), f"{e.field}: {e.message}"))
             continue

@@ -115,12 +115,13 @@ def _run_once(
     slo: Slo,
     n: int,
     warmup_s: float = 0.0,
+    profiles: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """One simulation at ``rate``; SLO figures over the requests that arrive after ``warmup_s``."""
     from hetserve.sim.simulator import Simulator, ttft_lower_bounds_s
     from hetserve.strategies.build import build_deployment
 
-    dep = build_deployment(cluster, model, cfg)
+    dep = build_deployment(cluster, model, cfg, profiles)
     wl = [SimRequest(a / rate, p, o) for a, (p, o) in zip(unit_arrivals[:n], lengths[:n])]
     measured = [i for i, r in enumerate(wl) if r.arrival_s >= warmup_s]
     if len(measured) < n // 4:  # a window too short for the warm-up: measure everything
@@ -161,6 +162,7 @@ def score_candidate(
     slo: Slo,
     settings: SearchSettings = SearchSettings(),
     challenge_rps: float | None = None,
+    profiles: dict[str, Any] | None = None,
 ) -> CandidateResult:
     """Goodput of one candidate: bracket the rate (steps of ``bracket_factor`` from the analytic estimate),
     then bisect geometrically until the bracket is within ``rel_tol``. Every rate replays a prefix of one
@@ -185,7 +187,7 @@ def score_candidate(
         if rate not in seen:
             n = min(len(sample), settings.num_requests(rate))
             warmup = settings.warmup_fraction * n / rate
-            seen[rate] = _run_once(cand.config, cluster, model, lengths, unit, rate, slo, n, warmup)
+            seen[rate] = _run_once(cand.config, cluster, model, lengths, unit, rate, slo, n, warmup, profiles)
             res.num_simulations += 1
         return seen[rate]
 
@@ -271,6 +273,7 @@ def _score_job(cand: Candidate) -> CandidateResult:
         _G["slo"],
         settings,
         _challenge(cand, best.get(), objective, settings),
+        _G.get("profiles"),
     )
     best.offer(_objective_value(res.goodput_rps, cand, objective))
     return res
@@ -325,6 +328,7 @@ def plan(
     max_simulated_per_strategy: int = 2,
     max_model_len: int = 8192,
     dtype: str = "bfloat16",
+    profiles: dict[str, Any] | None = None,
 ) -> PlanResult:
     """Rank deployments of ``model`` on ``cluster`` for ``workload`` under ``slo`` (see the module doc)."""
     if objective not in ("goodput", "cost"):
@@ -335,7 +339,8 @@ def plan(
     sample = workload_sample(workload, settings.max_requests, max_model_len, settings.seed)
     stats = _sample_stats(sample)
     cands, pruned = enumerate_candidates(
-        cluster, model, stats, slo, strategies=strategies, max_model_len=max_model_len, dtype=dtype
+        cluster, model, stats, slo, strategies=strategies, max_model_len=max_model_len, dtype=dtype,
+        profiles=profiles,
     )
     results = [CandidateResult(c, "pruned", reason=why) for c, why in pruned]
     by_strategy: dict[str, list[Candidate]] = {}
@@ -369,6 +374,7 @@ def plan(
         "settings": settings,
         "objective": objective,
         "best": _Best(ctx.Value("d", 0.0)),
+        "profiles": profiles or {},
     }
     # each candidate is challenged with the best score at the time it starts: one simulation at the rate it
     # needs to win; only a candidate that passes is searched in full

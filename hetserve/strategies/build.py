@@ -495,10 +495,11 @@ def load_run_config(path_or_dict: str | Path | dict[str, Any]) -> RunConfig:
     model = load_model(cfg["model"], base)
     profiles: dict[str, DeviceProfile] = {}
     if cfg.get("profiles"):
-        from hetserve.planner.profile import load_profile
+        from hetserve.planner.profile_set import load_profile_set
 
         if not isinstance(cfg["profiles"], dict):
             raise ValidationError("profiles", "must map device type names to profile JSON paths")
-        for dev_name, pp in cfg["profiles"].items():
-            profiles[dev_name] = load_profile(_resolve(str(pp), base))
+        # a profile measured on another device type may stand in for this one (relabelled, said in its meta)
+        items = [f"{dev_name}={_resolve(str(pp), base)}" for dev_name, pp in cfg["profiles"].items()]
+        profiles = {n: p for n, (p, _) in load_profile_set(items, "profiles").items()}
     return RunConfig(cfg, cluster, model, build_deployment(cluster, model, cfg, profiles))
