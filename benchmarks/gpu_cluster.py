@@ -60,7 +60,7 @@ def git_commit() -> str:
     f = ROOT / "benchmarks/.commit"
     if f.exists():
         return f.read_text().strip()
-    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True)
     return r.stdout.strip() or "unknown"
 
 
@@ -103,7 +103,7 @@ def run_sim(cluster: Any, mc: Any, cfg: dict[str, Any], profiles: dict[str, Any]
     return Simulator(dep).run(wl).metrics(slo)
 
 
-def main() -> int:  # noqa: PLR0915
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strategies", default="high-alone,low-alone,dp,pp,pd-lp,pd-hp,cronus,hetis")
     ap.add_argument("--rates", default="8,16,24", help="request rates (req/s), comma-separated")
