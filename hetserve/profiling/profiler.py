@@ -65,6 +65,9 @@ def canonical_torch_dtype(name: str, device_type: str) -> str:
     return n
 
 
+# dense-table token counts at or below this are timed as a decode batch (one token per sequence)
+DENSE_DECODE_SHAPE_MAX = 512
+
 @dataclass(frozen=True)
 class ProfileGrid:
     """The points measured. Every axis strictly increasing (the profile format requires it)."""
@@ -245,7 +248,10 @@ class Profiler:
                 break
             n_eff = max(1, n)
             ids = torch.arange(n_eff, device=self.device) % (self.cfg.vocab_size - 10) + 10  # no global RNG after graph captures
-            meta = build_metadata([(n_eff, 0)], self.options.block_size, self.device, self._pool)
+            # up to a decode batch the engine runs these tokens as n one-token sequences from a CUDA graph: time
+            # them in that shape (capturable); larger counts as one prefill chunk (launch gaps are amortised)
+            seqs = [(1, 0)] * n_eff if n_eff <= DENSE_DECODE_SHAPE_MAX else [(n_eff, 0)]
+            meta = build_metadata(seqs, self.options.block_size, self.device, self._pool)
             t = self.timer(functools.partial(model, ids, meta.positions, kv_caches, meta, none))
             tables.dense[n] = t / self.num_layers
         self.timing["dense_s_per_layer"] = mode_delta(before, self.timer.modes)
@@ -390,6 +396,7 @@ class Profiler:
             "attention_backend": backend_name,
             "block_size": self.options.block_size,
             "timing": dict(self.timing),
+            "graph_capture_errors": dict(self.timer.capture_errors),
             "truncated": dict(self.truncated),
             "warmup": self.options.warmup,
             "repeat": self.options.repeat,

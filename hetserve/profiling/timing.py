@@ -26,6 +26,7 @@ class Timer:
         self.repeat = repeat
         self.use_graphs = use_graphs and device.type == "cuda"
         self.modes: dict[str, int] = {}
+        self.capture_errors: dict[str, int] = {}  # why a CUDA graph capture fell back to eager timing
         self._pool: Any = None
 
     def _count(self, mode: str) -> None:
@@ -63,8 +64,10 @@ class Timer:
                     finally:
                         g.capture_end()
                     run, mode = g.replay, "graph"
-                except Exception:  # noqa: BLE001 - capture is an optimisation; eager timing is still right
+                except Exception as e:  # noqa: BLE001 - capture is an optimisation; eager timing is still right
                     g = None
+                    self.capture_errors.setdefault(f"{type(e).__name__}: {e}"[:300], 0)
+                    self.capture_errors[f"{type(e).__name__}: {e}"[:300]] += 1
                     torch.cuda.synchronize(self.device)
             run()
             s.synchronize()
