@@ -13,6 +13,7 @@ The planner, the simulator and ``serve --cluster`` read the same file (YAML or J
     links:                           # optional overrides, by node name or device id
       - {between: [n0, n1], link: roce100}
     emulation: null
+    placement: local                 # runtime workers: local | tcp | ray (Ray node per cluster node)
 
 A device entry's ``type`` is a catalog name (``hetserve.core.devices.CATALOG``), a partition name declared
 under ``emulation``, ``cpu`` (``cores``, ``memory_gb``) or ``custom`` (``name``, ``memory_gb``,
@@ -62,6 +63,7 @@ from hetserve.core.errors import ValidationError
 EMULATION_KINDS = ("green_context", "mps", "paced_cpu")
 _PARTITION_AMOUNT = {"green_context": "num_sms", "mps": "thread_percentage", "paced_cpu": "speed"}
 DEFAULT_INTER_NODE_LINK = "eth25"
+PLACEMENTS = ("local", "tcp", "ray")  # local: socket pairs; tcp: local workers dialling in; ray: Ray actors
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class ClusterConfig:
     inter_node_link: LinkSpec
     links: tuple[LinkOverride, ...] = ()
     emulation: EmulationSpec | None = None
+    placement: str = "local"  # where the runtime starts workers: one of PLACEMENTS (runtime/connect.py)
     _by_id: dict[str, ClusterDevice] = field(default_factory=dict, init=False, compare=False, repr=False, hash=False)
     _node_by_name: dict[str, NodeSpec] = field(default_factory=dict, init=False, compare=False, repr=False, hash=False)
 
@@ -202,6 +205,8 @@ class ClusterConfig:
                     for p in self.emulation.partitions
                 ],
             }
+        if self.placement != "local":
+            out["placement"] = self.placement
         return out
 
     def save(self, path: str | Path) -> None:
@@ -449,7 +454,10 @@ def _check_partition_use(emu: EmulationSpec, devices: list[ClusterDevice]) -> No
 
 
 def parse_cluster(obj: Any) -> ClusterConfig:
-    d = _check_keys(obj, "", ("name", "nodes", "inter_node_link", "links", "emulation"), ("nodes",))
+    d = _check_keys(obj, "", ("name", "nodes", "inter_node_link", "links", "emulation", "placement"), ("nodes",))
+    placement = str(d.get("placement") or "local")
+    if placement not in PLACEMENTS:
+        raise ValidationError("placement", f"unknown placement {placement!r}; known: {', '.join(PLACEMENTS)}")
     emulation = _parse_emulation(d.get("emulation"), "emulation")
     partitions = {p.name: p for p in emulation.partitions} if emulation else {}
     nodes_obj = d["nodes"]
@@ -526,6 +534,7 @@ def parse_cluster(obj: Any) -> ClusterConfig:
         inter_node_link=inter,
         links=tuple(overrides),
         emulation=emulation,
+        placement=placement,
     )
 
 

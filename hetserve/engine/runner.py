@@ -4,6 +4,12 @@ Per-step host work is kept to one Python pass over the scheduled requests; every
 slots, block tables) is numpy over persistent arrays, staged in pinned memory and copied with one
 non-blocking copy per dtype. Decode-only steps replay a CUDA graph (see ``cuda_graphs``); logits are computed
 only for the rows that sample, and a batch in which every row is plain greedy skips the sampler for an argmax.
+
+Pipeline / tensor parallelism (``parallel``, a ``ParallelSpec``): the runner holds its stage's layers' KV (its
+TP rank's kv heads only); a stage after the first takes its input from ``stage_io`` (the previous stage's
+hidden states for the same step), a stage before the last sends its output there and samples nothing. Only the
+last stage's TP rank 0 samples (it owns the sampling state: seeded generators, penalties); other ranks return
+empty outputs. CUDA graphs are for the whole model on one device only.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from hetserve.core.sampling_params import SamplingParams, SamplingType
 from hetserve.engine.attention import AttentionMetadata, get_attention_backend
 from hetserve.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes
 from hetserve.engine.model.loader import load_model
+from hetserve.engine.model.parallel import ParallelSpec, StageIO
 from hetserve.engine.sampling.sampler import Sampler, SamplingState
 
 logger = logging.getLogger(__name__)
@@ -83,16 +90,29 @@ def _plain_greedy(sp: SamplingParams) -> bool:
 
 class ModelRunner(Executor):
     def __init__(self, config: EngineConfig, model: torch.nn.Module | None = None,
-                 model_config: ModelConfig | None = None) -> None:
+                 model_config: ModelConfig | None = None, parallel: ParallelSpec | None = None,
+                 stage_io: StageIO | None = None) -> None:
         self.config = config
         self.device = resolve_device(config.device.device)
         self.dtype = resolve_dtype(config.device.dtype, self.device)
         if model is None:
-            model, model_config = load_model(Path(config.model), self.device, self.dtype)
+            model, model_config = load_model(Path(config.model), self.device, self.dtype, parallel)
         assert model_config is not None
         self.model = model.eval()
         self.model_config = model_config
         mc = model_config
+        self.parallel = parallel or ParallelSpec()
+        self._whole = self.parallel.is_whole(mc)
+        self.is_first_stage = self.parallel.is_first
+        self.is_last_stage = self.parallel.is_last(mc)
+        # the only process of an instance that samples and answers
+        self.samples = self.is_last_stage and self.parallel.tp_rank == 0
+        if not self._whole and not (self.is_first_stage and self.is_last_stage) and stage_io is None:
+            raise ValueError("a pipeline stage needs a stage_io to exchange hidden states")
+        self.stage_io = stage_io
+        self.num_local_layers = self.parallel.num_layers(mc)
+        kv0, kv1 = self.parallel.kv_heads(mc)
+        self.num_local_kv_heads = kv1 - kv0
         self.block_size = config.cache.block_size
         self.max_model_len = config.scheduler.max_model_len or mc.max_position_embeddings
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size) + 1
@@ -114,9 +134,9 @@ class ModelRunner(Executor):
 
         self._num_blocks = self._decide_num_blocks()
         self.kv_caches = [
-            torch.zeros(2, self._num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim,
+            torch.zeros(2, self._num_blocks, self.block_size, self.num_local_kv_heads, mc.head_dim,
                         dtype=self.dtype, device=self.device)
-            for _ in range(mc.num_hidden_layers)
+            for _ in range(self.num_local_layers)
         ]
         if self._graphs_possible():
             max_batch = min(config.device.cuda_graph_max_batch, config.scheduler.max_num_seqs)
@@ -128,6 +148,7 @@ class ModelRunner(Executor):
         uses_fused = getattr(self.model, "uses_fused_path", None)
         return (
             self._is_cuda
+            and self._whole
             and not self.config.device.enforce_eager
             and getattr(self.backend, "name", "") == "triton"
             and callable(uses_fused)
@@ -141,7 +162,7 @@ class ModelRunner(Executor):
     def kv_bytes_per_block(self) -> int:
         mc = self.model_config
         elt = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim * elt
+        return 2 * self.num_local_layers * self.block_size * self.num_local_kv_heads * mc.head_dim * elt
 
     def _decide_num_blocks(self) -> int:
         if self.config.cache.num_blocks is not None:
@@ -175,8 +196,8 @@ class ModelRunner(Executor):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        caches = [torch.zeros(2, len(lens) * blocks_per_seq + 1, bs, mc.num_key_value_heads, mc.head_dim,
-                              dtype=self.dtype, device=self.device) for _ in range(mc.num_hidden_layers)]
+        caches = [torch.zeros(2, len(lens) * blocks_per_seq + 1, bs, self.num_local_kv_heads, mc.head_dim,
+                              dtype=self.dtype, device=self.device) for _ in range(self.num_local_layers)]
         cache_bytes = sum(c.numel() * c.element_size() for c in caches)
         # sequence i owns blocks 1 + i * blocks_per_seq, ...; block 0 stays the null block
         pos_np = np.concatenate([np.arange(n) for n in lens])
@@ -196,7 +217,17 @@ class ModelRunner(Executor):
         )
         # no global RNG here (see the sampler's generator above): any valid ids do
         ids = torch.arange(num_tokens, device=dev) % mc.vocab_size
-        hidden = self.model(ids, positions, caches, meta, self.backend)
+        if self.is_first_stage:
+            hidden = self.model(ids, positions, caches, meta, self.backend)
+        else:
+            inter = [torch.zeros(num_tokens, mc.hidden_size, dtype=self.dtype, device=dev) for _ in range(2)]
+            hidden = self.model(ids, positions, caches, meta, self.backend, inter)
+        if not self.is_last_stage:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - base - cache_bytes
+            del caches, hidden, meta, ids, positions
+            torch.cuda.empty_cache()
+            return max(0, peak)
         logits = self.model.compute_logits(hidden[-num_rows:])
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
         states = [SamplingState(params=params, prompt_token_ids=[]) for _ in range(num_rows)]
@@ -408,9 +439,32 @@ class ModelRunner(Executor):
         if batch.graph_batch is not None:
             assert self.graphs is not None
             hidden = self.graphs.replay(batch.graph_batch)
-        else:
+        elif self._whole:
             assert batch.input_ids is not None and batch.meta is not None
             hidden = self.model(batch.input_ids, batch.meta.positions, self.kv_caches, batch.meta, self.backend)
+        else:
+            hidden = self._forward_stage(so, batch)
+            if hidden is None or not self.samples:
+                return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled)
+        return self._sample(so, batch, hidden, req_ids, sampled)
+
+    def _forward_stage(self, so: SchedulerOutput, batch: _Batch) -> torch.Tensor | None:
+        """One pipeline stage / TP rank's forward: the final hidden states on the last stage, else None
+        (the stage's output went to the next stage)."""
+        assert batch.input_ids is not None and batch.meta is not None
+        inter = None
+        if not self.is_first_stage:
+            assert self.stage_io is not None
+            inter = self.stage_io.recv(so.step_id, self.device)
+        out = self.model(batch.input_ids, batch.meta.positions, self.kv_caches, batch.meta, self.backend, inter)
+        if self.is_last_stage:
+            return out
+        assert self.stage_io is not None
+        self.stage_io.send(so.step_id, out)
+        return None
+
+    def _sample(self, so: SchedulerOutput, batch: _Batch, hidden: torch.Tensor, req_ids: list[str],
+                sampled: list[list[int]]) -> ModelRunnerOutput:
         sample_idx = batch.sample_idx
         if not sample_idx:
             return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled)

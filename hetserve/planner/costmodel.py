@@ -9,7 +9,9 @@ Roofline, per layer and per device (shapes divided by ``tp``), with ``T`` tokens
     TP allreduce   2 x ring(T h a) over the TP link,  ring(x) = 2 (tp-1)/tp x / bw + 2 (tp-1) latency
 
 summed over the stage's layers, plus the LM head ``max(2 S h V / (peak e_c(S)), (V h w + 3 S V 4) / (hbm e_m))``
-(logits in fp32, read twice more by sampling), the embedding gather and a fixed per-step overhead. Here ``P`` =
+(logits in fp32, read twice more by sampling), the embedding gather and the host overhead ``o + o_seq R + N (o_new
++ o_tok Tn)`` (``R`` requests, ``N`` of them new to the executor with ``Tn`` tokens between them; only ``o`` without
+a profile, the rest is measured). Here ``P`` =
 linear parameters of one layer, ``w``/``a``/``b`` = bytes per weight / activation / KV element, ``pairs`` = query-
 key pairs of a causal chunk of ``n`` new tokens after ``c`` cached ones = ``n c + n (n + 1) / 2``, ``C`` = sum of
 decode contexts, ``S`` = rows sampled. Efficiency: ``e_m = device.hbm_efficiency``; ``e_c(T) = gemm_efficiency
@@ -46,12 +48,16 @@ class BatchShape:
     ``prefill_chunks``: ``(num_new_tokens, num_context_tokens_before)`` per request with more than one new token.
     ``num_decode_seqs``: requests with exactly one new token; ``decode_context_tokens``: the sum of their
     cached tokens before this step. ``num_sampled``: rows through the LM head (None: one per request).
+    ``num_new_seqs``: requests the executor has not seen before (first step, or resumed after preemption);
+    ``new_seq_tokens``: their tokens this step. Both only add host overhead.
     """
 
     prefill_chunks: tuple[tuple[int, int], ...] = ()
     num_decode_seqs: int = 0
     decode_context_tokens: int = 0
     num_sampled: int | None = None
+    num_new_seqs: int = 0
+    new_seq_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -82,6 +88,8 @@ class BatchShape:
         num_decode = 0
         decode_ctx = 0
         num_sampled = 0
+        num_new = 0
+        new_tokens = 0
         for sr in out.scheduled:
             n = sr.num_tokens
             if n == 1:
@@ -90,7 +98,10 @@ class BatchShape:
             elif n > 1:
                 chunks.append((n, sr.num_computed_tokens))
             num_sampled += sr.sample
-        return cls(tuple(chunks), num_decode, decode_ctx, num_sampled)
+            if sr.new is not None:
+                num_new += 1
+                new_tokens += n
+        return cls(tuple(chunks), num_decode, decode_ctx, num_sampled, num_new, new_tokens)
 
 
 class CostModel:
@@ -194,8 +205,11 @@ class CostModel:
             self.step_overhead_s = profile.step_overhead_s
         else:
             self.step_overhead_s = device.step_overhead_s
-        # host time each request adds to a step (scheduler, input preparation, outputs); measured only
+        # host time each request adds to a step (scheduler, input preparation, outputs), and a request's first
+        # step on top (admission, runner state, first output); measured only
         self.step_overhead_per_seq_s = profile.step_overhead_per_seq_s if profile is not None else 0.0
+        self.new_seq_overhead_s = profile.new_seq_overhead_s if profile is not None else 0.0
+        self.new_seq_overhead_per_token_s = profile.new_seq_overhead_per_token_s if profile is not None else 0.0
         self._profile_scale = (profile.tp / tp) if profile is not None else 1.0
 
     def _check_profile(self, p: DeviceProfile) -> None:
@@ -301,8 +315,21 @@ class CostModel:
             "allreduce": L * 2 * self.ring_time_s(T * self._allreduce_bytes_per_token),
             "lm_head": self._lm_head_s(rows) if self.include_lm_head else 0.0,
             "embedding": T * self._embed_bytes_per_token * self._inv_mem_bw if self.include_embedding else 0.0,
-            "overhead": self.step_overhead_s + batch.num_reqs * self.step_overhead_per_seq_s,
+            "overhead": self._overhead_s(batch),
         }
+
+    def _overhead_s(self, batch: BatchShape) -> float:
+        return (
+            self.step_overhead_s
+            + batch.num_reqs * self.step_overhead_per_seq_s
+            + batch.num_new_seqs * self.new_seq_overhead_s
+            + batch.new_seq_tokens * self.new_seq_overhead_per_token_s
+        )
+
+    def idle_wake_s(self, idle_s: float) -> float:
+        """Extra seconds of a step that starts after the engine sat idle for ``idle_s`` (measured; 0 without
+        a profile that has the table). The simulator adds it to the first step after a gap."""
+        return self.profile.idle_wake_s(idle_s) if self.profile is not None else 0.0
 
     def step_time_s(self, batch: BatchShape, num_kv_heads: int | None = None) -> float:
         """Seconds for one step of ``batch``; an empty batch costs 0.
@@ -320,7 +347,7 @@ class CostModel:
             t += self._lm_head_s(batch.num_reqs if batch.num_sampled is None else batch.num_sampled)
         if self.include_embedding:
             t += T * self._embed_bytes_per_token * self._inv_mem_bw
-        return t + self.step_overhead_s + batch.num_reqs * self.step_overhead_per_seq_s
+        return t + self._overhead_s(batch)
 
     def step_time_from_scheduler_output(self, out: SchedulerOutput) -> float:
         return self.step_time_s(BatchShape.from_scheduler_output(out))

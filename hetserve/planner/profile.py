@@ -13,12 +13,15 @@ A profile is a JSON file (times in seconds, per layer unless said otherwise)::
                                      "time_s": [[...] per num_seqs]},
         "prefill_attn_s_per_layer": {"num_tokens": [16, 128, ...], "context_len": [0, 1024, ...],
                                      "time_s": [[...] per num_tokens]},
-        "lm_head_s":                {"num_tokens": [1, 8, ...], "time_s": [...]}
+        "lm_head_s":                {"num_tokens": [1, 8, ...], "time_s": [...]},
+        "idle_wake_s":              {"idle_s": [0, 0.002, 0.02, ...], "time_s": [...]}
       },
       "copy_bytes_per_s": 3.0e12,
       "kv_bytes_per_token": 131072,
       "step_overhead_s": 4e-5,
       "step_overhead_per_seq_s": 1e-5,
+      "new_seq_overhead_s": 5e-5,
+      "new_seq_overhead_per_token_s": 2e-7,
       "meta": {"command": "...", "git_commit": "...", "created": "...", "notes": "..."}
     }
 
@@ -33,6 +36,13 @@ A profile is a JSON file (times in seconds, per layer unless said otherwise)::
 * ``step_overhead_s``: fixed host-side cost of one step (scheduling, input preparation, launches).
 * ``step_overhead_per_seq_s``: host-side cost each request in a step adds (scheduler books, input
   preparation, output assembly); optional, 0 when absent.
+* ``new_seq_overhead_s`` + ``new_seq_overhead_per_token_s`` x tokens: host-side cost of a request's first step
+  (taking the request in, its runner state, its first output) beyond the tables and the per-step terms; per
+  request the executor has not seen before (new or resumed after preemption), tokens = its tokens that step.
+  Optional, 0 when absent.
+* ``idle_wake_s``: extra time of a step that starts after the engine sat idle for ``idle_s`` seconds (the
+  engine loop waking up late, caches and clocks gone cold), clamped to the last grid point; optional, 0 when
+  absent.
 
 ``shape_hash`` covers the per-layer shapes and the vocabulary, not the number of layers, so a profile taken on a
 truncated model serves the full one. ``lm_head_s`` and the attention tables are optional (the cost model falls
@@ -60,6 +70,14 @@ from hetserve.core.model_config import ModelConfig
 PROFILE_FORMAT = "hetserve-profile"
 PROFILE_VERSION = 1
 
+_NON_NEGATIVE = (
+    "copy_bytes_per_s",
+    "kv_bytes_per_token",
+    "step_overhead_s",
+    "step_overhead_per_seq_s",
+    "new_seq_overhead_s",
+    "new_seq_overhead_per_token_s",
+)
 _SHAPE_FIELDS = (
     "hidden_size",
     "intermediate_size",
@@ -194,11 +212,21 @@ class DeviceProfile:
     kv_bytes_per_token: int | None = None
     step_overhead_s: float = 0.0
     step_overhead_per_seq_s: float = 0.0
+    new_seq_overhead_s: float = 0.0
+    new_seq_overhead_per_token_s: float = 0.0
+    idle_wake: Table1D | None = None
     num_hidden_layers: int | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def matches(self, model: ModelConfig) -> bool:
         return self.shape_hash == model_shape_hash(model)
+
+    def idle_wake_s(self, idle_s: float) -> float:
+        """Extra seconds of a step after ``idle_s`` idle seconds (0 without the table; clamped at its ends)."""
+        t = self.idle_wake
+        if t is None or idle_s <= 0.0:
+            return 0.0
+        return t(min(idle_s, t.xs[-1]))
 
     def to_dict(self) -> dict[str, Any]:
         tables: dict[str, Any] = {"dense_s_per_layer": self.dense.to_dict("num_tokens")}
@@ -208,6 +236,8 @@ class DeviceProfile:
             tables["prefill_attn_s_per_layer"] = self.prefill_attn.to_dict("num_tokens", "context_len")
         if self.lm_head is not None:
             tables["lm_head_s"] = self.lm_head.to_dict("num_tokens")
+        if self.idle_wake is not None:
+            tables["idle_wake_s"] = self.idle_wake.to_dict("idle_s")
         return {
             "format": PROFILE_FORMAT,
             "version": PROFILE_VERSION,
@@ -225,6 +255,8 @@ class DeviceProfile:
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "step_overhead_s": self.step_overhead_s,
             "step_overhead_per_seq_s": self.step_overhead_per_seq_s,
+            "new_seq_overhead_s": self.new_seq_overhead_s,
+            "new_seq_overhead_per_token_s": self.new_seq_overhead_per_token_s,
             "meta": dict(self.meta),
         }
 
@@ -254,7 +286,7 @@ class DeviceProfile:
         tp = d.get("tp", 1)
         if not isinstance(tp, int) or tp < 1:
             raise ValidationError(f"{source}: tp", f"must be a positive integer, got {tp!r}")
-        for key in ("copy_bytes_per_s", "kv_bytes_per_token", "step_overhead_s"):
+        for key in _NON_NEGATIVE:
             v = d.get(key)
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
                 raise ValidationError(f"{source}: {key}", f"must be a non-negative number, got {v!r}")
@@ -290,6 +322,13 @@ class DeviceProfile:
             kv_bytes_per_token=d.get("kv_bytes_per_token"),
             step_overhead_s=float(d.get("step_overhead_s") or 0.0),
             step_overhead_per_seq_s=float(d.get("step_overhead_per_seq_s") or 0.0),
+            new_seq_overhead_s=float(d.get("new_seq_overhead_s") or 0.0),
+            new_seq_overhead_per_token_s=float(d.get("new_seq_overhead_per_token_s") or 0.0),
+            idle_wake=(
+                Table1D.from_dict(tables["idle_wake_s"], "idle_s", f"{p}.idle_wake_s")
+                if "idle_wake_s" in tables
+                else None
+            ),
             num_hidden_layers=model.get("num_hidden_layers"),
             meta=dict(d.get("meta") or {}),
         )

@@ -16,8 +16,10 @@ weights (a profile is per layer, and ``model_shape_hash`` ignores the layer coun
 * ``lm_head_s``: final norm, LM head and a greedy argmax for ``num_tokens`` rows (logits in the activation
   dtype where the model offers it, as the runner's greedy path does).
 * ``copy_bytes_per_s``: a large device copy, read + write bytes over time.
-* ``step_overhead_s``: the engine runner's measured decode step at batch 1 minus the sum of its measured
-  parts (host-side input preparation, sampling, launches), clamped at 0.
+* host terms (``hetserve.profiling.host``), through the engine around this runner: ``step_overhead_s`` (a
+  decode step of one request minus its table parts), ``step_overhead_per_seq_s``, ``new_seq_overhead_s`` /
+  ``new_seq_overhead_per_token_s`` (a new request's admission and first step beyond the tables) and the
+  ``idle_wake_s`` table (a step after the engine slept ``idle_s``), all clamped at 0.
 * ``kv_bytes_per_token``: for the full model (all its layers), from its shapes and the KV dtype.
 
 GPU timings are CUDA events around each call, on the partition's stream if there is one; each call is
@@ -33,6 +35,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,10 +46,10 @@ import torch
 from hetserve.core.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
 from hetserve.core.errors import ValidationError
 from hetserve.core.model_config import ModelConfig
-from hetserve.core.outputs import SchedulerOutput
 from hetserve.engine.attention import AttentionBackend, AttentionMetadata
 from hetserve.planner.profile import DeviceProfile, Table1D, Table2D, model_shape_hash
-from hetserve.profiling.synthetic import NoAttention, build_metadata, synthetic_step, truncated_config
+from hetserve.profiling.host import HostCosts, measure_host_costs
+from hetserve.profiling.synthetic import NoAttention, build_metadata, truncated_config
 from hetserve.profiling.timing import Timer, mode_delta, nullcontext_
 
 Log = Callable[[str], None]
@@ -78,6 +81,7 @@ class ProfileGrid:
     prefill_num_tokens: tuple[int, ...]
     prefill_context_lens: tuple[int, ...]
     lm_head_rows: tuple[int, ...]
+    idle_s: tuple[float, ...] = (0.0, 0.001, 0.005, 0.02, 0.1)  # engine idle gaps before a step (wake-up cost)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -322,30 +326,6 @@ class Profiler:
             t = self.timer(functools.partial(y.copy_, x), graph=False)
         return 2 * nbytes / t
 
-    def _runner_step_s(self, runner: Any, seqs: list[tuple[int, int]], tag: str) -> float:
-        """Median wall time of ``runner.execute`` on a synthetic step (host work, launches and sync included)."""
-        bs = self.options.block_size
-        named = [(f"{tag}{i}", n, c) for i, (n, c) in enumerate(seqs)]
-        pool = runner.num_kv_blocks
-        first = synthetic_step(named, bs, new=True, vocab_size=self.cfg.vocab_size, num_pool_blocks=pool)
-        again = synthetic_step(named, bs, new=False, vocab_size=self.cfg.vocab_size, num_pool_blocks=pool)
-        decode = all(n == 1 for n, _ in seqs)
-        ctx = torch.cuda.stream(self.stream) if self.device.type == "cuda" else nullcontext_()
-        times = []
-        with ctx:
-            runner.execute(first)
-            self._sync()
-            for i in range(self.options.warmup + max(5, self.options.repeat)):
-                # a prefill chunk is re-sent as new each time: the runner then treats it as the same chunk again
-                step = again if decode else first
-                t0 = time.perf_counter()
-                runner.execute(step)
-                self._sync()
-                if i >= self.options.warmup:
-                    times.append(time.perf_counter() - t0)
-            runner.execute(SchedulerOutput([], 0, finished_req_ids={r for r, _, _ in named}))
-        return self.timer.reduce(times)
-
     # ---- the whole run ----------------------------------------------------------------------------
     def run(
         self,
@@ -360,6 +340,7 @@ class Profiler:
         from hetserve.engine.model.loader import init_random_model
 
         t_start = time.perf_counter()
+        load_start = _load_average()
         torch.manual_seed(self.options.seed)
         tables = _Tables()
         ctx = torch.cuda.stream(self.stream) if self.device.type == "cuda" else nullcontext_()
@@ -385,8 +366,8 @@ class Profiler:
             self.log("copy bandwidth ...")
             copy_bw = self.measure_copy_bytes_per_s()
         profile = self._assemble(tables, device_name, model_name, emulation, copy_bw, 0.0, {})
-        overhead, runner_per_seq = self._overhead_and_validation(runner, profile)  # on self.stream
-        per_seq = runner_per_seq + scheduler_host_s_per_seq()
+        self.log("host costs (engine around the runner) ...")
+        host = self._host_costs(runner, profile)
         del runner, model, kv_caches
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -407,12 +388,17 @@ class Profiler:
             "notes": (
                 "dense = forward with a no-op attention backend / layers (embedding and final norm included); "
                 "attention = the engine backend on random KV; lm_head = norm + logits + argmax; "
-                "step_overhead_s = measured runner decode step at batch 1 minus its parts"
+                "step overheads, new-request overheads and idle wake-up = engine steps around the runner "
+                "minus their table parts (hetserve/profiling/host.py)"
             ),
+            "load_average": {"start": load_start, "end": _load_average()},
         }
         m.update(meta or {})
-        m["step_overhead_per_seq_s"] = {"runner": runner_per_seq, "scheduler": per_seq - runner_per_seq}
-        return dataclasses.replace(profile, step_overhead_s=overhead, step_overhead_per_seq_s=per_seq, meta=m)
+        return dataclasses.replace(
+            profile, step_overhead_s=host.step_overhead_s, step_overhead_per_seq_s=host.step_overhead_per_seq_s,
+            new_seq_overhead_s=host.new_seq_overhead_s, new_seq_overhead_per_token_s=host.new_seq_overhead_per_token_s,
+            idle_wake=host.idle_wake, meta=m,
+        )
 
     def _assemble(self, t: _Tables, device_name: str, model_name: str, emulation: str | None, copy_bw: float,
                   overhead: float, meta: dict[str, Any]) -> DeviceProfile:
@@ -453,84 +439,26 @@ class Profiler:
             meta=meta,
         )
 
-    def _overhead_and_validation(self, runner: Any, profile: DeviceProfile) -> tuple[float, float]:
-        """Runner steps measured end to end: batch-1 decode fixes the fixed overhead; larger decode batches
-        give the runner's per-request host cost (what the tables do not explain); all are kept as checks."""
-        L = self.num_layers
+    def _host_costs(self, runner: Any, profile: DeviceProfile) -> HostCosts:
+        """The engine's host terms around ``runner`` (on the profiler's stream); zeros if the engine cannot run."""
         g = self.grid
         ctx = g.decode_context_lens[min(1, len(g.decode_context_lens) - 1)]
-
-        def parts(seqs: list[tuple[int, int]]) -> float:
-            T = sum(n for n, _ in seqs)
-            dec = [c for n, c in seqs if n == 1]
-            attn = 0.0
-            if dec and profile.decode_attn is not None:
-                attn += profile.decode_attn(len(dec), sum(dec) / len(dec))
-            if profile.prefill_attn is not None:
-                attn += sum(profile.prefill_attn(n, c) for n, c in seqs if n > 1)
-            lm = profile.lm_head(len(seqs)) if profile.lm_head is not None else 0.0
-            return L * (profile.dense(T) + attn) + lm
-
+        small = [n for n in g.prefill_num_tokens if n <= 256] or [g.prefill_num_tokens[0]]
+        lengths = sorted({small[0], small[len(small) // 2], small[-1]})
+        ctx_mgr = torch.cuda.stream(self.stream) if self.device.type == "cuda" else nullcontext_()
         try:
-            base = self._runner_step_s(runner, [(1, ctx)], "ov")
-        except Exception as e:  # noqa: BLE001 - the tables stand without it; say why it is 0
-            self.validation.append({"error": f"runner step failed: {type(e).__name__}: {e}"})
-            self.log(f"  runner step failed ({e}); step_overhead_s = 0")
-            return 0.0, 0.0
-        overhead = max(0.0, base - parts([(1, ctx)]))
-        self.validation.append({"kind": "decode", "num_seqs": 1, "context_len": ctx, "measured_s": base,
-                                "parts_s": parts([(1, ctx)]), "layers": L})
-        checks: list[tuple[str, list[tuple[int, int]]]] = []
-        for b in g.decode_num_seqs[1:3]:
-            checks.append(("decode", [(1, ctx)] * b))
-        n = g.prefill_num_tokens[min(1, len(g.prefill_num_tokens) - 1)]
-        checks.append(("prefill", [(n, 0)]))
-        slopes: list[float] = []
-        for kind, seqs in checks:
-            try:
-                measured = self._runner_step_s(runner, seqs, kind[:2])
-            except Exception as e:  # noqa: BLE001
-                self.validation.append({"kind": kind, "error": f"{type(e).__name__}: {e}"})
-                continue
-            self.validation.append({
-                "kind": kind, "num_seqs": len(seqs), "num_tokens": sum(s for s, _ in seqs), "context_len": seqs[0][1],
-                "measured_s": measured, "predicted_s": parts(seqs) + overhead, "layers": L,
-            })
-            if kind == "decode" and len(seqs) > 1:
-                slopes.append((measured - parts(seqs) - overhead) / (len(seqs) - 1))
-        per_seq = max(0.0, sorted(slopes)[len(slopes) // 2]) if slopes else 0.0
-        return overhead, per_seq
-
-
-def scheduler_host_s_per_seq(num_seqs: int = 32, steps: int = 200) -> float:
-    """Host seconds each running request adds to an engine step outside the runner: the scheduler's books
-    and the engine's output assembly (``LLMEngine.step`` with an instant executor, no detokenisation).
-    Device-independent and CPU-bound; uses the embedded tiny model's tokenizer only to build the engine."""
-    from hetserve.core.config import EngineConfig
-    from hetserve.core.sampling_params import SamplingParams
-    from hetserve.engine.llm_engine import LLMEngine
-    from hetserve.sim.simulator import SimExecutor
-    from hetserve.tiny.make_tiny import default_model_dir
-
-    model_dir = str(default_model_dir())
-
-    def per_step(n: int) -> float:
-        blocks = n * 80 + 2
-        cfg = EngineConfig.from_kwargs(model_dir, num_blocks=blocks, max_num_seqs=n, max_model_len=1024)
-        eng = LLMEngine(cfg, executor=SimExecutor(blocks))
-        for i in range(n):
-            eng.add_request(str(i), list(range(10, 26)),
-                            SamplingParams(max_tokens=steps + 10, ignore_eos=True, detokenize=False))
-        eng.step()
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(steps // 5):
-                eng.step()
-            times.append((time.perf_counter() - t0) / (steps // 5))
-        return min(times)
-
-    return max(0.0, (per_step(num_seqs) - per_step(1)) / (num_seqs - 1))
+            with ctx_mgr:
+                host = measure_host_costs(
+                    runner, profile, self.num_layers, decode_num_seqs=g.decode_num_seqs, decode_ctx=ctx,
+                    prompt_lengths=lengths, idle_s=g.idle_s, warmup=self.options.warmup,
+                    repeat=self.options.repeat, reduce=self.timer.reduce, seed=self.options.seed, log=self.log,
+                )
+        except Exception as e:  # noqa: BLE001 - the tables stand without it; say why the terms are 0
+            self.validation.append({"error": f"engine steps failed: {type(e).__name__}: {e}"})
+            self.log(f"  engine steps failed ({e}); host terms = 0")
+            return HostCosts(0.0, 0.0, 0.0, 0.0, None)
+        self.validation.extend(host.validation)
+        return host
 
 
 def _private_gen(device: torch.device) -> torch.Generator:
@@ -539,3 +467,11 @@ def _private_gen(device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(0)
     return g
+
+
+def _load_average() -> list[float] | None:
+    """1/5/15-minute load averages where the OS has them: a CPU profile taken on a busy machine says so."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None

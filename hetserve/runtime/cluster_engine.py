@@ -10,6 +10,11 @@ and back on arrival). Every transfer has a deadline; past it the request is re-p
 (``finish_remote_kv(success=False)``) and the sender's pinned blocks are released. A worker that dies (pipe
 EOF, exit, or silence past ``step_timeout_s`` / the heartbeat) is dropped; its requests are retried once on
 a healthy instance (continuing from the tokens already produced) or finish with ``finish_reason="error"``.
+
+An instance is one or more workers (``instances.py``): a pipeline (PP) has one per stage, a TP group one per
+rank; every worker gets every step, the last stage's rank 0 answers it, and a pipeline keeps up to
+``num_stages`` steps in flight (hidden states go stage to stage directly, ``stage_link.py``). KV hand-offs
+involve every worker of both instances (``kv_handoff.py``); any worker dying takes its instance down.
 """
 
 from __future__ import annotations
@@ -20,67 +25,40 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hetserve.core.config import CacheConfig, SchedulerConfig
 from hetserve.core.errors import ValidationError
 from hetserve.core.model_config import ModelConfig
-from hetserve.core.outputs import CompletionOutput, EngineCoreOutput, RequestMetrics, RequestOutput, SchedulerOutput
+from hetserve.core.outputs import CompletionOutput, EngineCoreOutput, RequestMetrics, RequestOutput
 from hetserve.core.request import KVTransferParams, Request, RequestStatus
 from hetserve.core.sampling_params import SamplingParams
 from hetserve.engine.detokenizer import IncrementalDetokenizer
-from hetserve.engine.sched.scheduler import Scheduler
 from hetserve.engine.tokenizer import Tokenizer
-from hetserve.runtime.kv_layout import KVDescriptor, wire_descriptor
+from hetserve.runtime.connect import Placement, make_placement
+from hetserve.runtime.hetis_control import HetisControl
+from hetserve.runtime.hetis_messages import HetisInfo
+from hetserve.runtime.instances import (
+    Instance,
+    InstanceOptions,
+    launch_all,
+    stop_workers,
+    worker_devices,
+    worker_specs,
+)
+from hetserve.runtime.kv_handoff import KVHandoffs
 from hetserve.runtime.worker import (
     Execute,
-    ExtractKV,
     Failed,
-    InsertKV,
     KVIn,
     KVOut,
     Ping,
     Pong,
     StepDone,
     WorkerDied,
-    WorkerHandle,
     WorkerSpec,
     wait_readable,
 )
 from hetserve.strategies.base import Deployment, InstanceView
 
-
-@dataclass(frozen=True)
-class InstanceOptions:
-    """How one instance's worker runs. ``kv_layout`` is the layout the device declares for received KV."""
-
-    dtype: str = "float32"
-    speed: float = 1.0
-    kv_layout: str = "NHD"
-    kv_stall_s: float = 0.0
-
-
-@dataclass
-class _Instance:
-    name: str
-    scheduler: Scheduler
-    worker: WorkerHandle
-    desc: KVDescriptor  # the runner's cache
-    declared: KVDescriptor  # what the device asks received KV to arrive as
-    in_flight: tuple[int, SchedulerOutput, float] | None = None
-    last_reply_s: float = field(default_factory=time.monotonic)
-    ping_sent_s: float | None = None
-    alive: bool = True
-
-
-@dataclass
-class _Transfer:
-    req_id: str
-    src: str
-    dst: str
-    block_ids: list[int]
-    num_tokens: int
-    deadline_s: float
-    stage: str = "extract"
-
+__all__ = ["ClusterEngine", "Instance", "InstanceOptions", "from_cluster"]
 
 @dataclass
 class _ReqState:
@@ -115,6 +93,8 @@ class ClusterEngine:
         step_timeout_s: float = 60.0,
         heartbeat_s: float = 1.0,
         max_retries: int = 1,
+        placement: Placement | None = None,
+        attn_speeds: dict[str, float] | None = None,
     ) -> None:
         self.model_config = ModelConfig.from_path(model)
         self.tokenizer = Tokenizer.from_dir(model)
@@ -124,48 +104,44 @@ class ClusterEngine:
         self.step_timeout_s = step_timeout_s
         self.heartbeat_s = heartbeat_s
         self.max_retries = max_retries
+        self.placement = placement  # where workers run (connect.py: tcp, ray); None: local socket pairs
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
         options = options or {}
-        handles: dict[str, WorkerHandle] = {}
+        self.hetis = HetisControl(deployment, attn_speeds)  # Hetis mains' attention workers, re-dispatch
+        specs: dict[str, list[WorkerSpec]] = {}
+        for name, plan in list(deployment.plans.items()):
+            nb = min(plan.num_kv_blocks, num_kv_blocks)
+            plan = dataclasses.replace(plan, num_kv_blocks=nb, max_model_len=self.max_model_len)
+            deployment.plans[name] = plan
+            specs[name] = worker_specs(plan, str(model), self.model_config, options.get(name, InstanceOptions()),
+                                       self.max_model_len, hetis=self.hetis.worker_spec(name))
+        self.instances: dict[str, Instance] = {}
         try:
-            for name, plan in list(deployment.plans.items()):
-                opt = options.get(name, InstanceOptions())
-                nb = min(plan.num_kv_blocks, num_kv_blocks)
-                plan = dataclasses.replace(plan, num_kv_blocks=nb, max_model_len=self.max_model_len)
-                deployment.plans[name] = plan
-                spec = WorkerSpec(name=name, model=str(model), block_size=plan.block_size, num_blocks=nb,
-                                  dtype=opt.dtype, max_num_seqs=plan.max_num_seqs,
-                                  max_num_batched_tokens=plan.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, speed=opt.speed, kv_stall_s=opt.kv_stall_s)
-                handles[name] = WorkerHandle(spec).launch()
-            self.instances: dict[str, _Instance] = {}
-            for name, h in handles.items():
-                ready = h.wait_ready(120.0)
-                plan = deployment.plans[name]
-                sched = Scheduler(
-                    SchedulerConfig(max_num_batched_tokens=plan.max_num_batched_tokens, max_num_seqs=plan.max_num_seqs),
-                    CacheConfig(block_size=plan.block_size, num_blocks=h.num_kv_blocks, enable_prefix_caching=False),
-                    h.num_kv_blocks, self.max_model_len,
-                )
-                opt = options.get(name, InstanceOptions())
-                declared = dataclasses.replace(ready.desc, layout=opt.kv_layout)  # type: ignore[arg-type]
-                self.instances[name] = _Instance(name, sched, h, ready.desc, declared)
+            self.instances = launch_all(deployment.plans, specs, options, self.max_model_len, placement)
+            self.hetis.start(self.instances)
         except BaseException:
-            for h in handles.values():
-                h.stop(1.0)
+            for inst in self.instances.values():
+                inst.stop(1.0)
+            if placement is not None:
+                placement.close()
             raise
         self.views = {n: InstanceView(deployment.plans[n], i.scheduler) for n, i in self.instances.items()}
         self._reqs: dict[str, _ReqState] = {}
         self._where: dict[str, str] = {}
         self._pending_src: dict[str, str] = {}
-        self._transfers: dict[str, _Transfer] = {}
-        self._by_conn = {i.worker.conn: i for i in self.instances.values()}
+        self.handoffs = KVHandoffs(self.instances, self._pending_src, kv_deadline_s, self._on_dead)
+        self._by_conn = {w.conn: (i, j) for i in self.instances.values() for j, w in enumerate(i.workers)}
         self._ids = itertools.count()
-        self._tids = itertools.count()
         self._touched: dict[str, _ReqState] = {}
-        self.num_transfers_ok = 0
-        self.num_transfers_failed = 0
         self.num_retries = 0
+
+    @property
+    def num_transfers_ok(self) -> int:
+        return self.handoffs.num_ok
+
+    @property
+    def num_transfers_failed(self) -> int:
+        return self.handoffs.num_failed
 
     # ---- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
@@ -223,10 +199,7 @@ class ClusterEngine:
     def _drop_everywhere(self, rid: str) -> None:
         name = self._where.pop(rid, None)
         self._pending_src.pop(rid, None)
-        for tid, t in list(self._transfers.items()):
-            if t.req_id == rid:
-                del self._transfers[tid]
-                self.instances[t.src].scheduler.release_remote(rid)
+        self.handoffs.drop_request(rid)
         for inst in self.instances.values():
             inst.scheduler.release_remote(rid)
         if name is not None:
@@ -241,22 +214,23 @@ class ClusterEngine:
         deadlines and health; outputs for every request that produced something."""
         for inst in self.instances.values():
             self._kick(inst)
-        conns = [i.worker.conn for i in self.instances.values() if i.alive]
+        conns = [w.conn for i in self.instances.values() if i.alive for w in i.workers]
         outstanding = any(i.in_flight or i.ping_sent_s for i in self.instances.values() if i.alive)
-        if conns and (outstanding or self._transfers):
+        if conns and (outstanding or self.handoffs.transfers):
             for conn in wait_readable(conns, timeout_s):
-                inst = self._by_conn[conn]  # type: ignore[index]
-                while inst.alive and inst.worker.conn.poll(0):
+                inst, idx = self._by_conn[conn]  # type: ignore[index]
+                w = inst.workers[idx]
+                while inst.alive and w.conn.poll(0):
                     try:
-                        reply = inst.worker.recv(0.0)
+                        reply = w.recv(0.0)
                     except WorkerDied as e:
                         self._on_dead(inst, str(e))
                         break
                     inst.last_reply_s = time.monotonic()
-                    self._on_reply(inst, reply)
+                    self._on_reply(inst, idx, reply)
         elif self._reqs:
             time.sleep(0.002)
-        self._check_deadlines()
+        self.handoffs.check_deadlines()
         self._check_health()
         touched, self._touched = self._touched, {}
         outs = []
@@ -267,39 +241,42 @@ class ClusterEngine:
                 self._reqs.pop(rid, None)
         return outs
 
-    def _kick(self, inst: _Instance) -> None:
-        if not inst.alive or inst.in_flight is not None:
-            return
-        so = inst.scheduler.schedule()
-        for load in so.kv_loads:
-            self._start_transfer(load.req_id, inst.name, load.block_ids, load.num_tokens)
-        if not (so.scheduled or so.finished_req_ids or so.preempted_req_ids):
-            return
-        seq = inst.worker.next_seq()
-        try:
-            inst.worker.send(Execute(seq=seq, so=so))
-        except WorkerDied as e:
-            self._on_dead(inst, str(e))
-            return
-        inst.in_flight = (seq, so, time.monotonic())
+    def _kick(self, inst: Instance) -> None:
+        """Schedule and send steps until the instance has one in flight per pipeline stage (one without PP)."""
+        while inst.alive and len(inst.in_flight) < inst.num_stages:
+            so = inst.scheduler.schedule()
+            for load in so.kv_loads:
+                self.handoffs.start(load.req_id, inst.name, load.block_ids, load.num_tokens)
+            if not (so.scheduled or so.finished_req_ids or so.preempted_req_ids):
+                return
+            try:
+                seqs = inst.send_all(lambda seq, so=so: Execute(seq=seq, so=so))
+            except WorkerDied as e:
+                self._on_dead(inst, str(e))
+                return
+            inst.in_flight.append((seqs[inst.workers.index(inst.worker)], so, time.monotonic()))
+            inst.max_in_flight_seen = max(inst.max_in_flight_seen, len(inst.in_flight))
 
-    def _on_reply(self, inst: _Instance, reply: Any) -> None:
+    def _on_reply(self, inst: Instance, idx: int, reply: Any) -> None:
         if isinstance(reply, Pong):
-            inst.ping_sent_s = None
+            inst.pongs_due -= 1
+            if inst.pongs_due <= 0:
+                inst.ping_sent_s = None
         elif isinstance(reply, StepDone):
-            assert inst.in_flight is not None and inst.in_flight[0] == reply.seq
-            so = inst.in_flight[1]
-            inst.in_flight = None
+            seq, so, _ = inst.in_flight.popleft()
+            assert seq == reply.seq, f"{inst.name}: step {reply.seq} answered while {seq} was the oldest"
             for o in inst.scheduler.update_from_output(so, reply.ro):
                 self._deliver(inst.name, o)
+            self.hetis.on_step_done(inst, self.views, self._on_dead)
+        elif isinstance(reply, HetisInfo):
+            self.hetis.on_info(inst, reply, self._on_dead)
         elif isinstance(reply, Failed):
-            self._on_dead(inst, f"worker {inst.name} failed: {reply.error}")
+            self._on_dead(inst, f"worker {inst.workers[idx].spec.name} of instance {inst.name} failed: "
+                                f"{reply.error}")
         elif isinstance(reply, KVOut):
-            self._on_kv_out(inst, reply)
+            self.handoffs.on_kv_out(inst, idx, reply)
         elif isinstance(reply, KVIn):
-            t = self._transfers.pop(reply.transfer_id, None)
-            if t is not None:
-                self._finish_transfer(t, reply.ok)
+            self.handoffs.on_kv_in(idx, reply)
 
     def _deliver(self, name: str, o: EngineCoreOutput) -> None:
         st = self._reqs.get(o.req_id)
@@ -348,96 +325,35 @@ class ClusterEngine:
         self._pending_src[rid] = src
         self._admit(dst, req)
 
-    # ---- KV transfer -----------------------------------------------------------------------------
-    def _start_transfer(self, rid: str, dst: str, block_ids: list[int], num_tokens: int) -> None:
-        src = self._pending_src.pop(rid, None)
-        t = _Transfer(rid, src or "", dst, list(block_ids), num_tokens, time.monotonic() + self.kv_deadline_s)
-        if src is None or not self.instances[src].alive:
-            self._finish_transfer(t, False)
-            return
-        si, di = self.instances[src], self.instances[dst]
-        tid = f"kv{next(self._tids)}"
-        self._transfers[tid] = t
-        try:
-            si.worker.send(ExtractKV(seq=si.worker.next_seq(), transfer_id=tid,
-                                     block_ids=si.scheduler.kv.get_block_ids(rid), num_tokens=num_tokens,
-                                     wire=wire_descriptor(si.desc, di.declared)))
-        except WorkerDied as e:
-            self._on_dead(si, str(e))
-
-    def _on_kv_out(self, src: _Instance, reply: KVOut) -> None:
-        t = self._transfers.get(reply.transfer_id)
-        if t is None:
-            return
-        src.scheduler.release_remote(t.req_id)  # the KV was copied out of the sender's blocks
-        di = self.instances[t.dst]
-        if not reply.ok or not di.alive:
-            del self._transfers[reply.transfer_id]
-            self._finish_transfer(t, False)
-            return
-        t.stage = "insert"
-        assert reply.wire is not None
-        try:
-            di.worker.send(InsertKV(seq=di.worker.next_seq(), transfer_id=reply.transfer_id, block_ids=t.block_ids,
-                                    num_tokens=t.num_tokens, wire=reply.wire, head_start=reply.head_start,
-                                    shapes=reply.shapes, buffers=reply.buffers))
-        except WorkerDied as e:
-            self._on_dead(di, str(e))
-
-    def _finish_transfer(self, t: _Transfer, ok: bool) -> None:
-        if t.src and t.src in self.instances:
-            self.instances[t.src].scheduler.release_remote(t.req_id)
-        di = self.instances[t.dst]
-        if di.alive:
-            # failure: the blocks are freed and the request is computed on the decode side from scratch; a late
-            # insert still queued to the worker lands before any later step, so reusing the blocks is safe
-            di.scheduler.finish_remote_kv(t.req_id, success=ok)
-        if ok:
-            self.num_transfers_ok += 1
-        else:
-            self.num_transfers_failed += 1
-
-    def _check_deadlines(self) -> None:
-        now = time.monotonic()
-        for tid, t in list(self._transfers.items()):
-            if now > t.deadline_s:
-                del self._transfers[tid]
-                self._finish_transfer(t, False)
-
     # ---- faults ----------------------------------------------------------------------------------
     def _check_health(self) -> None:
         now = time.monotonic()
         for inst in self.instances.values():
             if not inst.alive:
                 continue
-            if not inst.worker.alive():
-                self._on_dead(inst, f"worker {inst.name} exited (code {inst.worker.process.exitcode})")
-            elif inst.in_flight is not None and now - inst.in_flight[2] > self.step_timeout_s:
-                self._on_dead(inst, f"worker {inst.name} did not finish a step within {self.step_timeout_s} s")
+            gone = inst.dead_worker()
+            if gone is not None:
+                self._on_dead(inst, gone if inst.name in gone else f"instance {inst.name}: {gone}")
+            elif inst.in_flight and now - inst.in_flight[0][2] > self.step_timeout_s:
+                self._on_dead(inst, f"instance {inst.name} did not finish a step within {self.step_timeout_s} s")
             elif inst.ping_sent_s is not None and now - inst.ping_sent_s > self.step_timeout_s:
-                self._on_dead(inst, f"worker {inst.name} missed its heartbeat")
-            elif inst.ping_sent_s is None and inst.in_flight is None and now - inst.last_reply_s > self.heartbeat_s:
+                self._on_dead(inst, f"instance {inst.name} missed its heartbeat")
+            elif inst.ping_sent_s is None and not inst.in_flight and now - inst.last_reply_s > self.heartbeat_s:
                 try:
-                    inst.worker.send(Ping(seq=inst.worker.next_seq()))
-                    inst.ping_sent_s = now
+                    inst.send_all(lambda seq: Ping(seq=seq))
+                    inst.ping_sent_s, inst.pongs_due = now, len(inst.workers)
                 except WorkerDied as e:
                     self._on_dead(inst, str(e))
 
-    def _on_dead(self, inst: _Instance, reason: str) -> None:
+    def _on_dead(self, inst: Instance, reason: str) -> None:
         if not inst.alive:
             return
         inst.alive = False
-        inst.in_flight = None
+        inst.in_flight.clear()
         inst.worker.dead_reason = inst.worker.dead_reason or reason
-        inst.worker.stop(0.5)
+        inst.stop(0.5)
         # transfers from the dead sender: the receiver re-prefills; to the dead receiver: retried below
-        for tid, t in list(self._transfers.items()):
-            if t.src == inst.name:
-                del self._transfers[tid]
-                self._finish_transfer(t, False)
-            elif t.dst == inst.name:
-                del self._transfers[tid]
-                self.instances[t.src].scheduler.release_remote(t.req_id)
+        self.handoffs.on_instance_dead(inst.name)
         sched = inst.scheduler
         victims = [r.request_id for r in [*sched.running, *sched.waiting, *sched.receiving.values()]]
         for rid in victims:
@@ -492,16 +408,24 @@ class ClusterEngine:
 
     def free_blocks(self) -> dict[str, tuple[int, int]]:
         """(free, usable) KV blocks per healthy instance; equal when nothing leaks and nothing runs."""
-        return {n: (i.scheduler.kv.pool.num_free_blocks, i.worker.num_kv_blocks - 1)
+        return {n: (i.scheduler.kv.pool.num_free_blocks, i.scheduler.kv.pool.num_blocks - 1)
                 for n, i in self.instances.items() if i.alive}
 
     def worker_pids(self) -> dict[str, int | None]:
+        """The answering worker's pid per instance (the only worker of a single-device instance)."""
         return {n: i.worker.pid for n, i in self.instances.items()}
 
+    def all_worker_pids(self) -> dict[str, list[int | None]]:
+        """Every worker's pid per instance, stage-major (``workers[stage * tp + rank]``)."""
+        return {n: [w.pid for w in i.workers] for n, i in self.instances.items()}
+
     def shutdown(self) -> None:
+        stop_workers([w for i in self.instances.values() for w in i.workers], 2.0)
         for inst in self.instances.values():
-            inst.worker.stop(2.0)
             inst.alive = False
+        if self.placement is not None:
+            self.placement.close()
+            self.placement = None
 
     def __enter__(self) -> ClusterEngine:  # noqa: PYI034
         return self
@@ -513,10 +437,14 @@ class ClusterEngine:
 def from_cluster(model: str, cluster: Any, strategy: str, *, instances: list[dict[str, Any]] | None = None,
                  kv_layouts: dict[str, str] | None = None, dtypes: dict[str, str] | None = None,
                  block_sizes: dict[str, int] | None = None, kv_stall_s: dict[str, float] | None = None,
-                 deployment_params: dict[str, Any] | None = None, **engine_kwargs: Any) -> ClusterEngine:
+                 deployment_params: dict[str, Any] | None = None, backend: str | None = None,
+                 ray_address: str | None = None, listen_host: str = "127.0.0.1",
+                 ray_options: dict[str, Any] | None = None, **engine_kwargs: Any) -> ClusterEngine:
     """A ClusterEngine for ``strategy`` on a cluster file (a path, a name under examples/clusters, a mapping or
     a ClusterConfig). Default instances: one per device in order (PD: the first prefill, the rest decode).
-    Paced CPU partitions (``emulation: paced_cpu``) set each worker's speed."""
+    Paced CPU partitions (``emulation: paced_cpu``) set each worker's speed. ``backend`` (default: the file's
+    ``placement``): ``local`` socket pairs, ``tcp`` local workers dialling ``listen_host``, or ``ray`` (one actor
+    per instance on its device's node, ``ray_backend.py``; ``ray_address``, ``ray_options`` go to RayPlacement)."""
     from pathlib import Path
 
     from hetserve.core.cluster import ClusterConfig, load_cluster
@@ -534,6 +462,11 @@ def from_cluster(model: str, cluster: Any, strategy: str, *, instances: list[dic
         if strategy == "pd":
             instances = [{"name": "prefill0", "role": "prefill", "devices": [ids[0]]}] + [
                 {"name": f"decode{i}", "role": "decode", "devices": [d]} for i, d in enumerate(ids[1:])]
+        elif strategy == "pp":  # one pipeline over every device, layers split by speed and memory
+            instances = [{"name": "pp0", "devices": list(ids), "layers": "auto"}]
+        elif strategy == "hetis":  # one main, the other devices its attention workers
+            instances = [{"name": "main0", "role": "main", "devices": [ids[0]],
+                          "workers": [{"device": d} for d in ids[1:]]}]
         else:
             instances = [{"name": f"i{i}", "devices": [d]} for i, d in enumerate(ids)]
     max_len = int(engine_kwargs.get("max_model_len", 512))
@@ -550,7 +483,15 @@ def from_cluster(model: str, cluster: Any, strategy: str, *, instances: list[dic
         options[name] = InstanceOptions(dtype=(dtypes or {}).get(name, "float32"),
                                         speed=float(speeds.get(dev.spec.name, 1.0)),
                                         kv_layout=(kv_layouts or {}).get(name, "NHD"),
-                                        kv_stall_s=(kv_stall_s or {}).get(name, 0.0))
+                                        kv_stall_s=(kv_stall_s or {}).get(name, 0.0),
+                                        speeds=tuple(float(speeds.get(cl.device(d).spec.name, 1.0))
+                                                     for d in inst["devices"]))
         if block_sizes and name in block_sizes:
             dep.plans[name] = dataclasses.replace(dep.plans[name], block_size=block_sizes[name])
-    return ClusterEngine(model, dep, options, **engine_kwargs)
+    nodes = {inst["name"]: cl.device(inst["devices"][0]).node for inst in instances}
+    for plan in dep.plans.values():  # the workers of PP / TP instances, each on its own device's node
+        nodes.update({w: cl.device(d).node for w, d in worker_devices(plan).items()})
+    placement = make_placement(backend or cl.placement, nodes, listen_host=listen_host, ray_address=ray_address,
+                               ray_options=ray_options)
+    engine_kwargs.setdefault("attn_speeds", {d.id: float(speeds.get(d.spec.name, 1.0)) for d in cl.devices})
+    return ClusterEngine(model, dep, options, placement=placement, **engine_kwargs)

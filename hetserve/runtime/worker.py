@@ -21,13 +21,17 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import msgspec
 
 from hetserve.core.errors import HetserveError
 from hetserve.core.outputs import ModelRunnerOutput, SchedulerOutput
+from hetserve.runtime.hetis_messages import HetisInfo, HetisQuery, HetisSpec, Redispatch
 from hetserve.runtime.kv_layout import KVDescriptor
+
+if TYPE_CHECKING:
+    from hetserve.runtime.connect import Placement
 
 
 class WorkerDied(HetserveError):
@@ -51,6 +55,21 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     kv_stall_s: float = 0.0
     torch_threads: int = 1
     seed: int = 0
+    # Hetis main: attention workers holding some KV heads (hetis_main.py)
+    hetis: HetisSpec | None = None
+    # PP / TP (shard.py): this worker's layers [layer_start, layer_end) (None: to the last) and TP rank; the TP
+    # group's store (host:port, rank 0 hosts it); the stage link: where to listen for the previous stage, where
+    # the next stage listens, and the token both present
+    device: str = "cpu"
+    layer_start: int = 0
+    layer_end: int | None = None
+    tp_rank: int = 0
+    tp_size: int = 1
+    tp_store: str = ""
+    tp_timeout_s: float = 60.0
+    pp_listen: str = ""
+    pp_next: str = ""
+    pp_token: str = ""
 
 
 class _Cmd(msgspec.Struct, tag_field="type"):
@@ -70,16 +89,25 @@ class ExtractKV(_Cmd, tag="extract_kv"):
     wire: KVDescriptor
 
 
+class KVShard(msgspec.Struct):
+    """Part of a request's KV in a ``wire`` format: one buffer per layer from ``layer_start``, global kv heads
+    from ``head_start`` (what one sender worker extracted, cut to the receiver's layers)."""
+
+    layer_start: int
+    head_start: int
+    shapes: list[list[int]]
+    buffers: list[bytes]
+
+
 class InsertKV(_Cmd, tag="insert_kv"):
-    """Convert a payload in ``wire`` format to this worker's cache format and write it into ``block_ids``."""
+    """Join ``shards`` (in ``wire`` format) into this worker's layers, heads and cache format and write them
+    into ``block_ids``."""
 
     transfer_id: str
     block_ids: list[int]
     num_tokens: int
     wire: KVDescriptor
-    head_start: int
-    shapes: list[list[int]]
-    buffers: list[bytes]
+    shards: list[KVShard]
 
 
 class Ping(_Cmd, tag="ping"):
@@ -109,6 +137,7 @@ class KVOut(_Cmd, tag="kv_out"):
     head_start: int = 0
     shapes: list[list[int]] = []
     buffers: list[bytes] = []
+    layer_start: int = 0  # the first layer of ``buffers`` (one per layer): the sender's pipeline stage
 
 
 class KVIn(_Cmd, tag="kv_in"):
@@ -127,8 +156,9 @@ class Failed(_Cmd, tag="failed"):
     error: str
 
 
-Command = Union[Execute, ExtractKV, InsertKV, Ping, Shutdown]  # noqa: UP007 - msgspec needs a real Union
-Reply = Union[Ready, StepDone, KVOut, KVIn, Pong, Failed]  # noqa: UP007
+# msgspec needs real Unions; Redispatch, HetisQuery, HetisInfo are Hetis commands (hetis_messages.py)
+Command = Union[Execute, ExtractKV, InsertKV, Ping, Shutdown, Redispatch, HetisQuery]  # noqa: UP007
+Reply = Union[Ready, StepDone, KVOut, KVIn, Pong, Failed, HetisInfo]  # noqa: UP007
 
 _enc = msgspec.msgpack.Encoder()
 _cmd_dec = msgspec.msgpack.Decoder(Command)
@@ -204,20 +234,22 @@ def _worker_main(conn: Channel) -> None:
     import torch
 
     from hetserve.core.config import EngineConfig
-    from hetserve.engine.runner import ModelRunner
-    from hetserve.runtime.kv_convert import TORCH_DTYPES, KVPayload, convert
-    from hetserve.runtime.kv_transfer import extract_blocks, insert_blocks
+    from hetserve.runtime.shard import build_runner, extract_kv, insert_kv, local_descriptor
 
     spec = msgspec.msgpack.decode(conn.recv_bytes(), type=WorkerSpec)
     torch.set_num_threads(spec.torch_threads)
     cfg = EngineConfig.from_kwargs(
-        spec.model, block_size=spec.block_size, num_blocks=spec.num_blocks, dtype=spec.dtype, device="cpu",
+        spec.model, block_size=spec.block_size, num_blocks=spec.num_blocks, dtype=spec.dtype, device=spec.device,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         max_model_len=spec.max_model_len, enable_prefix_caching=False, seed=spec.seed,
     )
-    runner = ModelRunner(cfg)
-    mc = runner.model_config
-    desc = runner_descriptor(spec, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim)
+    runner = build_runner(spec, cfg)  # ModelRunner(cfg) unless a pipeline stage or TP rank
+    hetis = None
+    if spec.hetis is not None:
+        from hetserve.runtime.hetis_main import install
+
+        hetis = install(runner, spec.hetis, spec.name)
+    desc = local_descriptor(spec, runner)  # runner_descriptor's, for this worker's layers and heads
     conn.send_bytes(encode_msg(Ready(seq=0, num_kv_blocks=runner.num_kv_blocks, desc=desc, pid=os.getpid())))
     while True:
         try:
@@ -235,23 +267,17 @@ def _worker_main(conn: Channel) -> None:
                 dt = time.perf_counter() - t0
                 if spec.speed < 1.0:
                     time.sleep(dt * (1.0 / spec.speed - 1.0))
+                if not runner.samples:
+                    continue  # another stage or TP rank of this instance answers the step
                 reply = StepDone(seq=cmd.seq, ro=ro, step_s=time.perf_counter() - t0)
             elif isinstance(cmd, ExtractKV):
                 if spec.kv_stall_s > 0:
                     time.sleep(spec.kv_stall_s)
-                src = extract_blocks(runner.kv_caches, cmd.block_ids, cmd.num_tokens, desc)
-                p = convert(src, desc, cmd.wire, cmd.num_tokens)
-                bufs = [t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in p.tensors]
-                reply = KVOut(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=True, wire=p.desc,
-                              head_start=p.head_start, shapes=[list(t.shape) for t in p.tensors], buffers=bufs)
+                reply = extract_kv(runner, desc, cmd)
             elif isinstance(cmd, InsertKV):
-                dt_ = TORCH_DTYPES[cmd.wire.dtype]
-                tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8).view(dt_).view(s)
-                           for b, s in zip(cmd.buffers, cmd.shapes, strict=True)]
-                payload = KVPayload(cmd.wire, cmd.num_tokens, tensors, cmd.head_start, None)
-                kv = convert(payload, cmd.wire, desc, cmd.num_tokens)
-                insert_blocks(runner.kv_caches, cmd.block_ids, kv, desc)
-                reply = KVIn(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=True)
+                reply = insert_kv(runner, desc, cmd)
+            elif isinstance(cmd, (Redispatch, HetisQuery)) and hetis is not None:
+                reply = hetis.handle(cmd)
             else:
                 reply = Failed(seq=cmd.seq, error=f"unknown command {type(cmd).__name__}")
         except Exception as e:  # noqa: BLE001 - reported to the coordinator, which decides
@@ -269,13 +295,16 @@ def _worker_main(conn: Channel) -> None:
 
 # ---- the coordinator's handle ---------------------------------------------------------------------------
 class WorkerHandle:
-    """A started worker process and its end of the pipe. ``start`` blocks until the worker is ready."""
+    """A started worker process and its end of the pipe. ``start`` blocks until the worker is ready.
 
-    def __init__(self, spec: WorkerSpec) -> None:
+    ``placement`` (``connect.py``: TCP, Ray) starts the process elsewhere and hands over a connected socket in
+    ``wait_ready``; None is a local subprocess on a socket pair. Either way ``conn`` is a ``Channel``."""
+
+    def __init__(self, spec: WorkerSpec, placement: Placement | None = None) -> None:
         self.spec = spec
-        parent, self._child = socket.socketpair()
-        self.conn = Channel(parent)
-        self.process: _Process | None = None
+        self.placement = placement
+        self.conn: Channel = None  # type: ignore[assignment] # set by launch (socket pair) or wait_ready
+        self.process: Any = None  # _Process, or a placement's process-like object
         self._seq = 0
         self.dead_reason: str | None = None
         self.num_kv_blocks = 0
@@ -283,15 +312,22 @@ class WorkerHandle:
 
     def launch(self) -> WorkerHandle:
         """Start the process without waiting for it (several workers then load in parallel)."""
-        fd = self._child.fileno()
+        if self.placement is not None:
+            self.process = self.placement.launch(self.spec)
+            return self
+        parent, child = socket.socketpair()
+        self.conn = Channel(parent)
+        fd = child.fileno()
         self.process = _Process(subprocess.Popen(
             [sys.executable, "-m", "hetserve.runtime.worker", str(fd)], pass_fds=(fd,), close_fds=True,
         ))
-        self._child.close()
+        child.close()
         self.conn.send_bytes(encode_msg(self.spec))
         return self
 
     def wait_ready(self, timeout_s: float = 120.0) -> Ready:
+        if self.conn is None:  # a placement's worker dials in; it was sent its spec on connecting
+            self.conn = self.placement.connect(self.spec, self.process, timeout_s)
         ready = self.recv(timeout_s)
         if not isinstance(ready, Ready):
             raise WorkerDied(f"worker {self.spec.name} did not start: {ready}")
@@ -338,7 +374,7 @@ class WorkerHandle:
         """Shut down politely, then terminate, then kill: never leaves an orphan."""
         if self.process is None:
             return
-        if self.process.is_alive():
+        if self.process.is_alive() and self.conn is not None:
             try:
                 self.conn.send_bytes(encode_msg(Shutdown(seq=self.next_seq())))
             except (BrokenPipeError, OSError):
@@ -351,7 +387,8 @@ class WorkerHandle:
             self.process.kill()
             self.process.join(2.0)
         try:
-            self.conn.close()
+            if self.conn is not None:
+                self.conn.close()
         except OSError:
             pass
         if self.dead_reason is None:
@@ -388,4 +425,14 @@ class _Process:
 
 
 if __name__ == "__main__":
-    _worker_main(Channel(socket.socket(fileno=int(sys.argv[1]))))
+    if sys.argv[1].startswith("--"):  # --connect HOST:PORT [--token T]: dial the coordinator (connect.py)
+        from hetserve.runtime.connect import channel_from_argv
+
+        _worker_main(channel_from_argv(sys.argv[1:]))
+    else:
+        _worker_main(Channel(socket.socket(fileno=int(sys.argv[1]))))
+    # nothing left to save: skip the interpreter's teardown (with torch loaded it takes a second or more, and
+    # shutting a cluster down waits for it)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import hetserve
 from hetserve.server.async_engine import AsyncLLM
 from hetserve.server.errors import APIError, error_body, install_error_handlers
+from hetserve.server.health import health_response
 from hetserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from hetserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from hetserve.server.serving import ServingContext, create_chat_completion, create_completion
@@ -139,14 +140,14 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
         app.add_middleware(_APIKeyGuard, api_key=settings.api_key)
     app.openapi = lambda: _tidy_openapi(app)  # type: ignore[method-assign]
 
-    @app.get("/health", summary="200 while the engine runs and admits requests, else 503")
+    @app.get("/health", summary="200 while the engine can serve (status ok or degraded), else 503")
     async def health() -> Response:
         if not engine.is_alive:
             err = engine.dead_error
             raise APIError(503, f"the engine is not running: {err}" if err else "the engine is not running")
         if not engine.is_admitting:
             raise APIError(503, "the server is shutting down", headers={"Retry-After": str(settings.retry_after_s)})
-        return Response(status_code=200)
+        return health_response(engine)
 
     @app.get("/version")
     async def version() -> dict[str, str]:

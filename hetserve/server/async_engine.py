@@ -5,6 +5,12 @@ which the engine thread drains between steps; outputs go back to the event loop(
 ``loop.call_soon_threadsafe``, one call per loop per step. The thread sleeps on a condition while there is
 nothing to do. If a step raises, the engine is dead: every pending request fails with ``EngineDeadError``,
 later ones are refused, and ``is_alive`` turns False (``/health`` answers 503).
+
+The engine is an ``LLMEngine`` or, for a cluster, ``server.cluster.ClusterServing`` (the same methods). A
+cluster engine also has ``idle_poll_s`` / ``poll()`` (the thread wakes that often while idle to check worker
+health) and ``instance_status()`` (published after every step for /health and /metrics). A request the cluster
+could not finish (its worker died and no retry was left: ``finish_reason == "error"``) fails its whole HTTP call
+with ``RequestFailedError`` (503) instead of returning a truncated answer.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from hetserve.core.errors import EngineDeadError
 from hetserve.core.outputs import RequestOutput
 from hetserve.core.sampling_params import SamplingParams
 from hetserve.engine.llm_engine import LLMEngine
-from hetserve.server.errors import ServerDrainingError
+from hetserve.server.errors import RequestFailedError, ServerDrainingError
 from hetserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -104,9 +110,12 @@ class _AbortAll:
 
 
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, engine: LLMEngine | Any, metrics: ServerMetrics | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self._idle_poll_s: float | None = getattr(engine, "idle_poll_s", None)
+        self._status_fn = getattr(engine, "instance_status", None)
+        self._instances: tuple[Any, ...] = tuple(self._status_fn()) if callable(self._status_fn) else ()
         self._cv = threading.Condition()
         self._inbox: list[_Add | _Abort | _AbortAll] = []
         self._thread: threading.Thread | None = None
@@ -153,6 +162,11 @@ class AsyncLLM:
         return self._dead
 
     @property
+    def instances(self) -> tuple[Any, ...]:
+        """The cluster's ``InstanceStatus`` list as of the engine thread's last step or poll; () for one device."""
+        return self._instances
+
+    @property
     def has_work(self) -> bool:
         """Requests in flight or messages not yet handled (approximate from other threads; for draining)."""
         return bool(self._live) or bool(self._inbox)
@@ -194,6 +208,15 @@ class AsyncLLM:
             with self._cv:
                 self._exited = True
                 self._dead = self._dead or EngineDeadError("the engine was shut down")
+            self._stop_engine()
+
+    def _stop_engine(self) -> None:
+        stop = getattr(self.engine, "shutdown", None)  # a cluster's worker processes
+        if callable(stop):
+            try:
+                stop()
+            except Exception:  # shutting down: log, never raise
+                logger.exception("stopping the engine failed")
 
     # ---- requests (event-loop side) ------------------------------------------------------------
     def new_request_id(self, prefix: str) -> str:
@@ -251,17 +274,22 @@ class AsyncLLM:
         try:
             while True:
                 with self._cv:
+                    wake_s = None if self._idle_poll_s is None else time.monotonic() + self._idle_poll_s
                     while not self._inbox and not self._stop_requested and not self.engine.has_unfinished_requests():
-                        self._cv.wait()
+                        if wake_s is None:
+                            self._cv.wait()
+                        elif not self._cv.wait(max(wake_s - time.monotonic(), 0.0)):
+                            break  # time to poll
                     if self._stop_requested:
                         break
                     inbox, self._inbox = self._inbox, []
                 for message in inbox:
                     self._handle(message)
+                step_start_s = time.monotonic()
                 if self.engine.has_unfinished_requests():
-                    step_start_s = time.monotonic()
-                    outputs = self.engine.step()
-                    self._after_step(outputs, step_start_s)
+                    self._after_step(self.engine.step(), step_start_s)
+                elif self._idle_poll_s is not None:
+                    self._after_step(self.engine.poll(), step_start_s)
                 self._publish_state()
         except BaseException as exc:  # the loop must never die silently
             logger.exception("the engine loop failed")
@@ -278,6 +306,7 @@ class AsyncLLM:
             if isinstance(message, _Add):
                 self._resolve(message.group, dead)
         self._fail_all(dead)
+        self._stop_engine()
         self._publish_state()
 
     def _handle(self, message: _Add | _Abort | _AbortAll) -> None:
@@ -334,16 +363,25 @@ class AsyncLLM:
         if self.metrics is not None:
             self._observe(outputs, step_start_s, now)
         per_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestGroup, int, RequestOutput]]] = {}
+        failed: list[tuple[_Live, str]] = []
         for out in outputs:
             live = self._live.get(out.request_id)
             if live is None:
                 continue
-            per_loop.setdefault(live.group.loop, []).append((live.group, live.index, out))
             if out.finished:
                 del self._live[out.request_id]
                 self._forget(live, aborted=False)
+                error = next((c for c in out.outputs if c.finish_reason == "error"), None)
+                if error is not None:
+                    failed.append((live, str(error.stop_reason or "the request failed")))
+                    continue
+            per_loop.setdefault(live.group.loop, []).append((live.group, live.index, out))
         for loop, items in per_loop.items():
             self._send(loop, _deliver, items)
+        for live, reason in failed:
+            # the whole HTTP call fails; the other prompts of a batch stop too
+            self._abort([rid for rid in live.group.request_ids if rid in self._live])
+            self._send(live.group.loop, _deliver_error, (live.group, RequestFailedError(reason)))
 
     def _observe(self, outputs: list[RequestOutput], step_start_s: float, now: float) -> None:
         m = self.metrics
@@ -385,10 +423,14 @@ class AsyncLLM:
                 m.e2e_s.observe(now - live.arrival_s)
 
     def _publish_state(self) -> None:
+        if callable(self._status_fn):
+            self._instances = tuple(self._status_fn())
         if self.metrics is None:
             return
         s = self.engine.scheduler
         self.metrics.set_scheduler_state(s.num_running, s.num_waiting, s.kv_cache_usage)
+        if self._instances:
+            self.metrics.set_instance_state(self._instances)
 
     def _resolve(self, group: RequestGroup, error: BaseException | None) -> None:
         self._send(group.loop, _settle, (group.added, error))

@@ -34,6 +34,10 @@ class ServerDrainingError(HetserveError):
     """The server is shutting down (or was told to stop admitting) and takes no new requests."""
 
 
+class RequestFailedError(HetserveError):
+    """The engine gave up on a request (a cluster's worker died and no healthy instance could take it over)."""
+
+
 class APIError(Exception):
     """An error the HTTP layer answers with ``status`` and an OpenAI error body."""
 
@@ -68,6 +72,8 @@ def api_error_from(exc: BaseException, retry_after_s: int = 1) -> APIError:
         return APIError(503, f"the server is at capacity: {exc}; retry later", headers=retry)
     if isinstance(exc, ServerDrainingError):
         return APIError(503, f"the server is shutting down: {exc}", headers=retry)
+    if isinstance(exc, RequestFailedError):
+        return APIError(503, f"the request failed: {exc}; retry later", headers=retry)
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"the engine is not running: {exc}")
     if isinstance(exc, ModelLoadError):

@@ -37,8 +37,15 @@ def resolve_model(settings: ServerSettings) -> ServerSettings:
 
 
 def create_engine(settings: ServerSettings) -> AsyncLLM:
+    """The engine the settings describe: one device (``LLMEngine``), or with ``cluster`` set, worker processes
+    serving a deployment (``server.cluster.ClusterServing`` over ``ClusterEngine``)."""
     settings = resolve_model(settings)
-    return AsyncLLM.from_config(settings.engine_config(), ServerMetrics(settings.model_names[0]))
+    metrics = ServerMetrics(settings.model_names[0])
+    if settings.serves_cluster:
+        from hetserve.server.cluster import build_cluster_serving
+
+        return AsyncLLM(build_cluster_serving(settings), metrics)
+    return AsyncLLM.from_config(settings.engine_config(), metrics)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -6,6 +6,9 @@ everything; prometheus_client's metric objects are thread-safe.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -65,6 +68,16 @@ class ServerMetrics:
         )
         for reason in ("stop", "length", "abort"):
             self._success.labels(model_name, reason)
+        # a cluster's instances (hetserve serve --cluster): one series per instance
+        inst = ["model_name", "instance", "role", "device"]
+        self._inst_running = Gauge("hetserve:instance_num_requests_running",
+                                   "Sequences in the instance's running batch.", inst, registry=reg)
+        self._inst_waiting = Gauge("hetserve:instance_num_requests_waiting",
+                                   "Sequences waiting in the instance's scheduler.", inst, registry=reg)
+        self._inst_kv = Gauge("hetserve:instance_kv_cache_usage_perc",
+                              "Fraction of the instance's KV blocks in use (1 = full).", inst, registry=reg)
+        self._inst_alive = Gauge("hetserve:instance_alive", "1 while the instance's worker is healthy, else 0.",
+                                 inst, registry=reg)
 
     def count_finished(self, finished_reason: str) -> None:
         self._success.labels(self.model_name, finished_reason).inc()
@@ -73,6 +86,15 @@ class ServerMetrics:
         self.num_running.set(num_running)
         self.num_waiting.set(num_waiting)
         self.kv_usage.set(kv_usage)
+
+    def set_instance_state(self, instances: Iterable[Any]) -> None:
+        """From ``InstanceStatus`` objects (hetserve.server.cluster)."""
+        for i in instances:
+            labels = (self.model_name, i.name, i.role, i.device)
+            self._inst_running.labels(*labels).set(i.num_running)
+            self._inst_waiting.labels(*labels).set(i.num_waiting)
+            self._inst_kv.labels(*labels).set(i.kv_cache_usage)
+            self._inst_alive.labels(*labels).set(1 if i.alive else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

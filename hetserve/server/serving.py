@@ -24,7 +24,7 @@ from hetserve.core.errors import EngineDeadError, ValidationError
 from hetserve.core.outputs import CompletionOutput, Logprobs, RequestOutput
 from hetserve.core.sampling_params import SamplingParams
 from hetserve.server.async_engine import AsyncLLM, RequestGroup
-from hetserve.server.errors import APIError, ServerDrainingError, api_error_from, error_body
+from hetserve.server.errors import APIError, RequestFailedError, ServerDrainingError, api_error_from, error_body
 from hetserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from hetserve.server.settings import ServerSettings
 
@@ -238,7 +238,7 @@ async def _stream_completion(
         if include_usage:
             usage = _usage(sum(prompt_tokens.values()), sum(completion_tokens.values()))
             yield _sse({**header, "choices": [], "usage": usage})
-    except (ServerDrainingError, EngineDeadError) as exc:
+    except (ServerDrainingError, EngineDeadError, RequestFailedError) as exc:
         yield _stream_error(exc)
     yield "data: [DONE]\n\n"
 
@@ -347,7 +347,7 @@ async def _stream_chat(
         if include_usage and last is not None:
             usage = _usage(len(last.prompt_token_ids), sum(len(c.token_ids) for c in last.outputs))
             yield _sse({**header, "choices": [], "usage": usage})
-    except (ServerDrainingError, EngineDeadError) as exc:
+    except (ServerDrainingError, EngineDeadError, RequestFailedError) as exc:
         yield _stream_error(exc)
     yield "data: [DONE]\n\n"
 

@@ -1,13 +1,20 @@
 """Server settings: one frozen dataclass, its command-line flags, and ``--config FILE`` loading.
 
 Every field is a flag spelled ``--field-name`` (vLLM's spelling where vLLM has the option) and a config-file key
-spelled ``field_name``. Precedence: built-in default < config file < flag given on the command line.
+spelled ``field_name``; the deployment keys (``instances``, ``split_policy``, ...) are config-file keys only.
+Precedence: built-in default < config file < flag given on the command line.
+
+A deployment config written by ``hetserve plan`` is a valid settings file as it is: ``strategy``, ``cluster``,
+``model``, ``dtype``, ``max_model_len``, ``block_size``, ``instances`` and the strategy parameters are settings;
+``predicted`` and the planner's bookkeeping keys (``name``, ``slo``, ``workload``, ``objective``) are accepted and
+not used. Relative ``model`` / ``cluster`` paths in a file are read relative to the file's folder first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -17,11 +24,21 @@ from hetserve.core.config import EngineConfig
 from hetserve.core.errors import ValidationError
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+STRATEGY_NAMES = ("dp", "pp", "pd", "cronus", "hetis")
+# config keys of a deployment (hetserve/strategies/build.py) that only a cluster deployment uses
+DEPLOYMENT_KEYS = ("instances", "split_policy", "tbt_slo_ms", "redispatch_every_steps", "mean_context_tokens",
+                   "profiles")
+# what hetserve plan / simulate files carry for people, not for the server: accepted in a config file, not used
+PLAN_METADATA_KEYS = ("name", "slo", "workload", "objective")
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
+def _meta(help: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help, **extra}
+
+
 def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
+    return field(default=default, metadata=_meta(help, **extra))
 
 
 @dataclass(frozen=True)
@@ -37,7 +54,8 @@ class ServerSettings:
     chat_template: str | None = _opt(
         None, "chat template: a file path, a template name of the model, or inline jinja (default: the model's)"
     )
-    max_model_len: int | None = _opt(None, "prompt + output token limit (default: the model's context length)")
+    max_model_len: int | None = _opt(
+        None, "prompt + output token limit (default: the model's context length; with a cluster at most 2048)")
     max_num_seqs: int = _opt(256, "most sequences in one engine step")
     max_num_batched_tokens: int = _opt(2048, "token budget of one engine step")
     max_queued_requests: int | None = _opt(
@@ -62,6 +80,25 @@ class ServerSettings:
         30.0, "on SIGINT/SIGTERM, how long in-flight requests may finish before they are aborted"
     )
     uvicorn_log_level: str = _opt("info", "uvicorn's log level", choices=_LOG_LEVELS)
+    # ---- heterogeneous cluster: one worker process per instance (hetserve.runtime.cluster_engine) ----
+    cluster: str | dict[str, Any] | None = field(default=None, metadata=_meta(
+        "serve over worker processes on this cluster: a cluster file, a name under examples/clusters (cpu-pair), "
+        "or (config files) the cluster mapping inline"))
+    strategy: str | None = _opt(None, "how the cluster serves the model (default with --cluster: dp)",
+                                choices=STRATEGY_NAMES)
+    instances: list[dict[str, Any]] | None = field(default=None, metadata=_meta(
+        "the deployment's instances, as hetserve plan writes them (default: one per device, by strategy)",
+        flag=False))
+    split_policy: dict[str, Any] | None = field(default=None, metadata=_meta(
+        "Cronus: {kind: fixed, k: N} or {kind: adaptive}", flag=False))
+    tbt_slo_ms: float | None = _opt(None, "Cronus: TBT target of the main instance's chunk budget", flag=False)
+    redispatch_every_steps: int | None = _opt(None, "Hetis: steps between head re-dispatches", flag=False)
+    mean_context_tokens: float | None = _opt(None, "Hetis: context the initial head split is sized for",
+                                             flag=False)
+    profiles: dict[str, Any] | None = field(default=None, metadata=_meta(
+        "device profiles of the planner's cost model (not used to serve)", flag=False))
+    predicted: dict[str, Any] | None = field(default=None, metadata=_meta(
+        "what hetserve plan predicted for this deployment (printed, not used)", flag=False))
 
     def __post_init__(self) -> None:
         if isinstance(self.served_model_name, (list, str)):
@@ -96,6 +133,38 @@ class ServerSettings:
             raise ValidationError("dtype", f"must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.uvicorn_log_level not in _LOG_LEVELS:
             raise ValidationError("uvicorn_log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
+        self._check_cluster()
+
+    def _check_cluster(self) -> None:
+        if self.strategy is not None and self.strategy not in STRATEGY_NAMES:
+            raise ValidationError("strategy", f"must be one of {', '.join(STRATEGY_NAMES)}, got {self.strategy!r}")
+        if self.cluster is None:
+            for key in ("strategy", *DEPLOYMENT_KEYS):
+                if getattr(self, key) is not None:
+                    raise ValidationError(key, "is a cluster deployment setting; give cluster too (--cluster FILE "
+                                               "or a cluster key in the config file)")
+            return
+        if isinstance(self.cluster, str) and not self.cluster:
+            raise ValidationError("cluster", "must not be empty")
+        if self.tokenizer is not None:
+            raise ValidationError("tokenizer", "a cluster reads the tokenizer from the model directory; drop it")
+        if self.instances is not None and (not self.instances or not all(isinstance(i, dict) for i in self.instances)):
+            raise ValidationError("instances", "must be a non-empty list of instance mappings")
+        for name in ("tbt_slo_ms", "mean_context_tokens"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValidationError(name, f"must be > 0, got {value}")
+        if self.redispatch_every_steps is not None and self.redispatch_every_steps < 1:
+            raise ValidationError("redispatch_every_steps", f"must be >= 1, got {self.redispatch_every_steps}")
+
+    @property
+    def serves_cluster(self) -> bool:
+        return self.cluster is not None
+
+    def deployment_params(self) -> dict[str, Any]:
+        """The strategy parameters of the deployment config (``build_deployment``'s top-level keys)."""
+        keys = ("split_policy", "tbt_slo_ms", "redispatch_every_steps", "mean_context_tokens")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -137,7 +206,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {}
 for _f in fields(ServerSettings):
     _ann = str(_f.type)
     _types: tuple[type, ...] = ()
-    for _name, _t in (("str", str), ("int", int), ("float", float), ("bool", bool), ("tuple", tuple)):
+    for _name, _t in (("str", str), ("int", int), ("float", float), ("bool", bool), ("tuple", tuple), ("list", list),
+                      ("dict", dict)):
         if _ann.startswith(_name) or f" {_name}" in _ann:
             _types += (_t,)
     if "None" in _ann:
@@ -162,7 +232,7 @@ def _check_type(name: str, value: Any, types: tuple[type, ...]) -> None:
 
 def _type_words(types: tuple[type, ...]) -> str:
     words = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-             tuple: "a list of strings", type(None): "null"}
+             tuple: "a list of strings", list: "a list", dict: "a mapping", type(None): "null"}
     return " or ".join(words[t] for t in types)
 
 
@@ -211,12 +281,28 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ValidationError("config", f"{str(p)!r} must hold a mapping of settings, got {type(data).__name__}")
     known = {f.name for f in fields(ServerSettings)}
     for key in data:
+        if isinstance(key, str) and key in PLAN_METADATA_KEYS:
+            continue
         if not isinstance(key, str) or key not in known:
             hint = ""
             if isinstance(key, str) and key.replace("-", "_") in known:
                 hint = f" (keys use underscores: {key.replace('-', '_')})"
             raise ValidationError(str(key), f"unknown setting in {str(p)!r}{hint}")
+    data = {k: v for k, v in data.items() if k not in PLAN_METADATA_KEYS}
+    for key in ("model", "cluster"):
+        if isinstance(data.get(key), str):
+            data[key] = _relative_to(data[key], p.parent)
     return data
+
+
+def _relative_to(value: str, base: Path) -> str:
+    """A path written in a config file: relative to the file's folder when it exists there (hetserve plan writes
+    paths that way), else as given (relative to the working directory, or a cluster name)."""
+    cand = Path(value).expanduser()
+    if cand.is_absolute():
+        return value
+    rel = base / cand
+    return os.path.normpath(rel.resolve()) if rel.exists() else value
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -227,13 +313,18 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     so a config file can fill them."""
     parser.add_argument("model_dir", nargs="?", default=argparse.SUPPRESS, metavar="MODEL_DIR",
                         help=ServerSettings.__dataclass_fields__["model"].metadata["help"])
+    parser.add_argument("--model", dest="model_flag", default=argparse.SUPPRESS, metavar="DIR",
+                        help="the model directory (same as MODEL_DIR); overrides a config file's model, e.g. a "
+                             "plan made for a model's shapes only")
     parser.add_argument("--config", default=None, metavar="FILE",
-                        help="YAML or JSON file of settings (keys: these flags with underscores); flags override it")
+                        help="YAML or JSON file of settings (keys: these flags with underscores), or the deployment "
+                             "config hetserve plan writes; flags override it")
     for f in fields(ServerSettings):
-        if f.name == "model":
+        if f.name == "model" or not f.metadata.get("flag", True):
             continue
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
+        meta.pop("flag", None)
         default = f.default if f.default is not MISSING else None
         help_text = f"{meta.pop('help')} (default: {default})"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
@@ -259,8 +350,14 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     for f in fields(ServerSettings):
         if f.name != "model" and hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
-    if hasattr(args, "model_dir"):
-        values["model"] = args.model_dir
+    given = [getattr(args, a) for a in ("model_dir", "model_flag") if hasattr(args, a)]
+    if len(given) == 2 and given[0] != given[1]:
+        raise ValidationError("model", f"given twice ({given[0]!r} and --model {given[1]!r}); give it once")
+    if given:
+        values["model"] = given[0]
+    if isinstance(values.get("model"), dict):
+        raise ValidationError("model", "the config gives the model as an inline config mapping (its shapes, no "
+                                       "weights); pass a checkpoint directory with --model DIR to serve it")
     try:
         return ServerSettings(**values)
     except TypeError as exc:  # a value of the wrong shape reaching the dataclass, e.g. a nested mapping

@@ -96,6 +96,9 @@ class _Instance:
         self.kick_pending = False
         self.busy_s = 0.0
         self.num_steps = 0
+        # a step that starts after the instance sat idle pays the device's measured wake-up cost
+        self.idle_since_s = 0.0
+        self.wake_s: Callable[[float], float] | None = getattr(plan.cost, "idle_wake_s", None)
 
 
 @dataclass
@@ -178,6 +181,8 @@ class Simulator:
                     inst.executor.execute(so)
                 return
             times = self.deployment.stage_times_s(name, so)
+            if inst.in_flight == 0 and inst.wake_s is not None and now > inst.idle_since_s:
+                times = [times[0] + inst.wake_s(now - inst.idle_since_s), *times[1:]]
             t = now
             for i, dt in enumerate(times):
                 t = max(t, inst.stage_free_s[i]) + dt
@@ -199,6 +204,8 @@ class Simulator:
         def fire(now: float) -> None:
             inst = self.instances[name]
             inst.in_flight -= 1
+            if inst.in_flight == 0:
+                inst.idle_since_s = now
             outs = inst.scheduler.update_from_output(so, ro)
             for o in outs:
                 tr = self._tracks[o.req_id]

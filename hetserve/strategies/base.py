@@ -49,16 +49,7 @@ class InstancePlan:
 
 
 def batch_shape(so: SchedulerOutput) -> BatchShape:
-    chunks: list[tuple[int, int]] = []
-    nd = 0
-    ctx = 0
-    for s in so.scheduled:
-        if s.num_tokens == 1:
-            nd += 1
-            ctx += s.num_computed_tokens
-        else:
-            chunks.append((s.num_tokens, s.num_computed_tokens))
-    return BatchShape(tuple(chunks), nd, ctx, sum(1 for s in so.scheduled if s.sample))
+    return BatchShape.from_scheduler_output(so)  # new requests counted too (their first step's host cost)
 
 
 class InstanceView:

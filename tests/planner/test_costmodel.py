@@ -214,6 +214,32 @@ def test_profile_wins_over_roofline() -> None:
     assert bare.step_time_s(MIXED) == pytest.approx(expect, rel=1e-12)
 
 
+def test_host_overheads_by_hand() -> None:
+    """Per step o, per request o_seq, per request new to the executor o_new, per token of those o_tok."""
+    prof = _toy_profile(step_overhead_per_seq_s=3e-6, new_seq_overhead_s=4e-5, new_seq_overhead_per_token_s=1e-7)
+    cm = CostModel(TOY, DEV, profile=prof)
+    old = BatchShape(((8, 4),), 3, 30)
+    new = BatchShape(((8, 4),), 3, 30, num_new_seqs=2, new_seq_tokens=9)  # the chunk and one decode row are new
+    base = CostModel(TOY, DEV, profile=_toy_profile()).step_time_s(old)
+    assert cm.step_time_s(old) == pytest.approx(base + 4 * 3e-6, rel=1e-12)
+    assert cm.step_time_s(new) == pytest.approx(base + 4 * 3e-6 + 2 * 4e-5 + 9 * 1e-7, rel=1e-12)
+    assert cm.breakdown(new)["overhead"] == pytest.approx(2e-5 + 4 * 3e-6 + 2 * 4e-5 + 9 * 1e-7, rel=1e-12)
+    assert sum(cm.breakdown(new).values()) == pytest.approx(cm.step_time_s(new), rel=1e-12)
+    # no profile: the device's fixed overhead only; new requests cost nothing extra
+    roof = CostModel(TOY, DEV)
+    assert roof.step_time_s(new) == roof.step_time_s(old) and roof.idle_wake_s(1.0) == 0.0
+
+
+def test_idle_wake_from_the_profile_is_clamped_at_the_grid_ends() -> None:
+    wake = Table1D((0.0, 0.001, 0.02), (0.0, 2e-4, 8e-4))
+    cm = CostModel(TOY, DEV, profile=_toy_profile(idle_wake=wake))
+    assert cm.idle_wake_s(0.0) == 0.0 and cm.idle_wake_s(-1.0) == 0.0
+    assert cm.idle_wake_s(0.0005) == pytest.approx(1e-4, rel=1e-12)
+    assert cm.idle_wake_s(0.0105) == pytest.approx(5e-4, rel=1e-12)
+    assert cm.idle_wake_s(10.0) == pytest.approx(8e-4, rel=1e-12)  # not extrapolated past the last gap
+    assert CostModel(TOY, DEV, profile=_toy_profile()).idle_wake_s(10.0) == 0.0
+
+
 def test_profile_copy_bandwidth_replaces_datasheet() -> None:
     cm = CostModel(TOY, DEV, profile=_toy_profile(copy_bytes_per_s=1e10))
     link = LinkSpec("l", "pcie", 1e9, 0.0)
@@ -246,7 +272,8 @@ def test_batch_shape_from_lists() -> None:
 
 
 def test_batch_shape_from_scheduler_output() -> None:
-    from hetserve.core.outputs import ScheduledRequest, SchedulerOutput
+    from hetserve.core.outputs import NewRequestInfo, ScheduledRequest, SchedulerOutput
+    from hetserve.core.sampling_params import SamplingParams
 
     def sr(n: int, c: int, sample: bool) -> ScheduledRequest:
         return ScheduledRequest(
@@ -257,6 +284,14 @@ def test_batch_shape_from_scheduler_output() -> None:
         scheduled=[sr(8, 4, False), sr(1, 10, True), sr(1, 12, True), sr(1, 8, True)], total_num_scheduled_tokens=11
     )
     assert BatchShape.from_scheduler_output(out) == BatchShape(((8, 4),), 3, 30, 3)
+    # requests the executor sees for the first time carry NewRequestInfo: counted with their tokens
+    info = NewRequestInfo(prompt_token_ids=[5] * 12, output_token_ids=[], sampling_params=SamplingParams(),
+                          eos_token_ids=[])
+    fresh = [sr(8, 4, False), sr(1, 10, True), sr(1, 12, True), sr(1, 8, True)]
+    fresh[0].new = info
+    fresh[2].new = info
+    shape = BatchShape.from_scheduler_output(SchedulerOutput(scheduled=fresh, total_num_scheduled_tokens=11))
+    assert (shape.num_new_seqs, shape.new_seq_tokens) == (2, 9)
     cm = CostModel(TOY, DEV, gemm_half_tokens=0.0)
     # one row fewer through the LM head than one per request (the partial prefill does not sample)
     lm3 = max(2 * 3 * 64 * 100 / 5e11, (100 * 64 * 2 + 3 * 3 * 100 * 4) / 8e10)

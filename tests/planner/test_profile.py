@@ -162,6 +162,39 @@ def test_validation_names_the_field(mutate, field: str) -> None:  # type: ignore
     assert e.value.field == field
 
 
+def test_host_terms_round_trip_and_old_profiles_load_without_them(tmp_path: Path) -> None:
+    d = _profile_dict()
+    old = DeviceProfile.from_dict(d)  # a profile written before the host terms existed
+    assert (old.step_overhead_per_seq_s, old.new_seq_overhead_s, old.new_seq_overhead_per_token_s) == (0, 0, 0)
+    assert old.idle_wake is None and old.idle_wake_s(1.0) == 0.0
+    d.update(step_overhead_per_seq_s=3e-6, new_seq_overhead_s=5e-5, new_seq_overhead_per_token_s=2e-7)
+    d["tables"]["idle_wake_s"] = {"idle_s": [0, 0.005, 0.1], "time_s": [0, 4e-4, 9e-4]}
+    p = DeviceProfile.from_dict(d)
+    p.save(tmp_path / "p.json")
+    q = load_profile(tmp_path / "p.json")
+    assert q == p and q.new_seq_overhead_s == 5e-5 and q.new_seq_overhead_per_token_s == 2e-7
+    assert q.idle_wake_s(0.0025) == pytest.approx(2e-4) and q.idle_wake_s(5.0) == pytest.approx(9e-4)
+    for name in sorted(ROOT.glob("profiles/*.json")):  # every committed profile still loads
+        assert load_profile(name).dense.ys
+
+
+@pytest.mark.parametrize("key", ["step_overhead_per_seq_s", "new_seq_overhead_s", "new_seq_overhead_per_token_s"])
+def test_host_terms_must_be_non_negative(key: str) -> None:
+    d = _profile_dict()
+    d[key] = -1e-6
+    with pytest.raises(ValidationError) as e:
+        DeviceProfile.from_dict(d)
+    assert e.value.field == f"profile: {key}"
+
+
+def test_idle_wake_table_is_validated() -> None:
+    d = _profile_dict()
+    d["tables"]["idle_wake_s"] = {"idle_s": [0, 0.01, 0.005], "time_s": [0, 1e-4, 2e-4]}
+    with pytest.raises(ValidationError) as e:
+        DeviceProfile.from_dict(d)
+    assert e.value.field == "profile: tables.idle_wake_s.idle_s"
+
+
 def test_shape_hash_ignores_layer_count_only() -> None:
     m = ModelConfig.from_path(ROOT / "examples/models/llama-3.1-8b")
     short = ModelConfig.from_dict({**m.raw, "num_hidden_layers": 2})

@@ -9,9 +9,16 @@ Parameter names equal the Hugging Face checkpoint names, so loading is a 1:1 cop
 
 The fused weights are not copies: :meth:`LlamaForCausalLM.fuse_projections` gives q/k/v (and gate/up) one
 storage and re-points each HF-named parameter at its rows, so loading into the HF names fills the fused tensor.
+
+A ``ParallelSpec`` (``parallel.py``) builds one pipeline stage's layers and/or one tensor-parallel rank's shard;
+a stage that is not the last returns the hidden state (fused path: hidden and residual) for the next stage, a
+stage that is not the first starts from them. Without one, the model is whole and runs as before.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +27,7 @@ from torch import nn
 from hetserve.core.model_config import ModelConfig
 from hetserve.engine.attention.base import AttentionBackend, AttentionMetadata
 from hetserve.engine.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from hetserve.engine.model.parallel import ParallelSpec
 from hetserve.kernels import HAS_TRITON
 from hetserve.kernels.activation import silu_and_mul as fused_silu_and_mul
 from hetserve.kernels.norm import fused_add_rms_norm, rms_norm
@@ -70,25 +78,37 @@ def layer_sliding_windows(cfg: ModelConfig) -> list[int | None]:
     return [cfg.sliding_window] * n
 
 
+def _row_parallel(x: torch.Tensor, lin: nn.Linear, all_reduce: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+    """A row-parallel linear: this rank's partial product, summed over the group, then the bias once."""
+    y = F.linear(x, lin.weight)
+    all_reduce(y)
+    return y if lin.bias is None else y + lin.bias
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, sliding_window: int | None) -> None:
+    def __init__(self, cfg: ModelConfig, sliding_window: int | None, par: ParallelSpec | None = None) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        tp = 1 if par is None else par.tp_size
+        kv0, kv1 = (0, cfg.num_key_value_heads) if par is None else par.kv_heads(cfg)
+        self.num_heads = cfg.num_attention_heads // tp
+        self.num_kv_heads = kv1 - kv0
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.sliding_window = sliding_window
         h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, cfg.q_size, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(h, cfg.kv_size, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(h, cfg.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.q_size, h, bias=cfg.o_bias)
+        q_size, kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(h, q_size, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, kv_size, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_size, h, bias=cfg.o_bias)
+        # None unless tensor parallel: o_proj is then row-parallel
+        self._all_reduce = par.all_reduce if par is not None and tp > 1 else None
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.q_size, self.kv_size = q_size, kv_size
         # plain attributes, not parameters or buffers: invisible to state_dict and to .to(); see fuse_projections
         self.qkv_weight: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
@@ -116,6 +136,8 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
+        if self._all_reduce is not None:
+            return _row_parallel(out.reshape(n, self.num_heads * self.head_dim), self.o_proj, self._all_reduce)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
     def forward_fused(
@@ -144,16 +166,21 @@ class LlamaAttention(nn.Module):
         else:
             apply_rotary_(q, k, positions, cos_sin_cache, impl="triton")
             out = backend.forward(q.contiguous(), k, v, kv_cache, meta, self.scale, self.sliding_window)
+        if self._all_reduce is not None:
+            return _row_parallel(out.reshape(n, self.num_heads * self.head_dim), self.o_proj, self._all_reduce)
         return F.linear(out.reshape(n, self.num_heads * self.head_dim), self.o_proj.weight, self.o_proj.bias)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, par: ParallelSpec | None = None) -> None:
         super().__init__()
-        h, i = cfg.hidden_size, cfg.intermediate_size
+        tp = 1 if par is None else par.tp_size
+        h, i = cfg.hidden_size, cfg.intermediate_size // tp
         self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+        # None unless tensor parallel: down_proj is then row-parallel
+        self._all_reduce = par.all_reduce if par is not None and tp > 1 else None
         self.gate_up_weight: torch.Tensor | None = None
         self.gate_up_bias: torch.Tensor | None = None
 
@@ -166,19 +193,23 @@ class LlamaMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._all_reduce is not None:
+            return _row_parallel(silu_and_mul(self.gate_proj(x), self.up_proj(x)), self.down_proj, self._all_reduce)
         return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         assert self.gate_up_weight is not None
         gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
+        if self._all_reduce is not None:
+            return _row_parallel(fused_silu_and_mul(gate_up, impl="triton"), self.down_proj, self._all_reduce)
         return F.linear(fused_silu_and_mul(gate_up, impl="triton"), self.down_proj.weight, self.down_proj.bias)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, sliding_window: int | None) -> None:
+    def __init__(self, cfg: ModelConfig, sliding_window: int | None, par: ParallelSpec | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, sliding_window)
-        self.mlp = LlamaMLP(cfg)
+        self.self_attn = LlamaAttention(cfg, sliding_window, par)
+        self.mlp = LlamaMLP(cfg, par)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -221,22 +252,42 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp.forward_fused(h), residual
 
 
+class MissingLayer(nn.Module):
+    """A layer another pipeline stage holds: keeps the layer indices (and so the HF parameter names)."""
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, par: ParallelSpec | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        start, end = (0, cfg.num_hidden_layers) if par is None else (par.layer_start, par.end(cfg))
+        self.embed_tokens: nn.Embedding | None = None
+        if par is None or par.owns("model.embed_tokens.weight", cfg):
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         windows = layer_sliding_windows(cfg)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, windows[i]) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, windows[i], par) if start <= i < end else MissingLayer()
+            for i in range(cfg.num_hidden_layers)
+        )
+        self.norm: RMSNorm | None = None
+        if end == cfg.num_hidden_layers:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelSpec | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
+        self.parallel = (parallel or ParallelSpec()).validate(cfg)
+        par = None if self.parallel.is_whole(cfg) else self.parallel
+        self.model = LlamaModel(cfg, par)
+        self.is_first_stage = self.parallel.is_first
+        self.is_last_stage = self.parallel.is_last(cfg)
+        # this stage's layers in order (a plain list: the modules are registered under model.layers)
+        self.stage_layers: list[LlamaDecoderLayer] = [
+            m for m in self.model.layers if isinstance(m, LlamaDecoderLayer)
+        ]
         self.lm_head: nn.Linear | None = None
-        if not cfg.tie_word_embeddings:
+        if not cfg.tie_word_embeddings and self.is_last_stage:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         # None: the fused path on CUDA when triton is installed; True/False force it (on CPU tensors the Triton
@@ -246,12 +297,12 @@ class LlamaForCausalLM(nn.Module):
     def fuse_projections(self) -> None:
         """(Re)build the fused qkv and gate_up weights from the current parameters and make those parameters
         views of them. Needed again after anything that re-allocates parameters (``.to()``, ``to_empty``)."""
-        for layer in self.model.layers:
+        for layer in self.stage_layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
 
     def projections_fused(self) -> bool:
-        first = self.model.layers[0]
+        first = self.stage_layers[0]
         return first.self_attn.projections_fused() and first.mlp.projections_fused()
 
     def uses_fused_path(self, device: torch.device) -> bool:
@@ -266,13 +317,26 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
-    ) -> torch.Tensor:
-        """input_ids/positions ``[num_tokens]`` -> final-normed hidden states ``[num_tokens, hidden_size]``."""
-        if self.uses_fused_path(input_ids.device):
-            return self._forward_fused(input_ids, positions, kv_caches, meta, backend)
-        hidden = self.model.embed_tokens(input_ids)
-        for i, layer in enumerate(self.model.layers):
+        intermediate: list[torch.Tensor] | None = None,
+    ) -> Any:
+        """input_ids/positions ``[num_tokens]`` -> final-normed hidden states ``[num_tokens, hidden_size]``.
+
+        Pipeline stages: ``kv_caches`` are this stage's layers' only; a stage after the first starts from
+        ``intermediate`` (what the previous stage returned) instead of embedding ``input_ids``; a stage before
+        the last returns a list of tensors for the next one (``[hidden]``, fused path ``[hidden, residual]``).
+        """
+        if self.uses_fused_path(positions.device):
+            return self._forward_fused(input_ids, positions, kv_caches, meta, backend, intermediate)
+        if intermediate is None:
+            assert self.model.embed_tokens is not None
+            hidden = self.model.embed_tokens(input_ids)
+        else:
+            hidden = intermediate[0] if len(intermediate) == 1 else intermediate[0] + intermediate[1]
+        for i, layer in enumerate(self.stage_layers):
             hidden = layer(positions, hidden, kv_caches[i], meta, backend, self.rotary)
+        if not self.is_last_stage:
+            return [hidden]
+        assert self.model.norm is not None
         return self.model.norm(hidden)
 
     def _forward_fused(
@@ -282,21 +346,31 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
-    ) -> torch.Tensor:
+        intermediate: list[torch.Tensor] | None = None,
+    ) -> Any:
         if not self.projections_fused():
             self.fuse_projections()
-        cos_sin = self.rotary.cos_sin_cache(input_ids.device)
-        hidden = F.embedding(input_ids, self.model.embed_tokens.weight)
+        cos_sin = self.rotary.cos_sin_cache(positions.device)
         residual: torch.Tensor | None = None
-        for i, layer in enumerate(self.model.layers):
+        if intermediate is None:
+            assert self.model.embed_tokens is not None
+            hidden = F.embedding(input_ids, self.model.embed_tokens.weight)
+        else:
+            hidden = intermediate[0]
+            residual = intermediate[1] if len(intermediate) > 1 else None
+        for i, layer in enumerate(self.stage_layers):
             hidden, residual = layer.forward_fused(positions, hidden, residual, kv_caches[i], meta, backend, cos_sin)
         assert residual is not None
+        if not self.is_last_stage:
+            return [hidden, residual]
         norm = self.model.norm
+        assert norm is not None
         return fused_add_rms_norm(hidden, residual, norm.weight, norm.eps, impl="triton")
 
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """``[n, hidden_size]`` -> ``[n, vocab_size]``, float32 unless ``float32=False`` (the activation dtype;
         enough for an argmax, since the upcast is exact)."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        emb = self.model.embed_tokens
+        weight = emb.weight if self.lm_head is None else self.lm_head.weight  # type: ignore[union-attr]
         logits = F.linear(hidden, weight)
         return logits.float() if float32 else logits

@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from hetserve.core.errors import ModelLoadError
 from hetserve.core.model_config import ModelConfig
 from hetserve.engine.model.llama import LlamaForCausalLM
+from hetserve.engine.model.parallel import ParallelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -63,28 +64,31 @@ def _safe_open_device(device: torch.device) -> str:
     return str(device)
 
 
-def _build_empty(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+def _build_empty(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, parallel: ParallelSpec | None = None
+) -> LlamaForCausalLM:
     """The module tree with uninitialised storage on ``device``: no wasted random init, no CPU detour.
 
     q/k/v and gate/up are then re-homed into fused tensors (layer by layer, so the peak is one layer over the
     model's size); the HF-named parameters are views of them, so the loader fills the fused weights in place.
     """
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg, parallel)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.fuse_projections()
     return model
 
 
 def load_model(
-    model_dir: str | Path, device: torch.device | str, dtype: torch.dtype
+    model_dir: str | Path, device: torch.device | str, dtype: torch.dtype, parallel: ParallelSpec | None = None
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Read config.json and every safetensors shard; verify each parameter is present once with the right shape."""
+    """Read config.json and every safetensors shard; verify each parameter is present once with the right shape.
+    With ``parallel``, only this pipeline stage's tensors are read, each as this TP rank's slice."""
     path = _check_dir(model_dir)
     cfg = ModelConfig.from_path(path)
     files = safetensors_files(path)
     device = torch.device(device)
-    model = _build_empty(cfg, device, dtype)
+    model = _build_empty(cfg, device, dtype, parallel)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -97,18 +101,27 @@ def load_model(
             for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 param = params.get(name)
                 if param is None:
+                    if parallel is not None and not parallel.owns(name, cfg):
+                        continue  # another pipeline stage's
                     if not (name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings)):
                         unexpected.append(name)
                     continue
                 if name in loaded:
                     raise ModelLoadError(f"{f.name}: {name}", "tensor appears in more than one weight file")
                 shape = tuple(handle.get_slice(name).get_shape())
+                cut = None if parallel is None else parallel.shard(name, cfg)
+                if cut is not None:  # this TP rank's rows or columns
+                    dim, a, b = cut
+                    shape = (*shape[:dim], min(b, shape[dim]) - a, *shape[dim + 1 :])
                 if shape != tuple(param.shape):
                     raise ModelLoadError(
                         f"{f.name}: {name}", f"shape {list(shape)} does not match expected {list(param.shape)}"
                     )
                 try:
-                    tensor = handle.get_tensor(name)
+                    if cut is None:
+                        tensor = handle.get_tensor(name)
+                    else:
+                        tensor = handle.get_slice(name)[(*[slice(None)] * cut[0], slice(cut[1], cut[2]))]
                 except (SafetensorError, OSError, RuntimeError) as e:
                     raise ModelLoadError(f"{f.name}: {name}", f"cannot read tensor: {e}") from None
                 with torch.no_grad():

@@ -1,0 +1,113 @@
+"""Inside a worker process: its share of an instance (a pipeline stage's layers, a TP rank's kv heads) and
+the KV hand-off commands on that share.
+
+A worker of a TP group joins the group's ``torch.distributed`` process group first (gloo on CPU, NCCL on CUDA;
+rendezvous through a TCP store at ``spec.tp_store``, which rank 0 hosts), then loads only its slice of the
+checkpoint. A pipeline stage opens its ``StageLink`` before loading (so the previous stage can dial in) and
+dials the next stage after.
+
+KV: the worker's cache descriptor covers its own layers (``num_layers`` = the stage's count) and its TP rank's
+heads. ``ExtractKV`` converts its share into the wire format (the receiver's block size, layout and dtype) and
+answers one buffer per layer with ``layer_start`` and ``head_start``; ``InsertKV`` brings the shards that cover
+its layers (from one or several sender workers, joined along heads) and converts them layer by layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hetserve.core.config import EngineConfig
+from hetserve.engine.model.parallel import ParallelSpec
+from hetserve.engine.runner import ModelRunner
+from hetserve.runtime.kv_convert import TORCH_DTYPES, KVPayload, convert
+from hetserve.runtime.kv_layout import KVDescriptor
+from hetserve.runtime.kv_transfer import extract_blocks, insert_blocks
+from hetserve.runtime.stage_link import StageLink, split_address
+
+if TYPE_CHECKING:
+    from hetserve.runtime.worker import ExtractKV, InsertKV, KVIn, KVOut, WorkerSpec
+
+
+def init_tp_group(spec: WorkerSpec) -> Any:
+    """Join the TP group (``spec.tp_size`` ranks); returns an in-place ``all_reduce`` (sum), or None at tp 1."""
+    if spec.tp_size == 1:
+        return None
+    import torch.distributed as dist
+
+    cuda = spec.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(torch.device(spec.device))
+    host, port = split_address(spec.tp_store)
+    timeout = datetime.timedelta(seconds=spec.tp_timeout_s)
+    store = dist.TCPStore(host, port, spec.tp_size, spec.tp_rank == 0, timeout=timeout)
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=spec.tp_rank, world_size=spec.tp_size,
+                            timeout=timeout)
+
+    def all_reduce(t: torch.Tensor) -> None:
+        dist.all_reduce(t)
+
+    return all_reduce
+
+
+def build_runner(spec: WorkerSpec, cfg: EngineConfig) -> ModelRunner:
+    """The worker's model runner over its stage's layers and its TP rank's shard; ``runner.stage_io`` is the
+    stage link (None for a single-stage instance)."""
+    link = None
+    if spec.pp_listen or spec.pp_next:
+        link = StageLink(spec.pp_listen, spec.pp_next, spec.pp_token)
+    all_reduce = init_tp_group(spec)
+    parallel = ParallelSpec(spec.layer_start, spec.layer_end, spec.tp_rank, spec.tp_size, all_reduce)
+    runner = ModelRunner(cfg, parallel=parallel, stage_io=link)
+    if link is not None:
+        link.connect_next()
+    return runner
+
+
+def local_descriptor(spec: WorkerSpec, runner: ModelRunner) -> KVDescriptor:
+    """This worker's cache: layer-major NHD, one ``[2, B, block, H_local, D]`` tensor per layer of its stage."""
+    mc = runner.model_config
+    return KVDescriptor(num_layers=runner.num_local_layers, num_kv_heads=mc.num_key_value_heads,
+                        head_dim=mc.head_dim, block_size=spec.block_size, dtype=spec.dtype,  # type: ignore[arg-type]
+                        layout="NHD", arrangement="layer_major", tp_size=spec.tp_size, tp_rank=spec.tp_rank)
+
+
+def extract_kv(runner: ModelRunner, desc: KVDescriptor, cmd: ExtractKV) -> KVOut:
+    """This worker's layers and heads of a request's KV, converted to the wire format (``cmd.wire`` describes
+    the whole receiving instance; the answer holds ``desc.num_layers`` layers from ``layer_start``)."""
+    from hetserve.runtime.worker import KVOut
+
+    src = extract_blocks(runner.kv_caches, cmd.block_ids, cmd.num_tokens, desc)
+    wire = dataclasses.replace(cmd.wire, num_layers=desc.num_layers)
+    p = convert(src, desc, wire, cmd.num_tokens, heads=desc.head_range)
+    bufs = [t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes() for t in p.tensors]
+    return KVOut(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=True, wire=p.desc, head_start=p.head_start,
+                 shapes=[list(t.shape) for t in p.tensors], buffers=bufs, layer_start=runner.parallel.layer_start)
+
+
+def insert_kv(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV) -> KVIn:
+    """Join the shards (each: some layers, some heads, in ``cmd.wire``'s format) into this worker's heads and
+    cache format, layer by layer, and write them into ``cmd.block_ids``."""
+    from hetserve.runtime.worker import KVIn
+
+    dt = TORCH_DTYPES[cmd.wire.dtype]
+    start = runner.parallel.layer_start
+    wire1 = dataclasses.replace(cmd.wire, num_layers=1)
+    local1 = dataclasses.replace(desc, num_layers=1)
+    per_layer: list[list[KVPayload]] = [[] for _ in range(desc.num_layers)]
+    for sh in cmd.shards:
+        for j, (b, shape) in enumerate(zip(sh.buffers, sh.shapes, strict=True)):
+            i = sh.layer_start + j - start
+            if not 0 <= i < desc.num_layers:
+                continue
+            t = torch.frombuffer(bytearray(b), dtype=torch.uint8).view(dt).view(shape)
+            per_layer[i].append(KVPayload(wire1, cmd.num_tokens, [t], sh.head_start, None))
+    for i, pieces in enumerate(per_layer):
+        if not pieces:
+            raise ValueError(f"no KV for layer {start + i} in the transfer")
+        kv = convert(pieces, wire1, local1, cmd.num_tokens)
+        insert_blocks([runner.kv_caches[i]], cmd.block_ids, kv, local1)
+    return KVIn(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=True)
