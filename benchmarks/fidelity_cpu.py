@@ -43,13 +43,14 @@ def load1() -> float | None:
         return None
 
 
-def reprofile(model_dir: Path, device_name: str, repeat: int) -> Path:
+def reprofile(model_dir: Path, device_name: str, repeat: int, statistic: str) -> Path:
     """A fresh CPU profile with the committed one's settings, in a temporary file."""
     from hetserve.cli.main import main as cli
 
     out = Path(tempfile.mkdtemp(prefix="hetserve-fid-")) / "cpu-profile.json"
     argv = ["profile", "--model", str(model_dir), "--device", "cpu", "--layers", "2", "--repeat", str(repeat),
-            "--threads", "1", "--device-name", device_name, "--model-name", "tiny-llama", "--output", str(out)]
+            "--threads", "1", "--device-name", device_name, "--model-name", "tiny-llama", "--statistic", statistic,
+            "--output", str(out)]
     if cli(argv) != 0:
         raise SystemExit("hetserve profile failed")
     return out
@@ -109,7 +110,9 @@ def main() -> int:
     mc = ModelConfig.from_path(model_dir)
     profile_path = Path(args.profile)
     if args.reprofile:
-        profile_path = reprofile(model_dir, load_profile(profile_path).device_name, args.profile_repeat)
+        committed = load_profile(profile_path)
+        profile_path = reprofile(model_dir, committed.device_name, args.profile_repeat,
+                                 str(committed.meta.get("statistic", "median")))
     profile = load_profile(profile_path)
     dev = cpu_host_spec(os.cpu_count() or 2, 8 * 2**30, name=profile.device_name)
     block, blocks, seqs, budget, max_len = 16, 400, 32, 512, 1024
@@ -166,7 +169,7 @@ def main() -> int:
                      "real_runs": runs})
         print(f"{name:24s} " + "  ".join(f"{k}: real {real[k]:7.2f} sim {sim[k]:7.2f} ({100 * (err[k] or 0):+5.1f}%)"
                                           for k in KEYS), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True).stdout.strip()
     loads = [r[k] for runs in real_runs.values() for r in runs for k in ("load1_before", "load1_after")
              if r[k] is not None]
     out = {"benchmark": "simulator fidelity vs real engine (CPU)", "command": " ".join(sys.argv), "git_commit": commit,

@@ -10,6 +10,7 @@ taken in (``added_s``) and, per step, its start, end and number of new requests.
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections.abc import Sequence
@@ -70,7 +71,7 @@ def replay(engine: LLMEngine, workload: Sequence[SimRequest], seed: int = 0,
             rec.success = True
             rec.output_len = len(times)
             rec.ttft_s = times[0] - w.arrival_s
-            rec.itl_s = [b - a for a, b in zip(times, times[1:])]
+            rec.itl_s = [b - a for a, b in itertools.pairwise(times)]
             rec.e2el_s = times[-1] - w.arrival_s
             rec.start_s, rec.end_s = w.arrival_s, times[-1]
         else:

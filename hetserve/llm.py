@@ -17,8 +17,8 @@ class LLM:
 
     ``LLM(model=DIR, max_num_seqs=..., block_size=..., num_blocks=..., max_num_batched_tokens=..., ...)`` takes
     the fields of ``CacheConfig``, ``SchedulerConfig`` and ``DeviceConfig`` as keywords. ``model=None`` uses the
-    embedded tiny model (made on first use). ``LLM(model, cluster="cpu-pair", strategy="dp"|"pd", ...)`` serves
-    through one worker process per device (``hetserve.runtime.cluster_engine``); call ``shutdown()`` after.
+    embedded tiny model (made on first use). ``LLM(model, cluster="cpu-pair", strategy=...)`` (dp, pp, pd, cronus,
+    hetis) serves through worker processes (``hetserve.runtime.cluster_engine``); call ``shutdown()`` after.
     """
 
     def __init__(self, model: str | None = None, cluster: Any = None, strategy: str | None = None,
@@ -32,8 +32,15 @@ class LLM:
             # one worker process per device; kwargs go to hetserve.runtime.cluster_engine.from_cluster
             from hetserve.runtime.cluster_engine import from_cluster
 
+            strategy = strategy or "dp"
+            if kwargs.get("instances") is None and strategy == "cronus":
+                # from_cluster's default instances are role-less for Cronus: a main and heads, as serve --cluster
+                from hetserve.server.cluster import default_instances, load_cluster_setting
+
+                cluster = load_cluster_setting(cluster) if isinstance(cluster, (str, dict)) else cluster
+                kwargs["instances"] = default_instances(strategy, cluster.device_ids)
             self.config = EngineConfig.from_kwargs(str(model))
-            self.engine = from_cluster(str(model), cluster, strategy or "dp", **kwargs)
+            self.engine = from_cluster(str(model), cluster, strategy, **kwargs)
             return
         self.config = EngineConfig.from_kwargs(str(model), **kwargs)
         self.engine = LLMEngine(self.config)

@@ -20,8 +20,8 @@ from typing import Any
 
 _TRACE = Path(__file__).resolve().parents[2] / "tests" / "data" / "azure_conv_excerpt.csv"
 STRATEGIES = ("dp", "pp", "pd", "cronus", "hetis")
-SLO_TTFT_MS = 50.0  # the goodput column counts requests within both (tiny model, CPU: milliseconds)
-SLO_TPOT_MS = 10.0
+SLO_TTFT_MS = 20.0  # the goodput column counts requests within both (tiny model, CPU: milliseconds)
+SLO_TPOT_MS = 5.0
 # PD and Cronus move KV into a receiver declared as block 32, HND: converted on the wire, NHD in its runner
 _KV_CONVERT = {"pd": ("decode0", 32), "cronus": ("main0", 32)}
 

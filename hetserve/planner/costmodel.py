@@ -368,7 +368,7 @@ class CostModel:
 
     def decode_time_s(self, batch: int, mean_context: float) -> float:
         """A decode-only step of ``batch`` sequences with ``mean_context`` cached tokens each."""
-        return self.step_time_s(BatchShape((), batch, int(round(batch * mean_context))))
+        return self.step_time_s(BatchShape((), batch, round(batch * mean_context)))
 
     # ------------------------------------------------------------------ KV and activations
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -103,7 +104,7 @@ def _check_grid(xs: Sequence[float], path: str) -> tuple[float, ...]:
     if not isinstance(xs, (list, tuple)) or not xs:
         raise ValidationError(path, "must be a non-empty list of numbers")
     out = tuple(float(x) for x in xs)
-    for a, b in zip(out, out[1:], strict=False):
+    for a, b in itertools.pairwise(out):
         if not b > a:
             raise ValidationError(path, f"must be strictly increasing, got {a:g} then {b:g}")
     return out

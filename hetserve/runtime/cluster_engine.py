@@ -60,6 +60,7 @@ from hetserve.strategies.base import Deployment, InstanceView
 
 __all__ = ["ClusterEngine", "Instance", "InstanceOptions", "from_cluster"]
 
+
 @dataclass
 class _ReqState:
     request_id: str
@@ -79,7 +80,7 @@ class _ReqState:
 
 class ClusterEngine:
     """LLMEngine-like (``add_request`` / ``step`` / ``abort_request`` / ``has_unfinished_requests``) over a
-    deployment whose instances each run in a worker process. Requests take ``n == 1`` only."""
+    deployment whose instances run in worker processes. Requests take ``n == 1`` only."""
 
     def __init__(
         self,
@@ -108,15 +109,15 @@ class ClusterEngine:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
         options = options or {}
         self.hetis = HetisControl(deployment, attn_speeds)  # Hetis mains' attention workers, re-dispatch
-        specs: dict[str, list[WorkerSpec]] = {}
-        for name, plan in list(deployment.plans.items()):
-            nb = min(plan.num_kv_blocks, num_kv_blocks)
-            plan = dataclasses.replace(plan, num_kv_blocks=nb, max_model_len=self.max_model_len)
-            deployment.plans[name] = plan
-            specs[name] = worker_specs(plan, str(model), self.model_config, options.get(name, InstanceOptions()),
-                                       self.max_model_len, hetis=self.hetis.worker_spec(name))
         self.instances: dict[str, Instance] = {}
         try:
+            specs: dict[str, list[WorkerSpec]] = {}  # one worker per (pipeline stage, TP rank)
+            for name, plan in list(deployment.plans.items()):
+                nb = min(plan.num_kv_blocks, num_kv_blocks)
+                plan = dataclasses.replace(plan, num_kv_blocks=nb, max_model_len=self.max_model_len)
+                deployment.plans[name] = plan
+                specs[name] = worker_specs(plan, str(model), self.model_config, options.get(name, InstanceOptions()),
+                                           self.max_model_len, hetis=self.hetis.worker_spec(name))
             self.instances = launch_all(deployment.plans, specs, options, self.max_model_len, placement)
             self.hetis.start(self.instances)
         except BaseException:

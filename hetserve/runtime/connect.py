@@ -25,6 +25,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol, Union
@@ -104,8 +105,10 @@ def _nodelay(sock: socket.socket) -> None:
 # ---- coordinator side ----------------------------------------------------------------------------------
 class Listener:
     """The coordinator's TCP port. ``expect(name, first_message)`` issues a token; a worker that presents it is
-    welcomed, sent ``first_message`` (its spec) at once, so workers load in parallel, and handed out by
-    ``accept(name, ...)``. Single-threaded: connections are taken while someone waits in ``accept``."""
+    welcomed and sent ``first_message`` (its spec) at once, by a background thread, whatever the coordinator is
+    waiting on (so workers load in parallel, and pipeline stages that wait for each other all start), and is
+    handed out by ``accept(name, ...)``. Each handshake runs in its own short-lived thread, bounded by
+    ``handshake_timeout_s``, so a silent client delays nobody."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, advertise_host: str | None = None,
                  handshake_timeout_s: float = 5.0) -> None:
@@ -122,48 +125,64 @@ class Listener:
         self._expected: dict[str, tuple[str, bytes]] = {}  # token -> (worker name, first message)
         self._accepted: dict[str, tuple[Channel, Hello]] = {}
         self.refused: list[str] = []  # why each refused client was dropped (tests, logs)
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name=f"hetserve-listener:{self.port}", daemon=True)
+        self._thread.start()
 
     def expect(self, name: str, first_message: bytes) -> str:
         token = secrets.token_urlsafe(24)
-        self._expected[token] = (name, first_message)
+        with self._cv:
+            self._expected[token] = (name, first_message)
         return token
 
     def accept(self, name: str, timeout_s: float, is_alive: Callable[[], bool] = lambda: True) -> tuple[Channel, Hello]:
         """The named worker's connection (spec already sent). WorkerDied when its process ends first or it does
         not connect within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        while name not in self._accepted:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise WorkerDied(f"worker {name} did not connect to {self.address} within {timeout_s:.1f} s")
-            if not is_alive():
-                raise WorkerDied(f"worker {name} exited before connecting to {self.address}")
-            self.poll(min(left, 0.1))
-        return self._accepted.pop(name)
+        with self._cv:
+            while name not in self._accepted:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WorkerDied(f"worker {name} did not connect to {self.address} within {timeout_s:.1f} s")
+                if not is_alive():
+                    raise WorkerDied(f"worker {name} exited before connecting to {self.address}")
+                self._cv.wait(min(left, 0.1))
+            return self._accepted.pop(name)
 
-    def poll(self, timeout_s: float) -> bool:
-        """Take one pending connection (handshake: welcome or refuse) if one comes within ``timeout_s``."""
-        r, _, _ = select.select([self.sock], [], [], max(0.0, timeout_s))
-        if r:
-            self._accept_one()
-        return bool(r)
+    def wait_refused(self, n: int, timeout_s: float) -> bool:
+        """True once ``n`` clients were refused (tests)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: len(self.refused) >= n, timeout_s)
 
-    def _accept_one(self) -> None:
-        try:
-            conn, peer = self.sock.accept()
-        except OSError:
-            return
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                r, _, _ = select.select([self.sock], [], [], 0.2)
+                if not r:
+                    continue
+                conn, peer = self.sock.accept()
+            except (OSError, ValueError):  # closed under us
+                if self._closed:
+                    return
+                continue
+            threading.Thread(target=self._handshake, args=(conn, peer), daemon=True).start()
+
+    def _handshake(self, conn: socket.socket, peer: Any) -> None:
         conn.settimeout(self.handshake_timeout_s)
         try:
             hello = _recv_frame(conn, _MAX_HANDSHAKE_BYTES)
             if not isinstance(hello, Hello):
                 self._refuse(conn, f"{peer}: bad handshake (a {type(hello).__name__}, not a hello)")
                 return
-            match = next((t for t in self._expected if hmac.compare_digest(t.encode(), hello.token.encode())), None)
-            if match is None:
+            with self._cv:
+                match = next((t for t in self._expected if hmac.compare_digest(t.encode(), hello.token.encode())),
+                             None)
+                entry = self._expected.pop(match) if match is not None else None  # a token admits one connection
+            if entry is None:
                 self._refuse(conn, f"{peer}: wrong token")
                 return
-            name, first = self._expected.pop(match)
+            name, first = entry
             _send_frame(conn, Welcome(name=name))
             conn.settimeout(None)
             _nodelay(conn)
@@ -172,21 +191,31 @@ class Listener:
         except (OSError, EOFError, ValueError, msgspec.DecodeError) as e:
             self._refuse(conn, f"{peer}: bad handshake ({type(e).__name__}: {e})")
             return
-        self._accepted[name] = (chan, hello)
+        with self._cv:
+            if self._closed:
+                chan.close()
+                return
+            self._accepted[name] = (chan, hello)
+            self._cv.notify_all()
 
     def _refuse(self, conn: socket.socket, reason: str) -> None:
-        self.refused.append(reason)
         try:
             _send_frame(conn, Refused(reason=reason.split(": ", 1)[-1]))
         except OSError:
             pass
         conn.close()
+        with self._cv:
+            self.refused.append(reason)
+            self._cv.notify_all()
 
     def close(self) -> None:
-        for chan, _ in self._accepted.values():
-            chan.close()
-        self._accepted.clear()
+        with self._cv:
+            self._closed = True
+            for chan, _ in self._accepted.values():
+                chan.close()
+            self._accepted.clear()
         self.sock.close()
+        self._thread.join(1.0)
 
 
 class Placement(Protocol):

@@ -89,8 +89,11 @@ class Instance:
         for w in self.workers:
             if not w.alive():
                 code = None if w.process is None else w.process.exitcode
-                return w.dead_reason if w.dead_reason not in (None, "stopped") else \
-                    f"worker {w.spec.name} exited (code {code})"
+                return (
+                    w.dead_reason
+                    if w.dead_reason not in (None, "stopped")
+                    else f"worker {w.spec.name} exited (code {code})"
+                )
         return None
 
     def stop(self, timeout_s: float) -> None:
@@ -119,12 +122,22 @@ def worker_name(instance: str, stage: int, rank: int, num_stages: int, tp: int) 
 def worker_devices(plan: InstancePlan) -> dict[str, str]:
     """Worker name -> the device id it runs on: stage ``s`` rank ``r`` on the plan's device ``s * tp + r``."""
     tp, ids = plan.cost.tp, plan.device_ids
-    return {worker_name(plan.name, s, r, plan.num_stages, tp): ids[(s * tp + r) % len(ids)]
-            for s in range(plan.num_stages) for r in range(tp)}
+    return {
+        worker_name(plan.name, s, r, plan.num_stages, tp): ids[(s * tp + r) % len(ids)]
+        for s in range(plan.num_stages)
+        for r in range(tp)
+    }
 
 
-def worker_specs(plan: InstancePlan, model: str, model_config: ModelConfig, opt: InstanceOptions,
-                 max_model_len: int, host: str = "127.0.0.1", **extra: Any) -> list[WorkerSpec]:
+def worker_specs(
+    plan: InstancePlan,
+    model: str,
+    model_config: ModelConfig,
+    opt: InstanceOptions,
+    max_model_len: int,
+    host: str = "127.0.0.1",
+    **extra: Any,
+) -> list[WorkerSpec]:
     """The workers of ``plan``, stage-major; ``extra`` goes to every spec (e.g. Hetis' ``hetis``)."""
     from hetserve.engine.model.parallel import check_tp
 
@@ -141,19 +154,36 @@ def worker_specs(plan: InstancePlan, model: str, model_config: ModelConfig, opt:
     specs = []
     for s, (start, end) in enumerate(ranges):
         for r in range(tp):
-            specs.append(WorkerSpec(
-                name=worker_name(plan.name, s, r, num_stages, tp), model=model, block_size=plan.block_size,
-                num_blocks=plan.num_kv_blocks, dtype=opt.dtype, max_num_seqs=plan.max_num_seqs,
-                max_num_batched_tokens=plan.max_num_batched_tokens, max_model_len=max_model_len,
-                speed=opt.speed_of(s * tp + r), kv_stall_s=opt.kv_stall_s, device=opt.device, layer_start=start, layer_end=end,
-                tp_rank=r, tp_size=tp, tp_store=stores[s], pp_listen=listen[s][r],
-                pp_next=listen[s + 1][r] if s + 1 < num_stages else "", pp_token=token, **extra,
-            ))
+            specs.append(
+                WorkerSpec(
+                    name=worker_name(plan.name, s, r, num_stages, tp),
+                    model=model,
+                    block_size=plan.block_size,
+                    num_blocks=plan.num_kv_blocks,
+                    dtype=opt.dtype,
+                    max_num_seqs=plan.max_num_seqs,
+                    max_num_batched_tokens=plan.max_num_batched_tokens,
+                    max_model_len=max_model_len,
+                    speed=opt.speed_of(s * tp + r),
+                    kv_stall_s=opt.kv_stall_s,
+                    device=opt.device,
+                    layer_start=start,
+                    layer_end=end,
+                    tp_rank=r,
+                    tp_size=tp,
+                    tp_store=stores[s],
+                    pp_listen=listen[s][r],
+                    pp_next=listen[s + 1][r] if s + 1 < num_stages else "",
+                    pp_token=token,
+                    **extra,
+                )
+            )
     return specs
 
 
-def make_instance(plan: InstancePlan, workers: list[WorkerHandle], readies: list[Ready], opt: InstanceOptions,
-                  max_model_len: int) -> Instance:
+def make_instance(
+    plan: InstancePlan, workers: list[WorkerHandle], readies: list[Ready], opt: InstanceOptions, max_model_len: int
+) -> Instance:
     """The coordinator's instance over started workers: its scheduler (the smallest KV pool of its workers)
     and its descriptors."""
     tp = plan.cost.tp
@@ -161,7 +191,8 @@ def make_instance(plan: InstancePlan, workers: list[WorkerHandle], readies: list
     sched = Scheduler(
         SchedulerConfig(max_num_batched_tokens=plan.max_num_batched_tokens, max_num_seqs=plan.max_num_seqs),
         CacheConfig(block_size=plan.block_size, num_blocks=num_blocks, enable_prefix_caching=False),
-        num_blocks, max_model_len,
+        num_blocks,
+        max_model_len,
     )
     descs = [r.desc for r in readies]
     num_layers = sum(d.num_layers for d in descs[::tp])
@@ -170,8 +201,14 @@ def make_instance(plan: InstancePlan, workers: list[WorkerHandle], readies: list
     return Instance(plan.name, sched, workers, descs, whole, declared, num_stages=plan.num_stages, tp=tp)
 
 
-def launch_all(plans: dict[str, InstancePlan], specs: dict[str, list[WorkerSpec]], options: dict[str, InstanceOptions],
-               max_model_len: int, placement: Any = None, timeout_s: float = 120.0) -> dict[str, Instance]:
+def launch_all(
+    plans: dict[str, InstancePlan],
+    specs: dict[str, list[WorkerSpec]],
+    options: dict[str, InstanceOptions],
+    max_model_len: int,
+    placement: Any = None,
+    timeout_s: float = 120.0,
+) -> dict[str, Instance]:
     """Start every worker of every instance (they load in parallel), then wait for each to be ready. On any
     failure every started worker is stopped and the error re-raised."""
     handles: dict[str, list[WorkerHandle]] = {}

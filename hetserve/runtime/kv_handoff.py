@@ -44,8 +44,13 @@ def _num_heads(out: KVOut) -> int:
 class KVHandoffs:
     """Transfers in flight; ``pending_src`` (request -> sending instance) is shared with the coordinator."""
 
-    def __init__(self, instances: dict[str, Instance], pending_src: dict[str, str], deadline_s: float,
-                 on_dead: Callable[[Instance, str], None]) -> None:
+    def __init__(
+        self,
+        instances: dict[str, Instance],
+        pending_src: dict[str, str],
+        deadline_s: float,
+        on_dead: Callable[[Instance, str], None],
+    ) -> None:
         self.instances = instances
         self.pending_src = pending_src
         self.deadline_s = deadline_s
@@ -68,8 +73,9 @@ class KVHandoffs:
         wire = wire_descriptor(si.desc, di.declared)
         ids = si.scheduler.kv.get_block_ids(rid)
         try:
-            si.send_all(lambda seq: ExtractKV(seq=seq, transfer_id=tid, block_ids=ids, num_tokens=num_tokens,
-                                              wire=wire))
+            si.send_all(
+                lambda seq: ExtractKV(seq=seq, transfer_id=tid, block_ids=ids, num_tokens=num_tokens, wire=wire)
+            )
         except WorkerDied as e:
             self.on_dead(si, str(e))
 
@@ -98,11 +104,25 @@ class KVHandoffs:
                 oa = o.layer_start
                 lo, hi = max(a, oa), min(b, oa + len(o.buffers))
                 if lo < hi and max(h0, o.head_start) < min(h1, o.head_start + _num_heads(o)):
-                    shards.append(KVShard(layer_start=lo, head_start=o.head_start, shapes=o.shapes[lo - oa : hi - oa],
-                                          buffers=o.buffers[lo - oa : hi - oa]))
+                    shards.append(
+                        KVShard(
+                            layer_start=lo,
+                            head_start=o.head_start,
+                            shapes=o.shapes[lo - oa : hi - oa],
+                            buffers=o.buffers[lo - oa : hi - oa],
+                        )
+                    )
             try:
-                w.send(InsertKV(seq=w.next_seq(), transfer_id=reply.transfer_id, block_ids=t.block_ids,
-                                num_tokens=t.num_tokens, wire=wire, shards=shards))
+                w.send(
+                    InsertKV(
+                        seq=w.next_seq(),
+                        transfer_id=reply.transfer_id,
+                        block_ids=t.block_ids,
+                        num_tokens=t.num_tokens,
+                        wire=wire,
+                        shards=shards,
+                    )
+                )
             except WorkerDied as e:
                 self.on_dead(di, str(e))
                 return

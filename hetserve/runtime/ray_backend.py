@@ -19,6 +19,8 @@ import os
 import time
 from typing import Any
 
+import msgspec
+
 from hetserve.core.errors import ValidationError
 from hetserve.runtime.connect import Listener, connect_to_coordinator
 from hetserve.runtime.worker import Channel, WorkerSpec, encode_msg
@@ -148,9 +150,16 @@ class RayPlacement:
         if spec.name not in self.nodes:
             raise ValidationError("instances", f"instance {spec.name!r} has no cluster node; known: "
                                                f"{', '.join(self.nodes)}")
+        num_gpus = self.num_gpus
+        if getattr(spec, "device", "cpu").startswith("cuda"):
+            # Ray picks the GPU and sets CUDA_VISIBLE_DEVICES: the worker's GPU is its first visible one.
+            # Emulated partitions of one GPU share it: ray_options={"num_gpus": 0.5} or smaller.
+            num_gpus = num_gpus or 1.0
+            spec = msgspec.structs.replace(spec, device="cuda")
+        assert self.listener is not None
         token = self.listener.expect(spec.name, encode_msg(spec))
         actor = self._actor_cls.options(
-            num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+            num_cpus=self.num_cpus, num_gpus=num_gpus,
             resources={node_resource(self.nodes[spec.name]): self.resource_per_worker},
         ).remote()
         node_ref = actor.node_id.remote()  # queued before run, which then holds the actor for the worker's life
@@ -160,6 +169,7 @@ class RayPlacement:
         return proc
 
     def connect(self, spec: WorkerSpec, process: Any, timeout_s: float) -> Channel:
+        assert self.listener is not None
         chan, hello = self.listener.accept(spec.name, timeout_s, process.is_alive)
         process.pid = hello.pid
         return chan

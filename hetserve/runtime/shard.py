@@ -4,7 +4,8 @@ the KV hand-off commands on that share.
 A worker of a TP group joins the group's ``torch.distributed`` process group first (gloo on CPU, NCCL on CUDA;
 rendezvous through a TCP store at ``spec.tp_store``, which rank 0 hosts), then loads only its slice of the
 checkpoint. A pipeline stage opens its ``StageLink`` before loading (so the previous stage can dial in) and
-dials the next stage after.
+dials the next stage at its first step (when every worker is ready: a worker never waits for a neighbour to
+start before it reports ready, whatever order the workers are launched in).
 
 KV: the worker's cache descriptor covers its own layers (``num_layers`` = the stage's count) and its TP rank's
 heads. ``ExtractKV`` converts its share into the wire format (the receiver's block size, layout and dtype) and
@@ -44,8 +45,9 @@ def init_tp_group(spec: WorkerSpec) -> Any:
     host, port = split_address(spec.tp_store)
     timeout = datetime.timedelta(seconds=spec.tp_timeout_s)
     store = dist.TCPStore(host, port, spec.tp_size, spec.tp_rank == 0, timeout=timeout)
-    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=spec.tp_rank, world_size=spec.tp_size,
-                            timeout=timeout)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", store=store, rank=spec.tp_rank, world_size=spec.tp_size, timeout=timeout
+    )
 
     def all_reduce(t: torch.Tensor) -> None:
         dist.all_reduce(t)
@@ -61,18 +63,23 @@ def build_runner(spec: WorkerSpec, cfg: EngineConfig) -> ModelRunner:
         link = StageLink(spec.pp_listen, spec.pp_next, spec.pp_token)
     all_reduce = init_tp_group(spec)
     parallel = ParallelSpec(spec.layer_start, spec.layer_end, spec.tp_rank, spec.tp_size, all_reduce)
-    runner = ModelRunner(cfg, parallel=parallel, stage_io=link)
-    if link is not None:
-        link.connect_next()
-    return runner
+    return ModelRunner(cfg, parallel=parallel, stage_io=link)
 
 
 def local_descriptor(spec: WorkerSpec, runner: ModelRunner) -> KVDescriptor:
     """This worker's cache: layer-major NHD, one ``[2, B, block, H_local, D]`` tensor per layer of its stage."""
     mc = runner.model_config
-    return KVDescriptor(num_layers=runner.num_local_layers, num_kv_heads=mc.num_key_value_heads,
-                        head_dim=mc.head_dim, block_size=spec.block_size, dtype=spec.dtype,  # type: ignore[arg-type]
-                        layout="NHD", arrangement="layer_major", tp_size=spec.tp_size, tp_rank=spec.tp_rank)
+    return KVDescriptor(
+        num_layers=runner.num_local_layers,
+        num_kv_heads=mc.num_key_value_heads,
+        head_dim=mc.head_dim,
+        block_size=spec.block_size,
+        dtype=spec.dtype,  # type: ignore[arg-type]
+        layout="NHD",
+        arrangement="layer_major",
+        tp_size=spec.tp_size,
+        tp_rank=spec.tp_rank,
+    )
 
 
 def extract_kv(runner: ModelRunner, desc: KVDescriptor, cmd: ExtractKV) -> KVOut:
@@ -84,8 +91,16 @@ def extract_kv(runner: ModelRunner, desc: KVDescriptor, cmd: ExtractKV) -> KVOut
     wire = dataclasses.replace(cmd.wire, num_layers=desc.num_layers)
     p = convert(src, desc, wire, cmd.num_tokens, heads=desc.head_range)
     bufs = [t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes() for t in p.tensors]
-    return KVOut(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=True, wire=p.desc, head_start=p.head_start,
-                 shapes=[list(t.shape) for t in p.tensors], buffers=bufs, layer_start=runner.parallel.layer_start)
+    return KVOut(
+        seq=cmd.seq,
+        transfer_id=cmd.transfer_id,
+        ok=True,
+        wire=p.desc,
+        head_start=p.head_start,
+        shapes=[list(t.shape) for t in p.tensors],
+        buffers=bufs,
+        layer_start=runner.parallel.layer_start,
+    )
 
 
 def insert_kv(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV) -> KVIn:

@@ -1,7 +1,7 @@
 """Hidden states between the stages of a pipeline-parallel instance, worker to worker (not via the coordinator).
 
 Stage ``s + 1`` (TP rank ``r``) listens on a TCP port it was given at launch; stage ``s`` (rank ``r``) connects
-to it once its model is loaded and presents the instance's token (a stray client is dropped). Per step the
+to it at its first send and presents the instance's token (a stray client is dropped). Per step the
 sender writes one length-prefixed MessagePack header (``StageTensors``: the step id, each tensor's dtype and
 shape) and then each tensor's raw bytes: no pickle. The receiver checks the step id against the step it is
 executing: both run the coordinator's steps in the same order, so a mismatch is a bug, not a race.
@@ -177,8 +177,11 @@ class StageLink:
                 buf = _recv_exact(self._prev, n)
             except OSError as e:
                 raise StageLinkError(f"the previous pipeline stage went away: {e}") from None
-            t = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(m.shape) if n else \
-                torch.empty(m.shape, dtype=dtype)
+            t = (
+                torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(m.shape)
+                if n
+                else torch.empty(m.shape, dtype=dtype)
+            )
             out.append(t.to(device))
         return out
 

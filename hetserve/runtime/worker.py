@@ -10,6 +10,10 @@ give up on a late transfer and reuse its blocks safely.
 
 Pacing (``speed`` < 1, emulation declared in the cluster file as ``paced_cpu``): the computation is real; the
 worker then sleeps so that a step takes ``measured / speed``, as a device of that relative speed would.
+
+A pipeline stage or TP rank (``layer_start`` / ``layer_end``, ``tp_rank`` / ``tp_size``: ``shard.py``) is one
+worker of a multi-worker instance: it runs every step it is sent, but only the last stage's TP rank 0 answers
+it (``StepDone``); its KV commands act on its own layers and heads.
 """
 
 from __future__ import annotations

@@ -270,19 +270,21 @@ def test_one_worker_redispatch_mid_generation_both_ways(one_worker: LLM, referen
     assert all(m["num_blocks"] > 0 and m["moved_bytes"] > 0 for m in moves)
 
 
-def test_dispatcher_decision_is_carried_out(model: str, reference: list[list[int]]) -> None:
+def test_dispatcher_decision_is_carried_out(one_worker: LLM, reference: list[list[int]]) -> None:
     """All heads on the half-speed worker: the strategy's own rebalance (every 2 steps) brings heads back."""
-    llm = _hetis(model, "cpu-pair", [{"device": "host:1", "kv_heads": 4}],
-                 deployment_params={"redispatch_every_steps": 2})
+    llm = one_worker
+    dep, log = llm.engine.deployment, llm.engine.hetis.log
+    d = dep.dispatchers["main0"]
+    _force_now(llm, (1, (4,)))
+    n, n_sim = len(log), len(dep.redispatch_log)
+    dep.redispatch_every_steps = 2
     try:
         assert _tokens(llm) == reference
-        auto = [m for m in llm.engine.hetis.log if not m["forced"]]
-        assert auto and auto[0]["from"] == [4]
-        d = llm.engine.deployment.dispatchers["main0"]
-        assert d.num_redispatches == len(auto) and llm.engine.deployment.redispatch_log
-        _check_split(llm, tuple(d.assignment))
     finally:
-        llm.shutdown()
+        dep.redispatch_every_steps = 0
+    auto = [m for m in log[n:] if not m["forced"]]
+    assert auto and auto[0]["from"] == [4] and len(dep.redispatch_log) - n_sim == len(auto)
+    _check_split(llm, tuple(d.assignment))
 
 
 def test_two_workers(two_workers: LLM, reference: list[list[int]]) -> None:
@@ -328,34 +330,39 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
-def _run_until(llm: LLM, ids: list[str], timeout_s: float) -> dict[str, object]:
-    done: dict[str, object] = {}
+def _step(llm: LLM, done: dict[str, object]) -> None:
+    for o in llm.engine.step():
+        if o.finished:
+            done[o.request_id] = o
+
+
+def _run_until(llm: LLM, ids: list[str], done: dict[str, object], timeout_s: float) -> dict[str, object]:
     t0 = time.monotonic()
     while len(done) < len(ids):
         assert time.monotonic() - t0 < timeout_s, "requests hang after an attention worker died"
-        for o in llm.engine.step():
-            if o.finished:
-                done[o.request_id] = o
+        _step(llm, done)
     return done
 
 
-def _kill_when_decoding(llm: LLM) -> list[str]:
+def _kill_when_decoding(llm: LLM) -> tuple[list[str], dict[str, object]]:
+    """Start the prompts; once a request on main0 has a token, SIGKILL main0's first attention worker."""
     eng = llm.engine
     ids = [eng.add_request(None, p, SP) for p in PROMPTS]
+    done: dict[str, object] = {}
     t0 = time.monotonic()
     while not any(eng._where.get(r) == "main0" and eng._reqs[r].token_ids for r in ids):
-        assert time.monotonic() - t0 < 30
-        eng.step()
+        assert time.monotonic() - t0 < 30 and len(done) < len(ids), "no request decoded on main0"
+        _step(llm, done)
     os.kill(eng.hetis.info["main0"].worker_pids[0], signal.SIGKILL)
-    return ids
+    return ids, done
 
 
 def test_killed_attention_worker_retries_on_a_replica(model: str, reference: list[list[int]]) -> None:
     llm = _hetis(model, TRIO, [{"device": "host:1", "kv_heads": 2}],
                  extra=[{"name": "r0", "role": "mixed", "devices": ["host:2"]}])
     try:
-        ids = _kill_when_decoding(llm)
-        done = _run_until(llm, ids, 30.0)
+        ids, done = _kill_when_decoding(llm)
+        _run_until(llm, ids, done, 30.0)
         assert [done[i].outputs[0].token_ids for i in ids] == reference
         assert llm.engine.num_retries > 0 and not llm.engine.instances["main0"].alive
         assert "attention worker" in llm.engine.instances["main0"].worker.dead_reason
@@ -366,8 +373,10 @@ def test_killed_attention_worker_retries_on_a_replica(model: str, reference: lis
 def test_killed_attention_worker_fails_requests_explicitly(one_worker: LLM) -> None:
     """Last on the shared engine: with no other instance the requests end with an error, promptly."""
     llm = one_worker
-    ids = _kill_when_decoding(llm)
-    done = _run_until(llm, ids, 30.0)
-    on_main = [i for i in ids if done[i].outputs[0].finish_reason == "error"]
-    assert on_main and all(done[i].outputs[0].finish_reason == "error" for i in ids)
-    assert "attention worker" in str(done[ids[0]].outputs[0].stop_reason)
+    _force_now(llm, (1, (2,)))  # the worker holds heads (a worker holding none is never asked anything)
+    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=3))
+    assert llm.engine.hetis.info["main0"].assignment == [2]
+    ids, done = _kill_when_decoding(llm)
+    _run_until(llm, ids, done, 30.0)
+    assert all(done[i].outputs[0].finish_reason == "error" for i in ids)
+    assert all("attention worker" in str(done[i].outputs[0].stop_reason) for i in ids)

@@ -17,11 +17,14 @@ from pathlib import Path
 import pytest
 
 from hetserve.core.cluster import load_cluster
+from hetserve.core.errors import ValidationError
 from hetserve.core.model_config import ModelConfig
 from hetserve.core.sampling_params import SamplingParams
+from hetserve.engine.model.parallel import ParallelSpec
 from hetserve.llm import LLM
 from hetserve.planner.costmodel import CostModel
 from hetserve.runtime.cluster_engine import ClusterEngine, InstanceOptions
+from hetserve.runtime.kv_layout import KVDescriptor
 from hetserve.strategies.build import build_deployment
 
 MAX_LEN = 256
@@ -59,8 +62,7 @@ def _tokens(llm: LLM) -> list[list[int]]:
 
 def test_three_stage_pipeline_matches_one_device(model: str, reference: list[list[int]]) -> None:
     # layers "auto": choose_layer_split from the devices' speed and memory; chunks of 16 tokens
-    inst = [{"name": "pp0", "devices": ["host:0", "host:1", "host:2"], "layers": "auto",
-             "max_num_batched_tokens": 16}]
+    inst = [{"name": "pp0", "devices": ["host:0", "host:1", "host:2"], "layers": "auto", "max_num_batched_tokens": 16}]
     llm = LLM(model, cluster="cpu-trio", strategy="pp", instances=inst, max_model_len=MAX_LEN, num_kv_blocks=128)
     eng = llm.engine
     try:
@@ -77,6 +79,33 @@ def test_three_stage_pipeline_matches_one_device(model: str, reference: list[lis
         llm.shutdown()
 
 
+def test_default_pipeline_on_cpu_pair(model: str, reference: list[list[int]]) -> None:
+    """``strategy="pp"`` with no instances: one pipeline over both devices, layers split by speed and memory."""
+    llm = LLM(model, cluster="cpu-pair", strategy="pp", max_model_len=MAX_LEN, num_kv_blocks=128)
+    try:
+        (pp,) = llm.engine.instances.values()
+        assert pp.num_stages == 2 and pp.layer_range(0)[1] == pp.layer_range(1)[0]
+        assert _tokens(llm) == reference
+        _no_leaks(llm.engine)
+    finally:
+        llm.shutdown()
+
+
+def test_tp_shards_follow_the_kv_descriptor(model: str) -> None:
+    """The model's TP split of kv heads (replicated when ranks outnumber them) is the one KV transfers assume;
+    a ``tp`` that does not divide the kv heads is refused naming ``tp``."""
+    mc = ModelConfig.from_path(model)  # 4 query heads, 2 kv heads
+    for tp in (1, 2, 4):
+        desc = KVDescriptor(num_layers=5, num_kv_heads=2, head_dim=mc.head_dim, block_size=16, tp_size=tp)
+        assert [ParallelSpec(tp_rank=r, tp_size=tp).kv_heads(mc) for r in range(tp)] == [
+            desc.heads_of_rank(r) for r in range(tp)
+        ]
+    odd = dataclasses.replace(mc, num_attention_heads=6, num_key_value_heads=3)  # 3 kv heads over 2 ranks
+    with pytest.raises(ValidationError, match="kv heads") as err:
+        ParallelSpec(tp_rank=0, tp_size=2, all_reduce=lambda t: None).validate(odd)
+    assert err.value.field == "tp"
+
+
 def test_tp2_instance_matches_tp1(model: str, reference: list[list[int]]) -> None:
     inst = [{"name": "tp0", "devices": ["host:0", "host:1"], "tp": 2}]
     llm = LLM(model, cluster="cpu-trio", strategy="dp", instances=inst, max_model_len=MAX_LEN, num_kv_blocks=128)
@@ -90,8 +119,10 @@ def test_tp2_instance_matches_tp1(model: str, reference: list[list[int]]) -> Non
         llm.shutdown()
 
 
-PD_TP = [{"name": "prefill0", "role": "prefill", "devices": ["host:0", "host:1"], "tp": 2},
-         {"name": "decode0", "role": "decode", "devices": ["host:2"]}]
+PD_TP = [
+    {"name": "prefill0", "role": "prefill", "devices": ["host:0", "host:1"], "tp": 2},
+    {"name": "decode0", "role": "decode", "devices": ["host:2"]},
+]
 PD_CONVERT = {"block_sizes": {"decode0": 32}, "kv_layouts": {"decode0": "HND"}}
 
 
@@ -103,8 +134,16 @@ def test_pd_prefill_tp2_bf16_to_decode_tp1_fp32(model: str) -> None:
     (sampled by the bf16 TP-2 prefill) equals the single-process bf16 engine's. Exact tokens for the same
     path in fp32 are checked by ``test_pd_prefill_tp2_fp32_exact``."""
     first_bf16 = [t[0] for t in _ref(model, "bfloat16")]
-    llm = LLM(model, cluster="cpu-trio", strategy="pd", instances=PD_TP, max_model_len=MAX_LEN, num_kv_blocks=128,
-              dtypes={"prefill0": "bfloat16"}, **PD_CONVERT)
+    llm = LLM(
+        model,
+        cluster="cpu-trio",
+        strategy="pd",
+        instances=PD_TP,
+        max_model_len=MAX_LEN,
+        num_kv_blocks=128,
+        dtypes={"prefill0": "bfloat16"},
+        **PD_CONVERT,
+    )
     eng = llm.engine
     try:
         p, d = eng.instances["prefill0"], eng.instances["decode0"]
@@ -120,8 +159,15 @@ def test_pd_prefill_tp2_bf16_to_decode_tp1_fp32(model: str) -> None:
 
 
 def test_pd_prefill_tp2_fp32_exact(model: str, reference: list[list[int]]) -> None:
-    llm = LLM(model, cluster="cpu-trio", strategy="pd", instances=PD_TP, max_model_len=MAX_LEN, num_kv_blocks=128,
-              **PD_CONVERT)
+    llm = LLM(
+        model,
+        cluster="cpu-trio",
+        strategy="pd",
+        instances=PD_TP,
+        max_model_len=MAX_LEN,
+        num_kv_blocks=128,
+        **PD_CONVERT,
+    )
     try:
         assert _tokens(llm) == reference
         assert llm.engine.num_transfers_ok == len(PROMPTS) and llm.engine.num_transfers_failed == 0
@@ -150,15 +196,26 @@ def test_pd_from_pipeline_to_tp2(model: str, reference: list[list[int]]) -> None
     block 16 -> 32 and NHD -> HND on the wire. Built around the config path, which keeps PD instances
     single-stage (``instances[i].layers`` is refused there)."""
     cl, mc = load_cluster(TRIO), ModelConfig.from_path(model)
-    dep = build_deployment(cl, mc, {"strategy": "pd", "dtype": "float32", "max_model_len": MAX_LEN, "instances": [
-        {"name": "prefill0", "role": "prefill", "devices": ["host:2"]},
-        {"name": "decode0", "role": "decode", "devices": ["host:0", "host:1"], "tp": 2}]})
+    dep = build_deployment(
+        cl,
+        mc,
+        {
+            "strategy": "pd",
+            "dtype": "float32",
+            "max_model_len": MAX_LEN,
+            "instances": [
+                {"name": "prefill0", "role": "prefill", "devices": ["host:2"]},
+                {"name": "decode0", "role": "decode", "devices": ["host:0", "host:1"], "tp": 2},
+            ],
+        },
+    )
     pf = dep.plans["prefill0"]
     stages = tuple(CostModel(mc, pf.cost.device, "float32", layers=r) for r in ((0, 3), (3, 5)))
     dep.plans["prefill0"] = dataclasses.replace(pf, stage_costs=stages, device_ids=("host:2", "host:2"))
     dep.plans["decode0"] = dataclasses.replace(dep.plans["decode0"], block_size=32)
-    eng = ClusterEngine(model, dep, {"decode0": InstanceOptions(kv_layout="HND")}, max_model_len=MAX_LEN,
-                        num_kv_blocks=128)
+    eng = ClusterEngine(
+        model, dep, {"decode0": InstanceOptions(kv_layout="HND")}, max_model_len=MAX_LEN, num_kv_blocks=128
+    )
     try:
         assert eng.instances["prefill0"].num_stages == 2 and eng.instances["decode0"].tp == 2
         done = _drive(eng, SP)
@@ -183,10 +240,19 @@ def test_kill_pipeline_stage_mid_run(model: str, reference: list[list[int]]) -> 
     """SIGKILL the first stage (a worker that never answers the coordinator itself) of a 2-stage pipeline while
     requests decode: the instance is dropped, its requests finish on the healthy single-device instance with
     the reference tokens (or fail with an error naming the pipeline), and nothing hangs."""
-    inst = [{"name": "pp0", "devices": ["host:0", "host:1"], "layers": [[0, 2], [2, 5]]},
-            {"name": "i1", "devices": ["host:2"]}]
-    llm = LLM(model, cluster="cpu-trio", strategy="pp", instances=inst, max_model_len=MAX_LEN, num_kv_blocks=128,
-              step_timeout_s=10.0)
+    inst = [
+        {"name": "pp0", "devices": ["host:0", "host:1"], "layers": [[0, 2], [2, 5]]},
+        {"name": "i1", "devices": ["host:2"]},
+    ]
+    llm = LLM(
+        model,
+        cluster="cpu-trio",
+        strategy="pp",
+        instances=inst,
+        max_model_len=MAX_LEN,
+        num_kv_blocks=128,
+        step_timeout_s=10.0,
+    )
     eng = llm.engine
     pids = eng.all_worker_pids()["pp0"]
     killed: list[bool] = []

@@ -11,7 +11,9 @@ single-process engine's greedy tokens.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -24,7 +26,8 @@ import pytest
 from hetserve.core.sampling_params import SamplingParams
 from hetserve.llm import LLM
 
-ray = pytest.importorskip("ray")
+if importlib.util.find_spec("ray") is None:
+    pytest.skip("needs Ray: pip install 'hetserve[ray]'", allow_module_level=True)
 
 pytestmark = pytest.mark.slow
 
@@ -51,19 +54,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run(cmd: list[str], env: dict[str, str]) -> None:
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+
+
 @pytest.fixture(scope="module")
 def ray_address(_only_when_asked: None):
     cli, port = _ray_cli(), _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray 2.5x+ authenticates its RPCs with a token once one exists (~/.ray/auth_token), and a node joining with
+    # `ray start --address` does not pick that up by itself: a fresh token for this cluster, in the nodes' and
+    # this driver's environment, makes them agree (older Rays ignore it). Ray reads it when first imported.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
+    saved = {k: os.environ.get(k) for k in [*auth, "RAY_ADDRESS"]}
+    os.environ.pop("RAY_ADDRESS", None)
+    if "ray" not in sys.modules:
+        os.environ.update(auth)
+    import ray
+
+    env = dict(os.environ)
     common = ["--num-cpus", "1", "--object-store-memory", str(100 << 20), "--disable-usage-stats"]
     t0 = time.monotonic()
-    subprocess.run([cli, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                    "--include-dashboard=false", "--resources", '{"hetserve_node_a": 1}', *common],
-                   check=True, env=env, capture_output=True)
     address = f"127.0.0.1:{port}"
     try:
-        subprocess.run([cli, "start", "--address", address, "--node-ip-address", "127.0.0.1",
-                        "--resources", '{"hetserve_node_b": 1}', *common], check=True, env=env, capture_output=True)
+        _run([cli, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+              "--include-dashboard=false", "--resources", '{"hetserve_node_a": 1}', *common], env)
+        _run([cli, "start", "--address", address, "--node-ip-address", "127.0.0.1",
+              "--resources", '{"hetserve_node_b": 1}', *common], env)
         ray.init(address=address, log_to_driver=False)
         deadline = time.monotonic() + 60
         while len([n for n in ray.nodes() if n["Alive"]]) < 2:
@@ -75,6 +92,11 @@ def ray_address(_only_when_asked: None):
         if ray.is_initialized():
             ray.shutdown()
         subprocess.run([cli, "stop", "--force"], check=False, env=env, capture_output=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +111,8 @@ def reference(model: str) -> list[list[int]]:
 
 
 def _ray_node_of(resource: str) -> str:
+    import ray
+
     (node,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"]]
     return node
 
@@ -97,7 +121,7 @@ def _cluster(model: str, strategy: str, address: str, **kw) -> LLM:
     t0 = time.monotonic()
     llm = LLM(model, cluster="ray-pair", strategy=strategy, max_model_len=MAX_LEN, num_kv_blocks=128,
               ray_address=address, **kw)
-    print(f"{strategy}: {len(llm.engine.instances)} Ray workers ready in {time.monotonic() - t0:.1f} s")
+    print(f"{strategy}: {len(llm.engine.placement.processes)} Ray workers ready in {time.monotonic() - t0:.1f} s")
     return llm
 
 
@@ -107,6 +131,8 @@ def _no_leaks(llm: LLM) -> None:
 
 
 def test_dp_across_two_ray_nodes(model: str, reference: list[list[int]], ray_address: str) -> None:
+    import ray
+
     from hetserve.runtime.ray_backend import RayPlacement
 
     llm = _cluster(model, "dp", ray_address)
@@ -130,6 +156,8 @@ def test_dp_across_two_ray_nodes(model: str, reference: list[list[int]], ray_add
 
 
 def test_pd_across_two_ray_nodes_and_actor_death(model: str, reference: list[list[int]], ray_address: str) -> None:
+    import ray
+
     llm = _cluster(model, "pd", ray_address, step_timeout_s=20.0, **PD_CONVERT)
     eng = llm.engine
     try:
@@ -160,6 +188,19 @@ def test_pd_across_two_ray_nodes_and_actor_death(model: str, reference: list[lis
         print(f"actor death: all requests done {time.monotonic() - killed_at:.2f} s after ray.kill; "
               f"reason: {eng.instances['decode0'].worker.dead_reason}")
         assert [done[f"k{i}"] for i in range(len(PROMPTS))] == reference
+        _no_leaks(llm)
+    finally:
+        llm.shutdown()
+
+
+def test_pp_stages_on_two_ray_nodes(model: str, reference: list[list[int]], ray_address: str) -> None:
+    """A pipeline's stages on different Ray nodes (the stages' own link is loopback TCP here)."""
+    llm = _cluster(model, "pp", ray_address)
+    try:
+        assert llm.engine.placement.node_ids() == {"pp0.s0": _ray_node_of("hetserve_node_a"),
+                                                   "pp0.s1": _ray_node_of("hetserve_node_b")}
+        outs = llm.generate(PROMPTS, SP)
+        assert [o.outputs[0].token_ids for o in outs] == reference
         _no_leaks(llm)
     finally:
         llm.shutdown()

@@ -116,10 +116,9 @@ def test_wrong_tokens_and_bad_clients_are_refused(model: str) -> None:
         garbage = socket.create_connection((host, port))
         garbage.sendall(b"\x00\x00\x00\x00\x00\x00\x00\x05hello")
         t0 = time.monotonic()
-        for _ in range(4):
-            assert listener.poll(5.0)
-        assert time.monotonic() - t0 < 3.0
-        assert len(listener.refused) == 4 and "wrong token" in listener.refused[0]
+        assert listener.wait_refused(4, 5.0), listener.refused
+        assert time.monotonic() - t0 < 3.0  # the silent one was dropped after 0.5 s
+        assert len(listener.refused) == 4 and sum("wrong token" in r for r in listener.refused) == 1
         refusal = _recv_frame(wrong, 4096)
         assert isinstance(refusal, Refused) and refusal.reason == "wrong token"
         assert wrong.recv(1) == b""  # closed, and no spec was sent
@@ -136,10 +135,30 @@ def test_wrong_tokens_and_bad_clients_are_refused(model: str) -> None:
         assert isinstance(_recv_frame(good, 4096), Welcome)
         again = socket.create_connection((host, port))
         _send_frame(again, Hello(token=token, pid=2))
-        assert listener.poll(5.0) and isinstance(_recv_frame(again, 4096), Refused)
+        assert listener.wait_refused(5, 5.0) and isinstance(_recv_frame(again, 4096), Refused)
         again.close()
         good.close()
         chan.close()
+    finally:
+        listener.close()
+
+
+def test_specs_are_sent_on_connect_whoever_the_coordinator_waits_for() -> None:
+    """Pipeline stages wait for each other before saying Ready: each must get its spec on connecting, not when
+    the coordinator gets round to ``accept``ing it."""
+    listener = Listener()
+    try:
+        tokens = {n: listener.expect(n, f"spec of {n}".encode()) for n in ("s0", "s1")}
+        chans = {}
+        for n in ("s1", "s0"):
+            chans[n] = connect_to_coordinator(listener.address, tokens[n], 5.0)
+        for n, chan in chans.items():  # nobody has called accept yet
+            assert chan.poll(5.0) and chan.recv_bytes() == f"spec of {n}".encode()
+        assert listener.accept("s0", 5.0)[1].pid == os.getpid()
+        with pytest.raises(WorkerDied, match="did not connect"):
+            listener.accept("s2", 0.3)
+        for chan in chans.values():
+            chan.close()
     finally:
         listener.close()
 

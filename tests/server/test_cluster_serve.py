@@ -1,7 +1,8 @@
 """``hetserve serve --cluster cpu-pair``: the OpenAI server over worker processes (one paced at half speed,
 emulated), through the ``openai`` SDK. The reference is the single-process engine's greedy output; a strategy
 the runtime cannot run yet (``server.cluster.runtime_support``) is skipped with the runtime's reason, and runs
-as soon as the runtime supports it.
+as soon as the runtime supports it. Tests that start workers are ``slow`` (each server start spawns 2-3 Python
+processes); the config checks are not.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def reference(model: Path) -> dict[str, object]:
         "chat": llm.chat(CHAT, greedy(8))[0].outputs[0].text,
         "stream": llm.generate(PROMPTS[1], greedy(20, ignore_eos=True))[0].outputs[0].text,
         "long": llm.generate(PROMPTS[0], greedy(80, ignore_eos=True))[0].outputs[0].text,
+        # sampling state that must survive hand-offs between instances: seeds, penalties, min_tokens
+        "seeded": llm.generate(PROMPTS[2], SamplingParams(temperature=1.0, seed=11, max_tokens=12))[0].outputs[0].text,
+        "penalised": llm.generate(PROMPTS[2], greedy(12, repetition_penalty=1.4, frequency_penalty=0.5,
+                                                     min_tokens=12))[0].outputs[0].text,
     }
 
 
@@ -87,6 +92,7 @@ def _alive(pid: int) -> bool:
 # ---- every strategy: same greedy text as one device, streaming, 400s, /health, /metrics ---------------------
 
 
+@pytest.mark.slow  # worker processes
 def test_greedy_equals_one_device(cluster_server: ServerThread, reference: dict) -> None:
     with _client(cluster_server) as c:
         r = c.completions.create(model=MODEL_NAME, prompt=PROMPTS, max_tokens=10, temperature=0.0)
@@ -94,8 +100,14 @@ def test_greedy_equals_one_device(cluster_server: ServerThread, reference: dict)
         assert r.usage is not None and r.usage.completion_tokens == sum(reference["batch_tokens"])
         chat = c.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=8, temperature=0.0)
         assert chat.choices[0].message.content == reference["chat"]
+        seeded = c.completions.create(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=12, temperature=1.0, seed=11)
+        assert seeded.choices[0].text == reference["seeded"]
+        pen = c.completions.create(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=12, temperature=0.0,
+                                   frequency_penalty=0.5, extra_body={"repetition_penalty": 1.4, "min_tokens": 12})
+        assert pen.choices[0].text == reference["penalised"]
 
 
+@pytest.mark.slow  # worker processes
 def test_streaming(cluster_server: ServerThread, reference: dict) -> None:
     with _client(cluster_server) as c:
         stream = c.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=20, temperature=0.0,
@@ -108,7 +120,19 @@ def test_streaming(cluster_server: ServerThread, reference: dict) -> None:
     assert text_chunks[-1].choices[0].finish_reason == "length"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
 
+    # a client that goes away mid-stream: its request is aborted on whichever instance holds it, no block leaks
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=cluster_server.base_url, timeout=30) as h, h.stream("POST", "/v1/completions",
+                                                                                  json=body) as r:
+        next(_sse(r))
+    eng = cluster_server.engine.engine.cluster_engine
+    deadline = time.monotonic() + 10
+    while cluster_server.engine.has_work or any(f != u for f, u in eng.free_blocks().values()):
+        assert time.monotonic() < deadline, f"not idle: {eng.free_blocks()}"
+        time.sleep(0.02)
 
+
+@pytest.mark.slow  # worker processes
 def test_unsupported_features_are_400_naming_the_field(cluster_server: ServerThread) -> None:
     base = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 4}
     cases = [
@@ -131,11 +155,19 @@ def test_unsupported_features_are_400_naming_the_field(cluster_server: ServerThr
         c.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=4, n=3)
 
 
+@pytest.mark.slow  # worker processes
 def test_health_and_metrics_list_the_instances(cluster_server: ServerThread) -> None:
     dep = cluster_server.engine.engine.cluster_engine.deployment
     with httpx.Client(base_url=cluster_server.base_url, timeout=30) as h:
+        done = h.post("/v1/completions", json={"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 3,
+                                               "ignore_eos": True})
+        assert done.status_code == 200
         r = h.get("/health")
         metrics = h.get("/metrics").text
+    samples = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines() if ln[:1] != "#"}
+    # the server-wide series are kept as on one device
+    assert samples['hetserve:time_to_first_token_seconds_count{model_name="tiny"}'] >= 1
+    assert samples['hetserve:request_success_total{finished_reason="length",model_name="tiny"}'] >= 1
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["strategy"] == cluster_server.settings.strategy
@@ -169,6 +201,7 @@ def _wait_health(h: httpx.Client, ok: object, timeout_s: float = 10.0) -> httpx.
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # worker processes
 def test_killed_worker_is_reported_and_survivors_serve(model: Path, reference: dict) -> None:
     thread = _start(model, strategy="pd")
     try:
@@ -224,21 +257,18 @@ def _parse(argv: list[str]) -> ServerSettings:
     return settings_from_args(p.parse_args(argv))
 
 
+@pytest.mark.slow  # worker processes
 def test_serve_the_plan_file(tmp_path: Path, model: Path, reference: dict) -> None:
     from hetserve.cli.main import main
 
-    # the planner ranks a model's shapes (a folder holding only config.json); a small memory keeps its
-    # simulated KV pools small (the sim builds every block)
-    shapes = tmp_path / "shapes"
-    shapes.mkdir()
-    (shapes / "config.json").write_text((model / "config.json").read_text())
+    # a small memory keeps the planner's simulated KV pools small (the simulator builds every block)
     cluster = yaml.safe_load(CPU_PAIR.read_text())
     cluster["emulation"]["of"]["memory_gb"] = 1.2  # a CPU device reserves 1 GiB for activations and runtime
     (tmp_path / "clusters").mkdir()
     (tmp_path / "clusters" / "pair.yaml").write_text(yaml.safe_dump(cluster))
     plan = tmp_path / "out" / "plan.yaml"
     plan.parent.mkdir()
-    code = main(["plan", "--cluster", str(tmp_path / "clusters" / "pair.yaml"), "--model", str(shapes),
+    code = main(["plan", "--cluster", str(tmp_path / "clusters" / "pair.yaml"), "--model", str(model),
                  "--workload", "fixed:input=24,output=8", "--slo", "ttft_ms=2000,tpot_ms=200", "--strategies", "pd",
                  "--per-strategy", "1", "--workers", "1", "--window-s", "1", "--max-requests", "8",
                  "--max-model-len", "256", "--dtype", "float32", "--output", str(plan)])
@@ -246,19 +276,30 @@ def test_serve_the_plan_file(tmp_path: Path, model: Path, reference: dict) -> No
     written = yaml.safe_load(plan.read_text())
     assert written["strategy"] == "pd" and not Path(written["model"]).is_absolute()  # relative to the plan file
 
-    with pytest.raises(ValidationError) as e:  # shapes only: refused before any worker starts
-        create_engine(_parse(["--config", str(plan)]))
-    assert e.value.field == "model" and "--model DIR" in e.value.message
-
-    s = _parse(["--config", str(plan), "--model", str(model), "--port", "0", "--served-model-name", MODEL_NAME,
+    # the file as hetserve plan wrote it; only where to listen and what to call the model come as flags
+    s = _parse(["--config", str(plan), "--port", "0", "--served-model-name", MODEL_NAME,
                 "--uvicorn-log-level", "warning"])
     assert (s.strategy, s.instances, s.max_model_len, s.dtype) == ("pd", written["instances"], 256, "float32")
     assert s.cluster == str(tmp_path / "clusters" / "pair.yaml") and s.predicted == written["predicted"]
+    assert Path(s.model).resolve() == model.resolve()
     with ServerThread(s) as thread, _client(thread) as c:
         names = [i["name"] for i in httpx.get(thread.base_url + "/health").json()["instances"]]
         assert names == [i["name"] for i in written["instances"]]
         r = c.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=10, temperature=0.0)
         assert r.choices[0].text == reference["batch"][0]
+
+    # a plan made for a model's shapes only (a folder holding config.json): refused, naming model and --model,
+    # before any worker starts; --model DIR overrides it
+    shapes = tmp_path / "shapes"
+    shapes.mkdir()
+    (shapes / "config.json").write_text((model / "config.json").read_text())
+    for spec in (str(shapes), str(shapes / "config.json")):
+        shaped = plan.with_name(f"plan-{Path(spec).name}.yaml")
+        shaped.write_text(yaml.safe_dump({**written, "model": spec}))
+        with pytest.raises(ValidationError) as e:
+            create_engine(_parse(["--config", str(shaped)]))
+        assert e.value.field == "model" and "--model DIR" in e.value.message
+        assert _parse(["--config", str(shaped), "--model", str(model)]).model == str(model)
 
 
 @pytest.mark.parametrize("text,key", [
@@ -326,6 +367,7 @@ def test_settings_with_a_deployment_round_trip_as_a_config_file(tmp_path: Path) 
 # ---- the demo table --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # worker processes
 def test_demo_table_names_emulation_and_what_is_missing(model: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     from hetserve.cli import demo_cluster

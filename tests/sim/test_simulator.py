@@ -117,6 +117,66 @@ def test_constant_service_waits_follow_the_lindley_recursion() -> None:
     assert_clean(sim)
 
 
+class WakingCost(ConstantCost):
+    """Every step takes ``step_s``; a step that starts after an idle gap takes ``wake_s`` more."""
+
+    def __init__(self, step_s: float, wake_s: float) -> None:
+        super().__init__(step_s)
+        self.wake_s = wake_s
+
+    def idle_wake_s(self, idle_s: float) -> float:
+        return self.wake_s if idle_s > 0 else 0.0
+
+
+def test_a_step_after_an_idle_gap_pays_the_wake_up_and_arrivals_wait_for_the_running_step() -> None:
+    """One request per step (max_num_seqs 1, one token): the departure recursion of a FIFO server whose
+    service is D, plus W when the server was idle when the request arrived (it found no step running)."""
+    step_s, wake_s = 0.01, 0.004
+    plan = InstancePlan("q", ("d0",), "mixed", (WakingCost(step_s, wake_s),), num_kv_blocks=64,  # type: ignore[arg-type]
+                        max_num_seqs=1)
+    rng = random.Random(3)
+    t, wl = 0.0, []
+    for _ in range(2000):
+        t += rng.expovariate(0.6 / step_s)
+        wl.append(SimRequest(t, 4, 1))
+    res = Simulator(OneInstance([plan], lambda a, b: None)).run(wl)  # type: ignore[arg-type,return-value]
+    free = 0.0
+    num_woken = 0
+    for rec, spec in zip(res.records, wl, strict=True):
+        idle = spec.arrival_s > free
+        num_woken += idle
+        free = max(free, spec.arrival_s) + step_s + (wake_s if idle else 0.0)
+        assert rec.ttft_s == pytest.approx(free - spec.arrival_s, abs=1e-9)
+    assert 0 < num_woken < len(wl)  # both cases occur
+
+
+def test_new_requests_first_step_carries_the_measured_host_cost() -> None:
+    """A lone request's TTFT is its first step (new-request terms included) plus the wake-up after the idle
+    gap since time 0; its later steps are plain decode steps."""
+    from hetserve.core.devices import get_device
+    from hetserve.planner.costmodel import BatchShape, CostModel
+    from hetserve.planner.profile import DeviceProfile, Table1D, model_shape_hash
+
+    prof = DeviceProfile(
+        device_name="A10", emulation=None, model_name="m", shape_hash=model_shape_hash(MODEL), dtype="bfloat16",
+        kv_cache_dtype="bfloat16", tp=1, dense=Table1D((1.0, 1024.0), (1e-4, 1e-3)), step_overhead_s=2e-4,
+        step_overhead_per_seq_s=1e-5, new_seq_overhead_s=3e-4, new_seq_overhead_per_token_s=1e-6,
+        idle_wake=Table1D((0.0, 0.01), (0.0, 5e-4)),
+    )
+    cost = CostModel(MODEL, get_device("A10"), profile=prof)
+    plan = InstancePlan("q", ("d0",), "mixed", (cost,), num_kv_blocks=256, max_num_seqs=4,
+                        max_num_batched_tokens=512)
+    res = Simulator(OneInstance([plan], lambda a, b: None)).run([SimRequest(0.5, 100, 3)])  # type: ignore[arg-type]
+    rec = res.records[0]
+    layers = MODEL.num_hidden_layers
+    attn = cost.attention_time_s(BatchShape(((100, 0),)))  # roofline: the profile has no attention tables
+    lm = cost.breakdown(BatchShape(((100, 0),)))["lm_head"] + cost.breakdown(BatchShape(((100, 0),)))["embedding"]
+    dense = 1e-4 + 9e-4 * 99 / 1023
+    first = layers * dense + attn + lm + 2e-4 + 1e-5 + 3e-4 + 100 * 1e-6
+    assert rec.ttft_s == pytest.approx(first + 5e-4, rel=1e-9)  # idle since 0: the whole wake-up
+    assert rec.itl_s[0] == pytest.approx(cost.step_time_s(BatchShape((), 1, 100)), rel=1e-9)
+
+
 @pytest.mark.parametrize("rho", [0.5, 0.7])
 def test_constant_service_reproduces_md1_mean_wait(rho: float) -> None:
     """max_num_seqs = 1 and one-token outputs: each request is one step of D seconds, served FIFO. The

@@ -151,7 +151,8 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
     if nh % tp:
         raise ValidationError("tp", f"{nh} attention heads do not split over tp {tp}")
     if (nkv >= tp and nkv % tp) or (nkv < tp and tp % nkv):
-        raise ValidationError("tp", f"{nkv} kv heads and tp {tp}: one must divide the other "
-                                    "(fewer kv heads than ranks are replicated)")
+        raise ValidationError(
+            "tp", f"{nkv} kv heads and tp {tp}: one must divide the other (fewer kv heads than ranks are replicated)"
+        )
     if cfg.intermediate_size % tp:
         raise ValidationError("tp", f"intermediate_size {cfg.intermediate_size} does not split over tp {tp}")
