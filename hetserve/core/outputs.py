@@ -36,6 +36,9 @@ class ScheduledRequest:
     # the step ends at the request's last known token, so one token is sampled
     sample: bool
     new: NewRequestInfo | None = None
+    # the request's preemption count when scheduled: an answer to a step scheduled before a preemption (several
+    # steps in flight) is stale once the request was re-admitted, and is dropped
+    epoch: int = 0
 
 
 @dataclass

@@ -244,6 +244,7 @@ class Scheduler:
             new_block_ids=new_block_ids,
             sample=sample,
             new=new,
+            epoch=req.num_preemptions,
         )
 
     def update_from_output(
@@ -257,8 +258,8 @@ class Scheduler:
         for idx, sr in enumerate(scheduler_output.scheduled):
             rid = sr.req_id
             req = self.requests.get(rid)
-            if req is None or req.status != RequestStatus.RUNNING:
-                continue  # finished or preempted while the step ran
+            if req is None or req.status != RequestStatus.RUNNING or sr.epoch != req.num_preemptions:
+                continue  # finished or preempted while the step ran (maybe re-admitted since: stale)
             reached = sr.num_computed_tokens + sr.num_tokens
             if caching:
                 self.kv.cache_blocks(req, reached)
