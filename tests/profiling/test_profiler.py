@@ -62,13 +62,19 @@ def test_cli_quick_profile_loads_and_is_sane(cli_profile: tuple[Path, float], ti
     assert p.kv_bytes_per_token == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
     assert p.num_hidden_layers == cfg.num_hidden_layers
     assert p.copy_bytes_per_s is not None and 1e8 < p.copy_bytes_per_s < 1e13
-    assert p.step_overhead_s >= 0
+    assert p.step_overhead_s >= 0 and p.new_seq_overhead_s >= 0 and p.new_seq_overhead_per_token_s >= 0
+    # the engine-level host terms: the wake-up table over the grid's idle gaps, never warmer after a longer one
+    assert p.idle_wake is not None and p.idle_wake.xs == ProfileGrid.default("cpu", quick=True).idle_s
+    assert list(p.idle_wake.ys) == sorted(p.idle_wake.ys)
+    kinds = {v.get("kind") for v in p.meta["validation"]}
+    assert {"engine decode", "engine new request", "engine idle wake"} <= kinds
     for table in (p.dense, p.lm_head):
         assert table is not None and all(0 < y < 1.0 for y in table.ys)
     for t2 in (p.decode_attn, p.prefill_attn):
         assert t2 is not None and all(0 < z < 1.0 for row in t2.zs for z in row)
     raw = json.loads(path.read_text())
     assert raw["meta"]["command"].startswith("hetserve profile") and raw["meta"]["partition"]["emulated"] is False
+    assert len(raw["meta"]["load_average"]["start"]) == 3  # a CPU profile says how busy the machine was
 
 
 def test_more_work_never_takes_less_time(wide_profile: DeviceProfile) -> None:
