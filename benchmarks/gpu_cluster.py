@@ -114,6 +114,9 @@ def main() -> int:
     ap.add_argument("--slo", default="ttft_ms=2000,tpot_ms=100")
     ap.add_argument("--cronus-tbt-ms", type=float, default=50.0)
     ap.add_argument("--tag", default="h100-mps")
+    ap.add_argument("--profiles", default="H100-MPS75=profiles/h100-100sm-llama-3.1-8b.json,"
+                                          "H100-MPS25=profiles/h100-32sm-llama-3.1-8b.json",
+                    help="DEVICE=PATH stand-ins or profiles measured on the MPS clients themselves")
     ap.add_argument("--smoke-cpu", action="store_true", help="cpu-pair + tiny model: check the script, no GPU")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="stop starting new runs after this")
     args = ap.parse_args()
@@ -122,7 +125,6 @@ def main() -> int:
     from hetserve.bench.metrics import parse_slo
     from hetserve.core.cluster import load_cluster
     from hetserve.core.model_config import ModelConfig
-    from hetserve.planner.profile import load_profile
     from hetserve.runtime.cluster_engine import from_cluster
 
     slo = parse_slo(args.slo)
@@ -167,12 +169,15 @@ def main() -> int:
         hi, lo = HI, LO
         device, dtype, vocab_hi, scale = "cuda", "bfloat16", 120000, 1
         # MPS 75% ~ the 100-SM green-context profile (76% of the SMs), MPS 25% ~ the 32-SM one (24%): said so
-        profiles = {"H100-MPS75": load_profile(ROOT / "profiles/h100-100sm-llama-3.1-8b.json"),
-                    "H100-MPS25": load_profile(ROOT / "profiles/h100-32sm-llama-3.1-8b.json")}
+        from hetserve.planner.profile_set import load_profile_set
+
+        profiles = {n: p for n, (p, _) in load_profile_set(args.profiles.split(","), "--profiles", ROOT).items()}
         mps = MpsDaemon().start()
         worker_env = {}
         for part in cluster.emulation.partitions:  # type: ignore[union-attr]
-            worker_env[part.name] = mps.client_env(part.amount, part.memory_bytes)
+            # the cap: the declared memory plus 3 GiB for the CUDA context and workspaces the plan does not count
+            cap = None if part.memory_bytes is None else part.memory_bytes + 3 * 2**30
+            worker_env[part.name] = mps.client_env(part.amount, cap)
         engine_kw = {"max_model_len": args.max_input + args.max_output + 16, "num_kv_blocks": 1 << 20,
                      "load_format": "dummy"}
         max_in, max_out = args.max_input, args.max_output
@@ -198,8 +203,7 @@ def main() -> int:
             t0 = time.monotonic()
             try:
                 engine = from_cluster(str(model_dir), cluster, spec["strategy"], instances=spec["instances"],
-                                      deployment_params=spec.get("params"), device=device,
-                                      dtypes={i["name"]: dtype for i in spec["instances"]},
+                                      deployment_params=spec.get("params"), device=device, dtype=dtype,
                                       worker_env=worker_env, profiles=profiles, **engine_kw)
             except Exception as e:  # noqa: BLE001 - recorded, the next strategy runs
                 row["error"] = f"{type(e).__name__}: {e}"

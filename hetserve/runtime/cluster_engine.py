@@ -43,12 +43,13 @@ from hetserve.runtime.instances import (
     worker_devices,
     worker_specs,
 )
-from hetserve.runtime.kv_handoff import KVHandoffs
+from hetserve.runtime.kv_handoff import KVHandoffs, KVLink
 from hetserve.runtime.worker import (
     Execute,
     Failed,
     KVIn,
     KVOut,
+    KVSent,
     Ping,
     Pong,
     StepDone,
@@ -96,6 +97,9 @@ class ClusterEngine:
         max_retries: int = 1,
         placement: Placement | None = None,
         attn_speeds: dict[str, float] | None = None,
+        attn_envs: dict[str, dict[str, str]] | None = None,
+        kv_links: dict[tuple[str, str], KVLink] | None = None,
+        kv_direct: bool = True,
     ) -> None:
         self.model_config = ModelConfig.from_path(model)
         self.tokenizer = Tokenizer.from_dir(model)
@@ -108,16 +112,19 @@ class ClusterEngine:
         self.placement = placement  # where workers run (connect.py: tcp, ray); None: local socket pairs
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
         options = options or {}
-        self.hetis = HetisControl(deployment, attn_speeds)  # Hetis mains' attention workers, re-dispatch
+        self.hetis = HetisControl(deployment, attn_speeds, envs=attn_envs)  # Hetis mains' attention workers, re-dispatch
         self.instances: dict[str, Instance] = {}
         try:
             specs: dict[str, list[WorkerSpec]] = {}  # one worker per (pipeline stage, TP rank)
+            # direct KV hand-offs (kv_direct.py): every worker opens an endpoint per transport kind in use
+            kv_kinds = tuple(sorted({lk.kind for lk in (kv_links or {}).values()} or {"shm"})) if kv_direct else ()
             for name, plan in list(deployment.plans.items()):
                 nb = min(plan.num_kv_blocks, num_kv_blocks)
                 plan = dataclasses.replace(plan, num_kv_blocks=nb, max_model_len=self.max_model_len)
                 deployment.plans[name] = plan
                 specs[name] = worker_specs(plan, str(model), self.model_config, options.get(name, InstanceOptions()),
-                                           self.max_model_len, hetis=self.hetis.worker_spec(name))
+                                           self.max_model_len, hetis=self.hetis.worker_spec(name),
+                                           kv_transports=kv_kinds)
             self.instances = launch_all(deployment.plans, specs, options, self.max_model_len, placement)
             self.hetis.start(self.instances)
         except BaseException:
@@ -130,7 +137,7 @@ class ClusterEngine:
         self._reqs: dict[str, _ReqState] = {}
         self._where: dict[str, str] = {}
         self._pending_src: dict[str, str] = {}
-        self.handoffs = KVHandoffs(self.instances, self._pending_src, kv_deadline_s, self._on_dead)
+        self.handoffs = KVHandoffs(self.instances, self._pending_src, kv_deadline_s, self._on_dead, kv_links)
         self._by_conn = {w.conn: (i, j) for i in self.instances.values() for j, w in enumerate(i.workers)}
         self._ids = itertools.count()
         self._touched: dict[str, _ReqState] = {}
@@ -143,6 +150,12 @@ class ClusterEngine:
     @property
     def num_transfers_failed(self) -> int:
         return self.handoffs.num_failed
+
+    def kv_stats(self) -> list[dict[str, Any]]:
+        """One record per direct KV hand-off: ``num_bytes``, ``wall_s`` (first byte to commit, paced wait
+        included), ``declared_s`` (what the declared link needs), ``send_convert_s`` / ``recv_convert_s``,
+        ``ok`` (None while in flight), ``src`` / ``dst`` / ``kind``."""
+        return [dict(r) for r in self.handoffs.stats.values()]
 
     # ---- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
@@ -278,6 +291,8 @@ class ClusterEngine:
             self.handoffs.on_kv_out(inst, idx, reply)
         elif isinstance(reply, KVIn):
             self.handoffs.on_kv_in(idx, reply)
+        elif isinstance(reply, KVSent):
+            self.handoffs.on_kv_sent(idx, reply)
 
     def _deliver(self, name: str, o: EngineCoreOutput) -> None:
         st = self._reqs.get(o.req_id)
@@ -440,12 +455,18 @@ def from_cluster(model: str, cluster: Any, strategy: str, *, instances: list[dic
                  block_sizes: dict[str, int] | None = None, kv_stall_s: dict[str, float] | None = None,
                  deployment_params: dict[str, Any] | None = None, backend: str | None = None,
                  ray_address: str | None = None, listen_host: str = "127.0.0.1",
-                 ray_options: dict[str, Any] | None = None, **engine_kwargs: Any) -> ClusterEngine:
+                 ray_options: dict[str, Any] | None = None, dtype: str = "float32", device: str = "cpu",
+                 load_format: str = "auto", worker_env: dict[str, dict[str, str]] | None = None,
+                 profiles: dict[str, Any] | None = None, **engine_kwargs: Any) -> ClusterEngine:
     """A ClusterEngine for ``strategy`` on a cluster file (a path, a name under examples/clusters, a mapping or
     a ClusterConfig). Default instances: one per device in order (PD: the first prefill, the rest decode).
     Paced CPU partitions (``emulation: paced_cpu``) set each worker's speed. ``backend`` (default: the file's
     ``placement``): ``local`` socket pairs, ``tcp`` local workers dialling ``listen_host``, or ``ray`` (one actor
-    per instance on its device's node, ``ray_backend.py``; ``ray_address``, ``ray_options`` go to RayPlacement)."""
+    per instance on its device's node, ``ray_backend.py``; ``ray_address``, ``ray_options`` go to RayPlacement).
+
+    GPU workers: ``device="cuda"``, ``dtype="bfloat16"``, ``load_format="dummy"`` (random weights of the model's
+    shapes), ``worker_env`` (device type name or device id -> environment, e.g. an MPS client's share and
+    memory cap), ``profiles`` (device type name -> measured DeviceProfile for routing and Cronus' split)."""
     from pathlib import Path
 
     from hetserve.core.cluster import ClusterConfig, load_cluster
@@ -471,9 +492,15 @@ def from_cluster(model: str, cluster: Any, strategy: str, *, instances: list[dic
         else:
             instances = [{"name": f"i{i}", "devices": [d]} for i, d in enumerate(ids)]
     max_len = int(engine_kwargs.get("max_model_len", 512))
-    cfg = {"strategy": strategy, "dtype": "float32", "max_model_len": max_len, "instances": instances,
+    cfg = {"strategy": strategy, "dtype": dtype, "max_model_len": max_len, "instances": instances,
            **(deployment_params or {})}  # e.g. Cronus split_policy, Hetis redispatch_every_steps
-    dep = build_deployment(cl, mc, cfg)
+    dep = build_deployment(cl, mc, cfg, profiles or {})
+    envs = worker_env or {}
+
+    def env_of(dev_id: str) -> dict[str, str]:
+        d = cl.device(dev_id)
+        return dict(envs.get(dev_id, envs.get(d.spec.name, {})))
+
     speeds = {}
     if cl.emulation is not None and cl.emulation.kind == "paced_cpu":
         speeds = {p.name: p.amount for p in cl.emulation.partitions}
@@ -481,7 +508,8 @@ def from_cluster(model: str, cluster: Any, strategy: str, *, instances: list[dic
     for inst in instances:
         name = inst["name"]
         dev = cl.device(inst["devices"][0])
-        options[name] = InstanceOptions(dtype=(dtypes or {}).get(name, "float32"),
+        options[name] = InstanceOptions(dtype=(dtypes or {}).get(name, dtype), device=device, load_format=load_format,
+                                        envs=tuple(env_of(d) for d in inst["devices"]),
                                         speed=float(speeds.get(dev.spec.name, 1.0)),
                                         kv_layout=(kv_layouts or {}).get(name, "NHD"),
                                         kv_stall_s=(kv_stall_s or {}).get(name, 0.0),
@@ -495,4 +523,13 @@ def from_cluster(model: str, cluster: Any, strategy: str, *, instances: list[dic
     placement = make_placement(backend or cl.placement, nodes, listen_host=listen_host, ray_address=ray_address,
                                ray_options=ray_options)
     engine_kwargs.setdefault("attn_speeds", {d.id: float(speeds.get(d.spec.name, 1.0)) for d in cl.devices})
+    links = {}  # the declared link between each pair of instances' first devices paces their KV hand-offs
+    for a in instances:
+        for b in instances:
+            da, db = cl.device(a["devices"][0]), cl.device(b["devices"][0])
+            lk = cl.link_between(da, db)
+            links[(a["name"], b["name"])] = KVLink("shm" if da.node == db.node else "tcp",
+                                                   lk.bandwidth_bytes_per_s, lk.latency_s)
+    engine_kwargs.setdefault("kv_links", links)
+    engine_kwargs.setdefault("attn_envs", {d.id: env_of(d.id) for d in cl.devices if env_of(d.id)})
     return ClusterEngine(model, dep, options, placement=placement, **engine_kwargs)

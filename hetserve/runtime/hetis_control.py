@@ -23,8 +23,9 @@ from hetserve.strategies.hetis import HeadDispatcher
 
 class HetisControl:
     def __init__(self, deployment: Deployment, speeds: dict[str, float] | None = None,
-                 recv_timeout_s: float = 30.0) -> None:
+                 recv_timeout_s: float = 30.0, envs: dict[str, dict[str, str]] | None = None) -> None:
         self.deployment = deployment
+        self.envs = dict(envs or {})  # device id -> extra environment of the attention worker there
         self.dispatchers: dict[str, HeadDispatcher] = dict(getattr(deployment, "dispatchers", None) or {})
         self.speeds = dict(speeds or {})
         self.recv_timeout_s = recv_timeout_s
@@ -41,7 +42,7 @@ class HetisControl:
             return None
         confs = [
             AttnWorkerConf(device_id=w.name, device="cpu" if w.cost.device.vendor == "cpu" else "auto",
-                           speed=float(self.speeds.get(w.name, 1.0)))
+                           speed=float(self.speeds.get(w.name, 1.0)), env=dict(self.envs.get(w.name, {})))
             for w in d.workers
         ]
         return HetisSpec(workers=confs, assignment=list(d.assignment), recv_timeout_s=self.recv_timeout_s)

@@ -16,6 +16,7 @@ to its new head range, the heads that stay keeping their KV.
 from __future__ import annotations
 
 import atexit
+import os
 import socket
 import subprocess
 import sys
@@ -59,7 +60,8 @@ class AttnWorkerClient(RemoteHeads):
         ours, theirs = socket.socketpair()
         fd = theirs.fileno()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "hetserve.runtime.attn_worker", str(fd)], pass_fds=(fd,), close_fds=True
+            [sys.executable, "-m", "hetserve.runtime.attn_worker", str(fd)], pass_fds=(fd,), close_fds=True,
+            env={**os.environ, **conf.env} if conf.env else None,
         )
         theirs.close()
         self.pid = self.popen.pid

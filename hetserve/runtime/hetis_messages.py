@@ -32,6 +32,7 @@ class AttnWorkerConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     speed: float = 1.0  # relative speed of an emulated (paced) device
     backend: str = "auto"  # attention backend name on the worker
     torch_threads: int = 1
+    env: dict[str, str] = {}  # extra environment of its process (an MPS client's share and memory cap)
 
 
 class HetisSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

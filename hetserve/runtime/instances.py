@@ -42,9 +42,15 @@ class InstanceOptions:
     device: str = "cpu"
     # per device of the instance (a pipeline's stages, a TP group's ranks, in order); empty: ``speed`` for all
     speeds: tuple[float, ...] = ()
+    load_format: str = "auto"
+    # per device of the instance, like ``speeds``: extra environment of its worker (MPS share, memory cap)
+    envs: tuple[dict[str, str], ...] = ()
 
     def speed_of(self, i: int) -> float:
         return self.speeds[i % len(self.speeds)] if self.speeds else self.speed
+
+    def env_of(self, i: int) -> dict[str, str]:
+        return dict(self.envs[i % len(self.envs)]) if self.envs else {}
 
 
 @dataclass
@@ -167,6 +173,8 @@ def worker_specs(
                     speed=opt.speed_of(s * tp + r),
                     kv_stall_s=opt.kv_stall_s,
                     device=opt.device,
+                    load_format=opt.load_format,
+                    env=opt.env_of(s * tp + r),
                     layer_start=start,
                     layer_end=end,
                     tp_rank=r,

@@ -63,6 +63,18 @@ def build_runner(spec: WorkerSpec, cfg: EngineConfig) -> ModelRunner:
         link = StageLink(spec.pp_listen, spec.pp_next, spec.pp_token)
     all_reduce = init_tp_group(spec)
     parallel = ParallelSpec(spec.layer_start, spec.layer_end, spec.tp_rank, spec.tp_size, all_reduce)
+    if spec.load_format == "dummy":  # random weights of the checkpoint's shapes, made on the device
+        from hetserve.core.model_config import ModelConfig
+        from hetserve.engine.model.loader import init_random_model
+        from hetserve.engine.runner import resolve_device, resolve_dtype
+
+        mc = ModelConfig.from_path(spec.model)
+        device = resolve_device(cfg.device.device)
+        model = init_random_model(mc, device, resolve_dtype(cfg.device.dtype, device), seed=spec.seed,
+                                  parallel=parallel)
+        return ModelRunner(cfg, model=model, model_config=mc, parallel=parallel, stage_io=link)
+    if spec.load_format != "auto":
+        raise ValueError(f"load_format must be auto or dummy, got {spec.load_format!r}")
     return ModelRunner(cfg, parallel=parallel, stage_io=link)
 
 

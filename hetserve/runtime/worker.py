@@ -24,6 +24,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Union
 
@@ -65,6 +66,11 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     # group's store (host:port, rank 0 hosts it); the stage link: where to listen for the previous stage, where
     # the next stage listens, and the token both present
     device: str = "cpu"
+    # "auto": the checkpoint's weights; "dummy": random weights made on the device from config.json (benchmarks
+    # of shapes whose weights are not here)
+    load_format: str = "auto"
+    # extra environment of the worker process (an MPS client's thread share and memory cap)
+    env: dict[str, str] = {}
     layer_start: int = 0
     layer_end: int | None = None
     tp_rank: int = 0
@@ -74,6 +80,10 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     pp_listen: str = ""
     pp_next: str = ""
     pp_token: str = ""
+    # direct KV hand-offs (kv_direct.py): the transport kinds this worker receives KV over (empty: KV goes
+    # through the coordinator), and the host its tcp endpoint binds
+    kv_transports: tuple[str, ...] = ()
+    kv_host: str = "127.0.0.1"
 
 
 class _Cmd(msgspec.Struct, tag_field="type"):
@@ -114,6 +124,50 @@ class InsertKV(_Cmd, tag="insert_kv"):
     shards: list[KVShard]
 
 
+class KVTarget(msgspec.Struct):
+    """A receiving worker of a direct hand-off: where it listens and which layers it holds."""
+
+    kind: str
+    address: str
+    layer_start: int
+    layer_end: int
+
+
+class SendKV(_Cmd, tag="send_kv"):
+    """Direct hand-off, sender side: extract this worker's share (converted to ``wire``) and send each target
+    the layers it holds; pace to the declared link (``link_bandwidth`` bytes/s, 0: unpaced)."""
+
+    transfer_id: str
+    block_ids: list[int]
+    num_tokens: int
+    wire: KVDescriptor
+    src_rank: int
+    targets: list[KVTarget]
+    timeout_s: float
+    link_bandwidth: float = 0.0
+    link_latency_s: float = 0.0
+    token_start: int = 0
+
+
+class ExpectKV(_Cmd, tag="expect_kv"):
+    """Direct hand-off, receiver side: KV for ``req_id`` comes from the sender workers ``sources`` into
+    ``block_ids`` within ``timeout_s``; answered by ``KVIn`` when it is in (or failed)."""
+
+    transfer_id: str
+    req_id: str
+    block_ids: list[int]
+    num_tokens: int
+    wire: KVDescriptor
+    sources: list[int]
+    timeout_s: float
+
+
+class CancelKV(_Cmd, tag="cancel_kv"):
+    """Stop waiting for ``transfer_id``: nothing of it may be written from now on (no reply)."""
+
+    transfer_id: str
+
+
 class Ping(_Cmd, tag="ping"):
     pass
 
@@ -126,6 +180,7 @@ class Ready(_Cmd, tag="ready"):
     num_kv_blocks: int
     desc: KVDescriptor
     pid: int
+    kv_addresses: dict[str, str] = {}  # transport kind -> this worker's KV endpoint (direct hand-offs)
 
 
 class StepDone(_Cmd, tag="step_done"):
@@ -148,6 +203,23 @@ class KVIn(_Cmd, tag="kv_in"):
     transfer_id: str
     ok: bool
     error: str = ""
+    # direct hand-offs: bytes received, receiver conversion + insert seconds, seconds since ExpectKV
+    num_bytes: int = 0
+    convert_s: float = 0.0
+    wall_s: float = 0.0
+
+
+class KVSent(_Cmd, tag="kv_sent"):
+    """A direct hand-off's sender worker is done: bytes sent, extract + convert seconds, seconds from the first
+    byte to the commit (paced wait included) and what the declared link needs for those bytes."""
+
+    transfer_id: str
+    ok: bool
+    error: str = ""
+    num_bytes: int = 0
+    convert_s: float = 0.0
+    wall_s: float = 0.0
+    declared_s: float = 0.0
 
 
 class Pong(_Cmd, tag="pong"):
@@ -161,8 +233,8 @@ class Failed(_Cmd, tag="failed"):
 
 
 # msgspec needs real Unions; Redispatch, HetisQuery, HetisInfo are Hetis commands (hetis_messages.py)
-Command = Union[Execute, ExtractKV, InsertKV, Ping, Shutdown, Redispatch, HetisQuery]  # noqa: UP007
-Reply = Union[Ready, StepDone, KVOut, KVIn, Pong, Failed, HetisInfo]  # noqa: UP007
+Command = Union[Execute, ExtractKV, InsertKV, SendKV, ExpectKV, CancelKV, Ping, Shutdown, Redispatch, HetisQuery]  # noqa: UP007
+Reply = Union[Ready, StepDone, KVOut, KVIn, KVSent, Pong, Failed, HetisInfo]  # noqa: UP007
 
 _enc = msgspec.msgpack.Encoder()
 _cmd_dec = msgspec.msgpack.Decoder(Command)
@@ -254,15 +326,43 @@ def _worker_main(conn: Channel) -> None:
 
         hetis = install(runner, spec.hetis, spec.name)
     desc = local_descriptor(spec, runner)  # runner_descriptor's, for this worker's layers and heads
-    conn.send_bytes(encode_msg(Ready(seq=0, num_kv_blocks=runner.num_kv_blocks, desc=desc, pid=os.getpid())))
+    lock = threading.Lock()  # the KV sender thread answers too
+
+    def send_reply(msg: msgspec.Struct) -> None:
+        with lock:
+            conn.send_bytes(encode_msg(msg))
+
+    direct = None
+    if spec.kv_transports:
+        from hetserve.runtime.kv_direct import DirectKV, open_endpoints
+
+        direct = DirectKV(runner, desc, open_endpoints(spec.kv_transports, spec.kv_host), send_reply,
+                          stall_s=spec.kv_stall_s)
+    conn.send_bytes(encode_msg(Ready(seq=0, num_kv_blocks=runner.num_kv_blocks, desc=desc, pid=os.getpid(),
+                                     kv_addresses=direct.addresses if direct is not None else {})))
     while True:
         try:
+            while direct is not None and direct.busy and not conn.poll(0):
+                for done in direct.poll(0.002):  # KV arriving for expected hand-offs, between commands
+                    send_reply(done)
             cmd = decode_cmd(conn.recv_bytes())
         except (EOFError, OSError):
             return  # the coordinator went away: nothing to answer to
         try:
             if isinstance(cmd, Shutdown):
+                if direct is not None:
+                    direct.close()
                 return
+            if isinstance(cmd, (SendKV, ExpectKV, CancelKV)):
+                if direct is None:
+                    raise ValueError("this worker has no KV endpoint (kv_transports is empty)")
+                if isinstance(cmd, SendKV):
+                    direct.send(cmd)
+                elif isinstance(cmd, ExpectKV):
+                    direct.expect(cmd)
+                else:
+                    direct.cancel(cmd.transfer_id)
+                continue
             if isinstance(cmd, Ping):
                 reply: msgspec.Struct = Pong(seq=cmd.seq)
             elif isinstance(cmd, Execute):
@@ -287,12 +387,14 @@ def _worker_main(conn: Channel) -> None:
         except Exception as e:  # noqa: BLE001 - reported to the coordinator, which decides
             if isinstance(cmd, ExtractKV):
                 reply = KVOut(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=False, error=f"{type(e).__name__}: {e}")
-            elif isinstance(cmd, InsertKV):
+            elif isinstance(cmd, (InsertKV, ExpectKV)):
                 reply = KVIn(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=False, error=f"{type(e).__name__}: {e}")
+            elif isinstance(cmd, SendKV):
+                reply = KVSent(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=False, error=f"{type(e).__name__}: {e}")
             else:
                 reply = Failed(seq=cmd.seq, error=f"{type(e).__name__}: {e}")
         try:
-            conn.send_bytes(encode_msg(reply))
+            send_reply(reply)
         except (BrokenPipeError, OSError):
             return
 
@@ -313,6 +415,7 @@ class WorkerHandle:
         self.dead_reason: str | None = None
         self.num_kv_blocks = 0
         self.desc: KVDescriptor | None = None
+        self.kv_addresses: dict[str, str] = {}
 
     def launch(self) -> WorkerHandle:
         """Start the process without waiting for it (several workers then load in parallel)."""
@@ -324,6 +427,7 @@ class WorkerHandle:
         fd = child.fileno()
         self.process = _Process(subprocess.Popen(
             [sys.executable, "-m", "hetserve.runtime.worker", str(fd)], pass_fds=(fd,), close_fds=True,
+            env={**os.environ, **self.spec.env} if self.spec.env else None,
         ))
         child.close()
         self.conn.send_bytes(encode_msg(self.spec))
@@ -336,6 +440,7 @@ class WorkerHandle:
         if not isinstance(ready, Ready):
             raise WorkerDied(f"worker {self.spec.name} did not start: {ready}")
         self.num_kv_blocks, self.desc = ready.num_kv_blocks, ready.desc
+        self.kv_addresses = dict(ready.kv_addresses)
         return ready
 
     def start(self, timeout_s: float = 120.0) -> WorkerHandle:

@@ -154,11 +154,14 @@ def load_generation_config(model_dir: str | Path) -> dict[str, Any]:
 
 
 def init_random_model(
-    cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0, std: float = 0.02
+    cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0, std: float = 0.02,
+    parallel: ParallelSpec | None = None,
 ) -> LlamaForCausalLM:
-    """Random weights generated directly on ``device`` (no files): norms are 1, everything else N(0, std)."""
+    """Random weights generated directly on ``device`` (no files): norms are 1, everything else N(0, std).
+    With ``parallel``, only that stage's / rank's share (drawn independently: shards of one model do not add up
+    to the unsharded random model)."""
     device = torch.device(device)
-    model = _build_empty(cfg, device, dtype)
+    model = _build_empty(cfg, device, dtype, parallel)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     with torch.no_grad():
