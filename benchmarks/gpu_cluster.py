@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 HI, LO = "gpu0:0", "gpu0:1"
 KEYS = ("mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p50_itl_ms", "p99_itl_ms",
-        "output_throughput", "request_throughput", "request_goodput", "completed")
+        "output_throughput", "request_throughput", "request_goodput", "good_fraction", "completed")
 
 
 def strategies(hi: str, lo: str, cronus_tbt_ms: float) -> dict[str, dict[str, Any]]:
@@ -84,6 +84,7 @@ def run_real(engine: Any, wl: list[Any], slo: Any, vocab_hi: int) -> dict[str, A
     records, dur = replay(engine, wl, vocab_range=(10, vocab_hi))
     m = compute_metrics(records, dur, slo)
     m["errors"] = sum(1 for r in records if not r.success)
+    m["good_fraction"] = (m["request_goodput"] or 0) * m["duration"] / max(1, len(records))
     return m
 
 
@@ -100,7 +101,9 @@ def run_sim(cluster: Any, mc: Any, cfg: dict[str, Any], profiles: dict[str, Any]
         if real is not None:
             dep.plans[name] = dataclasses.replace(plan, num_kv_blocks=real.num_kv_blocks,
                                                   max_model_len=real.max_model_len)
-    return Simulator(dep).run(wl).metrics(slo)
+    m = Simulator(dep).run(wl).metrics(slo)
+    m["good_fraction"] = (m["request_goodput"] or 0) * m["duration"] / max(1, len(wl))
+    return m
 
 
 def main() -> int:
@@ -114,6 +117,7 @@ def main() -> int:
     ap.add_argument("--slo", default="ttft_ms=2000,tpot_ms=100")
     ap.add_argument("--cronus-tbt-ms", type=float, default=50.0)
     ap.add_argument("--tag", default="h100-mps")
+    ap.add_argument("--cluster", default="examples/clusters/emulated-h100-mps-pair.yaml")
     ap.add_argument("--profiles", default="H100-MPS75=profiles/h100-100sm-llama-3.1-8b.json,"
                                           "H100-MPS25=profiles/h100-32sm-llama-3.1-8b.json",
                     help="DEVICE=PATH stand-ins or profiles measured on the MPS clients themselves")
@@ -165,7 +169,7 @@ def main() -> int:
             for f in ("tokenizer.json", "tokenizer_config.json"):
                 if (tok / f).exists():
                     (model_dir / f).write_bytes((tok / f).read_bytes())
-        cluster = load_cluster(str(ROOT / "examples/clusters/emulated-h100-mps-pair.yaml"))
+        cluster = load_cluster(str(ROOT / args.cluster))
         hi, lo = HI, LO
         device, dtype, vocab_hi, scale = "cuda", "bfloat16", 120000, 1
         # MPS 75% ~ the 100-SM green-context profile (76% of the SMs), MPS 25% ~ the 32-SM one (24%): said so
@@ -253,7 +257,7 @@ def main() -> int:
         "git_commit": git_commit(),
         "device": device_desc,
         "emulation": None if args.smoke_cpu else {
-            "cluster": "examples/clusters/emulated-h100-mps-pair.yaml",
+            "cluster": args.cluster,
             "partitions": {d.spec.name: d.spec.emulated_by for d in cluster.devices},
             "note": "both devices share one H100's HBM bandwidth and L2; profiles for the simulator are the "
                     "green-context 100-SM / 32-SM ones standing in for MPS 75% / 25%"},

@@ -91,7 +91,7 @@ def _plain_greedy(sp: SamplingParams) -> bool:
 class ModelRunner(Executor):
     def __init__(self, config: EngineConfig, model: torch.nn.Module | None = None,
                  model_config: ModelConfig | None = None, parallel: ParallelSpec | None = None,
-                 stage_io: StageIO | None = None) -> None:
+                 stage_io: StageIO | None = None, cache_kv_heads: int | None = None) -> None:
         self.config = config
         self.device = resolve_device(config.device.device)
         self.dtype = resolve_dtype(config.device.dtype, self.device)
@@ -134,7 +134,9 @@ class ModelRunner(Executor):
 
         self._num_blocks = self._decide_num_blocks()
         self.kv_caches = [
-            torch.zeros(2, self._num_blocks, self.block_size, self.num_local_kv_heads, mc.head_dim,
+            # ``cache_kv_heads``: a Hetis main keeps only some heads here (the rest live on attention workers)
+            torch.zeros(2, self._num_blocks, self.block_size,
+                        self.num_local_kv_heads if cache_kv_heads is None else cache_kv_heads, mc.head_dim,
                         dtype=self.dtype, device=self.device)
             for _ in range(self.num_local_layers)
         ]

@@ -157,14 +157,13 @@ def measure_host_costs(runner: Any, profile: DeviceProfile, num_layers: int, *, 
     """All host terms (see the module docstring); the caller puts the runner's device stream current."""
     say = log or (lambda _m: None)
     lengths = sorted(set(prompt_lengths))
-    probe = HostProbe(runner, max_prompt_tokens=max([decode_ctx * max(decode_num_seqs), *lengths]), seed=seed)
-    lengths = [n for n in lengths if probe.fits(n)] or [min(16, probe.max_len // 4)]
-    out: list[dict[str, Any]] = []
-    reps = max(5, repeat)
-
     # decode: batch 1 fixes the step overhead, two larger batches (grid points up to 8) its per-request slope;
     # three rounds over the batch sizes, so that a change in machine load hits them alike
     batches = [1, *[b for b in decode_num_seqs if 1 < b <= 8][-2:]]
+    probe = HostProbe(runner, max_prompt_tokens=max([decode_ctx * batches[-1], *lengths]), seed=seed)
+    lengths = [n for n in lengths if probe.fits(n)] or [min(16, probe.max_len // 4)]
+    out: list[dict[str, Any]] = []
+    reps = max(5, repeat)
     rounds = 3
     times: dict[int, list[float]] = {b: [] for b in batches}
     ctxs: dict[int, float] = {}
@@ -192,9 +191,9 @@ def measure_host_costs(runner: Any, profile: DeviceProfile, num_layers: int, *, 
     residuals = []
     for n in lengths:
         m = reduce(new_times[n])
-        parts = table_parts_s(profile, num_layers, [(n, 0)], []) + overhead + per_seq
-        residuals.append(m - parts)
-        out.append({"kind": "engine new request", "prompt_tokens": n, "measured_s": m, "parts_s": parts})
+        known = table_parts_s(profile, num_layers, [(n, 0)], []) + overhead + per_seq
+        residuals.append(m - known)
+        out.append({"kind": "engine new request", "prompt_tokens": n, "measured_s": m, "parts_s": known})
     new_a, new_b = fit_line([float(n) for n in lengths], residuals)
     say(f"  new request {new_a * 1e6:.0f} us + {new_b * 1e9:.0f} ns per prompt token")
 

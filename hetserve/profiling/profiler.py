@@ -12,7 +12,9 @@ weights (a profile is per layer, and ``model_shape_hash`` ignores the layer coun
   ``context_len`` cached ones. Where the batch's KV exceeds the pool, block tables wrap around the pool; the
   reuse distance is the pool size, far beyond L2. The backend's plain ``forward`` is timed; a backend that
   fuses rotary into its KV write in the model's fast path does the same work there, and the dense table
-  (whose no-op attention leaves rotary to the model) then holds the rotary kernel.
+  (whose no-op attention leaves rotary to the model) then holds the rotary kernel. On a CPU the prefill table
+  is instead attention's share of the model's forward (paired forwards with and without it, median
+  difference): there a long chunk's temporaries come from the allocator as fresh pages, as in the engine.
 * ``lm_head_s``: final norm, LM head and a greedy argmax for ``num_tokens`` rows (logits in the activation
   dtype where the model offers it, as the runner's greedy path does).
 * ``copy_bytes_per_s``: a large device copy, read + write bytes over time.
@@ -36,6 +38,7 @@ import functools
 import itertools
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -271,8 +274,31 @@ class Profiler:
         scale = c.head_dim**-0.5
         return lambda: backend.forward(q, k, v, kv, meta, scale, window)
 
+    def _prefill_in_model_s(self, model: Any, kv_caches: list[torch.Tensor], backend: AttentionBackend,
+                            meta: AttentionMetadata) -> float:
+        """One layer's attention inside the model's forward: a forward with ``backend`` minus one with no
+        attention, paired call by call, median of the differences, over the layers. On a CPU this is where
+        the engine runs it: a long chunk's temporaries (MBs of scores) are fresh pages from the allocator
+        between the model's other tensors, page faults and all, which a loop over the backend alone does not
+        see (it reuses its own freed blocks)."""
+        ids = torch.arange(meta.num_tokens, device=self.device) % (self.cfg.vocab_size - 10) + 10
+        full = functools.partial(model, ids, meta.positions, kv_caches, meta, backend)
+        bare = functools.partial(model, ids, meta.positions, kv_caches, meta, NoAttention(self.device))
+        for _ in range(self.options.warmup):
+            full()
+            bare()
+        diffs = []
+        for _ in range(self.options.repeat):
+            t0 = time.perf_counter()
+            full()
+            t1 = time.perf_counter()
+            bare()
+            diffs.append((t1 - t0) - (time.perf_counter() - t1))
+        self.timer.modes["wall-in-model"] = self.timer.modes.get("wall-in-model", 0) + 1
+        return max(0.0, statistics.median(diffs)) / self.num_layers
+
     def _measure_attention(self, backend: AttentionBackend, kv: torch.Tensor, window: int | None,
-                           tables: _Tables) -> None:
+                           tables: _Tables, model: Any = None, kv_caches: list[torch.Tensor] | None = None) -> None:
         bs, pool = self.options.block_size, self._pool
         g = self.grid
         t0 = time.perf_counter()
@@ -294,7 +320,10 @@ class Profiler:
             row = []
             for ctx in g.prefill_context_lens:
                 meta = build_metadata([(max(1, n), ctx)], bs, self.device, pool)
-                row.append(self.timer(self._attn_call(backend, kv, meta, window)))
+                if self.device.type == "cpu" and model is not None and kv_caches is not None:
+                    row.append(self._prefill_in_model_s(model, kv_caches, backend, meta))
+                else:
+                    row.append(self.timer(self._attn_call(backend, kv, meta, window)))
             tables.prefill[n] = row
         self.timing["prefill_attn_s_per_layer"] = mode_delta(before, self.timer.modes)
 
@@ -360,7 +389,8 @@ class Profiler:
             self.log("dense ...")
             self._measure_dense(model, kv_caches, tables)
             self.log("attention ...")
-            self._measure_attention(runner.backend, kv_caches[0], layer_sliding_windows(self.cfg)[0], tables)
+            self._measure_attention(runner.backend, kv_caches[0], layer_sliding_windows(self.cfg)[0], tables,
+                                    model, kv_caches)
             self.log("lm head ...")
             self._measure_lm_head(model, tables)
             self.log("copy bandwidth ...")

@@ -44,12 +44,12 @@ from hetserve.runtime.instances import (
     worker_specs,
 )
 from hetserve.runtime.kv_handoff import KVHandoffs, KVLink
+from hetserve.runtime.kv_messages import KVSent
 from hetserve.runtime.worker import (
     Execute,
     Failed,
     KVIn,
     KVOut,
-    KVSent,
     Ping,
     Pong,
     StepDone,
@@ -262,6 +262,10 @@ class ClusterEngine:
             for load in so.kv_loads:
                 self.handoffs.start(load.req_id, inst.name, load.block_ids, load.num_tokens)
             if not (so.scheduled or so.finished_req_ids or so.preempted_req_ids):
+                return
+            # Cronus' head: the KV of the blocks this step completes leaves for the main layer by layer
+            self.handoffs.stream_step(inst, so, getattr(self.deployment, "stream_target", lambda rid: None))
+            if not inst.alive:
                 return
             try:
                 seqs = inst.send_all(lambda seq, so=so: Execute(seq=seq, so=so))

@@ -169,7 +169,8 @@ class HetisMain:
             self.clients.append(AttnWorkerClient(conf, aspec, spec.recv_timeout_s))
         for c in self.clients:
             c.wait_ready(spec.start_timeout_s)
-        local = _caches(self.num_layers, full[0], kept)
+        # a runner built for this split already holds only the kept heads (no second, full-size cache on the way)
+        local = full if int(full[0].shape[3]) == kept else _caches(self.num_layers, full[0], kept)
         del full
         runner.kv_caches = local
         runner.graphs = None  # a step now talks to other processes: no CUDA graph can hold it

@@ -70,6 +70,23 @@ class KVCommit(_Msg, tag="kv_commit"):
     src_rank: int
 
 
+class KVPiece(_Msg, tag="kv_piece"):
+    """A worker-to-worker KV hand-off piece (``kv_direct.py``): one sender worker's layers from ``layer_start``
+    (one raw buffer per layer, shapes in ``shapes``, dtype ``desc.dtype``), global kv heads from ``head_start``,
+    for the tokens ``[token_start, num_tokens)`` in ``desc``'s (the wire) format. ``final`` is false when a
+    ``KVCommit`` follows (paced links). ``src_rank``: the sender worker's index in its instance."""
+
+    transfer_id: str
+    src_rank: int
+    layer_start: int
+    head_start: int
+    num_tokens: int
+    desc: KVDescriptor
+    shapes: list[list[int]]
+    token_start: int = 0
+    final: bool = True
+
+
 class Envelope(_Msg, tag="envelope"):
     """Transport-level framing: a message id the receiver acknowledges, and where the buffers live
     (``inline`` frames, an ``shm`` segment, or a ``nixl`` region; CUDA IPC handles per buffer in ``handles``)."""
@@ -93,8 +110,8 @@ class Ack(_Msg, tag="ack"):
     error: str = ""
 
 
-Message = Union[KVHello, KVData, KVCommit, Envelope, Ack]  # noqa: UP007 - msgspec needs a real Union
-_TAGS = frozenset(cls.__struct_config__.tag for cls in (KVHello, KVData, KVCommit, Envelope, Ack))
+Message = Union[KVHello, KVData, KVPiece, KVCommit, Envelope, Ack]  # noqa: UP007 - msgspec needs a real Union
+_TAGS = frozenset(cls.__struct_config__.tag for cls in (KVHello, KVData, KVPiece, KVCommit, Envelope, Ack))
 
 _encoder = msgspec.msgpack.Encoder()
 _raw_decoder = msgspec.msgpack.Decoder()

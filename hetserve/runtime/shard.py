@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hetserve.core.config import EngineConfig
+from hetserve.core.model_config import ModelConfig
 from hetserve.engine.model.parallel import ParallelSpec
 from hetserve.engine.runner import ModelRunner
 from hetserve.runtime.kv_convert import TORCH_DTYPES, KVPayload, convert
@@ -64,7 +66,6 @@ def build_runner(spec: WorkerSpec, cfg: EngineConfig) -> ModelRunner:
     all_reduce = init_tp_group(spec)
     parallel = ParallelSpec(spec.layer_start, spec.layer_end, spec.tp_rank, spec.tp_size, all_reduce)
     if spec.load_format == "dummy":  # random weights of the checkpoint's shapes, made on the device
-        from hetserve.core.model_config import ModelConfig
         from hetserve.engine.model.loader import init_random_model
         from hetserve.engine.runner import resolve_device, resolve_dtype
 
@@ -72,10 +73,17 @@ def build_runner(spec: WorkerSpec, cfg: EngineConfig) -> ModelRunner:
         device = resolve_device(cfg.device.device)
         model = init_random_model(mc, device, resolve_dtype(cfg.device.dtype, device), seed=spec.seed,
                                   parallel=parallel)
-        return ModelRunner(cfg, model=model, model_config=mc, parallel=parallel, stage_io=link)
+        return ModelRunner(cfg, model=model, model_config=mc, parallel=parallel, stage_io=link,
+                           cache_kv_heads=_hetis_kept(spec, mc))
     if spec.load_format != "auto":
         raise ValueError(f"load_format must be auto or dummy, got {spec.load_format!r}")
-    return ModelRunner(cfg, parallel=parallel, stage_io=link)
+    return ModelRunner(cfg, parallel=parallel, stage_io=link,
+                       cache_kv_heads=_hetis_kept(spec, ModelConfig.from_path(spec.model)) if spec.hetis else None)
+
+
+def _hetis_kept(spec: WorkerSpec, mc: Any) -> int | None:
+    """KV heads a Hetis main keeps in its own cache (None: not a Hetis main)."""
+    return None if spec.hetis is None else mc.num_key_value_heads - sum(spec.hetis.assignment)
 
 
 def local_descriptor(spec: WorkerSpec, runner: ModelRunner) -> KVDescriptor:
@@ -115,6 +123,16 @@ def extract_kv(runner: ModelRunner, desc: KVDescriptor, cmd: ExtractKV) -> KVOut
     )
 
 
+def _read_only_tensor(b: Any) -> torch.Tensor:
+    """A uint8 view of a received buffer without copying it (converted into the cache, never written)."""
+    mv = memoryview(b).cast("B") if not isinstance(b, (bytes, bytearray)) else memoryview(b)
+    if mv.nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only buffer: torch warns, nothing writes it
+        return torch.frombuffer(mv, dtype=torch.uint8)
+
+
 def insert_kv(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV) -> KVIn:
     """Join the shards (each: some layers, some heads, in ``cmd.wire``'s format) into this worker's heads and
     cache format, layer by layer, and write them into ``cmd.block_ids``."""
@@ -130,7 +148,7 @@ def insert_kv(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV) -> KVIn:
             i = sh.layer_start + j - start
             if not 0 <= i < desc.num_layers:
                 continue
-            t = torch.frombuffer(bytearray(b), dtype=torch.uint8).view(dt).view(shape)
+            t = _read_only_tensor(b).view(dt).view(shape)
             per_layer[i].append(KVPayload(wire1, cmd.num_tokens, [t], sh.head_start, None))
     for i, pieces in enumerate(per_layer):
         if not pieces:

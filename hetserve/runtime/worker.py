@@ -34,6 +34,7 @@ from hetserve.core.errors import HetserveError
 from hetserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from hetserve.runtime.hetis_messages import HetisInfo, HetisQuery, HetisSpec, Redispatch
 from hetserve.runtime.kv_layout import KVDescriptor
+from hetserve.runtime.kv_messages import CancelKV, ExpectKV, KVSent, SendKV
 
 if TYPE_CHECKING:
     from hetserve.runtime.connect import Placement
@@ -124,50 +125,6 @@ class InsertKV(_Cmd, tag="insert_kv"):
     shards: list[KVShard]
 
 
-class KVTarget(msgspec.Struct):
-    """A receiving worker of a direct hand-off: where it listens and which layers it holds."""
-
-    kind: str
-    address: str
-    layer_start: int
-    layer_end: int
-
-
-class SendKV(_Cmd, tag="send_kv"):
-    """Direct hand-off, sender side: extract this worker's share (converted to ``wire``) and send each target
-    the layers it holds; pace to the declared link (``link_bandwidth`` bytes/s, 0: unpaced)."""
-
-    transfer_id: str
-    block_ids: list[int]
-    num_tokens: int
-    wire: KVDescriptor
-    src_rank: int
-    targets: list[KVTarget]
-    timeout_s: float
-    link_bandwidth: float = 0.0
-    link_latency_s: float = 0.0
-    token_start: int = 0
-
-
-class ExpectKV(_Cmd, tag="expect_kv"):
-    """Direct hand-off, receiver side: KV for ``req_id`` comes from the sender workers ``sources`` into
-    ``block_ids`` within ``timeout_s``; answered by ``KVIn`` when it is in (or failed)."""
-
-    transfer_id: str
-    req_id: str
-    block_ids: list[int]
-    num_tokens: int
-    wire: KVDescriptor
-    sources: list[int]
-    timeout_s: float
-
-
-class CancelKV(_Cmd, tag="cancel_kv"):
-    """Stop waiting for ``transfer_id``: nothing of it may be written from now on (no reply)."""
-
-    transfer_id: str
-
-
 class Ping(_Cmd, tag="ping"):
     pass
 
@@ -207,19 +164,6 @@ class KVIn(_Cmd, tag="kv_in"):
     num_bytes: int = 0
     convert_s: float = 0.0
     wall_s: float = 0.0
-
-
-class KVSent(_Cmd, tag="kv_sent"):
-    """A direct hand-off's sender worker is done: bytes sent, extract + convert seconds, seconds from the first
-    byte to the commit (paced wait included) and what the declared link needs for those bytes."""
-
-    transfer_id: str
-    ok: bool
-    error: str = ""
-    num_bytes: int = 0
-    convert_s: float = 0.0
-    wall_s: float = 0.0
-    declared_s: float = 0.0
 
 
 class Pong(_Cmd, tag="pong"):
@@ -318,6 +262,7 @@ def _worker_main(conn: Channel) -> None:
         spec.model, block_size=spec.block_size, num_blocks=spec.num_blocks, dtype=spec.dtype, device=spec.device,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         max_model_len=spec.max_model_len, enable_prefix_caching=False, seed=spec.seed,
+        enforce_eager=spec.hetis is not None,  # a Hetis main's steps talk to other processes: no CUDA graphs
     )
     runner = build_runner(spec, cfg)  # ModelRunner(cfg) unless a pipeline stage or TP rank
     hetis = None
@@ -338,10 +283,14 @@ def _worker_main(conn: Channel) -> None:
 
         direct = DirectKV(runner, desc, open_endpoints(spec.kv_transports, spec.kv_host), send_reply,
                           stall_s=spec.kv_stall_s)
+        direct.install_layer_hooks()
     conn.send_bytes(encode_msg(Ready(seq=0, num_kv_blocks=runner.num_kv_blocks, desc=desc, pid=os.getpid(),
                                      kv_addresses=direct.addresses if direct is not None else {})))
     while True:
         try:
+            if direct is not None:  # register KV that came ahead of its ExpectKV (streamed pieces)
+                for done in direct.poll(0):
+                    send_reply(done)
             while direct is not None and direct.busy and not conn.poll(0):
                 for done in direct.poll(0.002):  # KV arriving for expected hand-offs, between commands
                     send_reply(done)
@@ -367,7 +316,13 @@ def _worker_main(conn: Channel) -> None:
                 reply: msgspec.Struct = Pong(seq=cmd.seq)
             elif isinstance(cmd, Execute):
                 t0 = time.perf_counter()
-                ro = runner.execute(cmd.so)
+                if direct is not None:
+                    direct.begin_step()
+                try:
+                    ro = runner.execute(cmd.so)
+                finally:
+                    if direct is not None:
+                        direct.end_step()
                 dt = time.perf_counter() - t0
                 if spec.speed < 1.0:
                     time.sleep(dt * (1.0 / spec.speed - 1.0))

@@ -233,6 +233,10 @@ class CronusDeployment(Deployment):
         self._dest[req.request_id] = main
         return head, KVTransferParams(compute_limit=k, send=True)
 
+    def stream_target(self, req_id: str) -> str | None:
+        """The main instance a head request's KV will go to (the runtime streams it there ahead of time)."""
+        return self._dest.get(req_id)
+
     def handoff(self, src: str, req: Request, views: dict[str, InstanceView], now_s: float) -> tuple[str, int]:
         kt = req.kv_transfer
         assert kt is not None and kt.compute_limit is not None

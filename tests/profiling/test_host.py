@@ -18,17 +18,12 @@ from hetserve.sim.simulator import SimExecutor
 NEW_S = 2e-3  # planted: each request the executor has not seen costs this once
 STEP_S = 1e-3  # planted: every step
 WAKE_S = 4e-3  # planted: a step that starts more than WAKE_AFTER_S after the previous one ended
-WAKE_AFTER_S = 8e-3  # far from the measured gaps: a busy CI box pauses a process for milliseconds
-
-
-def _spin(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
+WAKE_AFTER_S = 15e-3  # far from the measured gaps: a busy CI box pauses a process for milliseconds
 
 
 class PlantedExecutor(SimExecutor):
-    """An executor whose time is known: STEP_S a step, NEW_S per new request, WAKE_S after an idle gap."""
+    """An executor whose time is known: STEP_S a step, NEW_S per new request, WAKE_S after an idle gap.
+    It sleeps rather than spins, so that on a busy machine other processes do not stretch its costs."""
 
     block_size = 16
 
@@ -39,7 +34,7 @@ class PlantedExecutor(SimExecutor):
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         if so.scheduled:
             cold = time.perf_counter() - self._last_end > WAKE_AFTER_S
-            _spin(STEP_S + NEW_S * sum(s.new is not None for s in so.scheduled) + (WAKE_S if cold else 0.0))
+            time.sleep(STEP_S + NEW_S * sum(s.new is not None for s in so.scheduled) + (WAKE_S if cold else 0.0))
         out = super().execute(so)
         self._last_end = time.perf_counter()
         return out
@@ -53,7 +48,7 @@ def _zero_profile() -> DeviceProfile:
 def test_measurement_recovers_planted_step_new_request_and_wake_costs() -> None:
     host = measure_host_costs(
         PlantedExecutor(), _zero_profile(), 1, decode_num_seqs=(1, 2, 4), decode_ctx=32, prompt_lengths=(16, 64),
-        idle_s=(0.0, 0.002, 0.02, 0.04), warmup=1, repeat=7, reduce=min,
+        idle_s=(0.0, 0.002, 0.03, 0.05), warmup=1, repeat=9, reduce=min,
     )
     # the engine's own host work (scheduler, outputs) comes on top of the planted costs: tens of microseconds
     slack = 1.5e-3
@@ -61,10 +56,12 @@ def test_measurement_recovers_planted_step_new_request_and_wake_costs() -> None:
     assert NEW_S * 0.9 <= host.new_seq_overhead_s + 64 * host.new_seq_overhead_per_token_s < NEW_S + slack
     assert host.step_overhead_per_seq_s < 2e-4
     wake = host.idle_wake
-    assert wake is not None and wake.xs == (0.0, 0.002, 0.02, 0.04)
+    assert wake is not None and wake.xs == (0.0, 0.002, 0.03, 0.05)
     assert list(wake.ys) == sorted(wake.ys)  # never warmer after a longer gap
-    assert wake.ys[0] < 1e-3 and wake.ys[1] < 1.5e-3  # no gap, or one shorter than the planted threshold
-    assert WAKE_S * 0.8 < wake.ys[2] < WAKE_S + slack and WAKE_S * 0.8 < wake.ys[3] < WAKE_S + slack
+    # no gap, or one shorter than the planted threshold: far below the planted wake-up (a loaded box pauses
+    # a process for a few milliseconds now and then; the median of the pairs absorbs most of it)
+    assert wake.ys[0] < WAKE_S / 2 and wake.ys[1] < WAKE_S / 2
+    assert WAKE_S * 0.75 < wake.ys[2] < WAKE_S + slack and WAKE_S * 0.75 < wake.ys[3] < WAKE_S + slack
     kinds = {v["kind"] for v in host.validation}
     assert kinds == {"engine decode", "engine new request", "engine idle wake"}
 

@@ -194,6 +194,10 @@ def _export_cuda(t: Any) -> dict[str, Any]:
 def _import_cuda(c: dict[str, Any]) -> Any:
     import torch
 
+    # the handle is opened in this process's CUDA context: make sure there is one (a process that has not touched
+    # CUDA yet segfaulted inside _new_shared_cuda on torch 2.11 / H100)
+    torch.cuda.init()
+    torch.cuda.set_device(c["device"])
     storage = torch.UntypedStorage._new_shared_cuda(
         c["device"], c["handle"], c["storage_size"], c["storage_offset"], c["ref_handle"], c["ref_offset"],
         c["event_handle"], c["event_sync"],

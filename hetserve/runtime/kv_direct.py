@@ -1,0 +1,378 @@
+"""Worker-to-worker KV hand-offs: inside a worker, its transport endpoints and the two halves of a transfer.
+
+The coordinator never sees the bytes (``kv_handoff.py`` decides who sends what to whom):
+
+- ``SendKV`` (sender worker): its stage's layers and TP rank's heads of a request's KV (tokens
+  ``[token_start, num_tokens)``) are extracted and converted to the wire format at once (in command order, so
+  before any later step can reuse the blocks), then a background thread hands each receiving worker the layers
+  it holds (``KVPiece`` + one raw buffer per layer) over the pair's transport (``shm`` on one host, ``tcp``
+  otherwise, ``nixl`` when asked for). The pieces go out ``final=False``; with a declared link the thread
+  waits until ``latency + bytes / bandwidth`` has passed since the first byte, then sends ``KVCommit`` (the
+  receiver uses nothing before). The thread answers ``KVSent`` (bytes, conversion, wall and declared seconds).
+  One thread, jobs in order: transfers share the link one after the other, as on a real link.
+- ``SendKV(layerwise=True)`` (Cronus' head, sent just before a step): during that step a forward hook on each
+  decoder layer extracts and queues that layer's share as soon as the layer has run (its KV is written), so
+  the bytes leave while the next layers compute; after the step the layers no hook saw (a fused path that
+  bypasses ``__call__``) follow, then the commit.
+- ``ExpectKV`` (receiver worker): which sender workers will send, the blocks, a timeout. The worker loop
+  polls the endpoints between commands; once every expected sender committed, the shards are joined,
+  converted to the local cache (``shard.insert_kv``) and written, and the worker answers ``KVIn`` with its
+  conversion time. Past the timeout it answers ``KVIn(ok=False)``. ``CancelKV`` drops the expectation (the
+  coordinator gave up): pieces arriving later are dropped, so a reused block is never overwritten.
+
+Pieces that arrive before their ``ExpectKV`` (the receiver was busy in a step) are kept for ``orphan_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hetserve.core.devices import LinkSpec
+from hetserve.runtime.kv_convert import convert
+from hetserve.runtime.kv_messages import ExpectKV, KVSent, SendKV
+from hetserve.runtime.kv_transfer import LinkPacer, extract_blocks
+from hetserve.runtime.messages import KVCommit, KVPiece
+from hetserve.runtime.transport import TransferTimeout, Transport, TransportError, make_transport
+
+if TYPE_CHECKING:
+    from hetserve.engine.runner import ModelRunner
+    from hetserve.runtime.kv_layout import KVDescriptor
+    from hetserve.runtime.worker import KVIn
+
+
+def open_endpoints(kinds: tuple[str, ...], host: str = "127.0.0.1") -> dict[str, Transport]:
+    """One receiving endpoint per transport kind this worker may be sent KV over."""
+    out: dict[str, Transport] = {}
+    for k in kinds:
+        if k in out:
+            continue
+        out[k] = make_transport(k, bind=f"tcp://{host}:*") if k in ("tcp", "nixl") else make_transport(k)
+    return out
+
+
+@dataclass
+class _Out:
+    """A sender worker's converted share: one host buffer per layer from ``layer_start``."""
+
+    layer_start: int
+    head_start: int
+    wire: Any
+    shapes: list[list[int]]
+    buffers: list[Any]
+
+
+@dataclass
+class _Expect:
+    req_id: str
+    block_ids: list[int]
+    num_tokens: int
+    sources: set[int]
+    deadline_s: float
+    start_s: float
+    seq: int
+    wire: Any
+    # committed pieces in arrival order: (token_start, num_tokens, src, shard)
+    shards: list[tuple[int, int, int, Any]] = field(default_factory=list)
+    committed: set[int] = field(default_factory=set)  # sources whose last piece (all tokens) is committed
+    pending: dict[int, list[tuple[int, int, int, Any]]] = field(default_factory=dict)  # src -> not committed
+    num_bytes: int = 0
+
+
+class DirectKV:
+    """A worker's side of direct hand-offs over ``endpoints`` (kind -> its receiving transport)."""
+
+    def __init__(self, runner: ModelRunner, desc: KVDescriptor, endpoints: dict[str, Transport],
+                 reply: Callable[[Any], None], stall_s: float = 0.0, orphan_ttl_s: float = 30.0) -> None:
+        self.runner = runner
+        self.desc = desc
+        self.endpoints = endpoints
+        self.reply = reply  # thread-safe: sends a reply to the coordinator
+        self.stall_s = stall_s
+        self.orphan_ttl_s = orphan_ttl_s
+        self.expects: dict[str, _Expect] = {}
+        self._orphans: OrderedDict[str, list[tuple[float, Any, list[Any]]]] = OrderedDict()
+        self._closed: OrderedDict[str, None] = OrderedDict()
+        self._jobs: queue.Queue[Any] = queue.Queue()
+        self._next_step: list[SendKV] = []  # layer-wise sends for the next step
+        self._active: list[SendKV] = []  # ... for the step running now
+        self._done_layers: dict[int, set[int]] = {}
+        self._hooked: dict[tuple[str, int], int] = {}  # (transfer, seq) -> layers sent from a hook
+        self._sending: dict[tuple[str, int], dict[str, Any]] = {}  # the sender thread's per-send books
+        self._thread = threading.Thread(target=self._send_loop, name="kv-send", daemon=True)
+        self._thread.start()
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        return {k: t.address for k, t in self.endpoints.items()}
+
+    @property
+    def busy(self) -> bool:
+        """Anything to poll for (an expected transfer, or pieces waiting for their ``ExpectKV``)?"""
+        return bool(self.expects or self._orphans)
+
+    # ---- sending --------------------------------------------------------------------------------
+    def send(self, cmd: SendKV) -> None:
+        """Extract and convert now (command order) and queue the bytes for the sender thread; a layer-wise
+        send waits for the next step instead (``begin_step`` / the layer hooks / ``end_step``)."""
+        if cmd.token_start % self.desc.block_size:
+            raise ValueError(f"token_start {cmd.token_start} is not on a block of {self.desc.block_size}")
+        if cmd.layerwise:
+            self._next_step.append(cmd)
+            return
+        self._queue_layers(cmd, range(self.desc.num_layers))
+        self._jobs.put(("commit", cmd))
+
+    def _queue_layers(self, cmd: SendKV, layers: Any) -> None:
+        """Extract and convert ``layers`` (local indices) of ``cmd``'s tokens; their bytes go to the thread."""
+        t0 = time.perf_counter()
+        layers = list(layers)
+        if not layers:
+            return
+        bs = self.desc.block_size
+        n = cmd.num_tokens - cmd.token_start
+        ids = cmd.block_ids[cmd.token_start // bs:]
+        local = dataclasses.replace(self.desc, num_layers=len(layers))
+        caches = [self.runner.kv_caches[i] for i in layers]
+        src = extract_blocks(caches, ids, n, local)
+        p = convert(src, local, dataclasses.replace(cmd.wire, num_layers=len(layers)), n, heads=self.desc.head_range)
+        # one host buffer per layer, no extra copy (the transport reads them; shm copies them once)
+        bufs = [t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy() for t in p.tensors]
+        start = self.runner.parallel.layer_start + layers[0]
+        out = _Out(start, p.head_start, p.desc, [list(t.shape) for t in p.tensors], bufs)
+        self._jobs.put(("piece", cmd, out, time.perf_counter() - t0))
+
+    # layer-wise: the layer hooks send each layer's KV as soon as the step wrote it
+    def install_layer_hooks(self) -> int:
+        """Forward hooks on the model's decoder layers (None where the model has no ``stage_layers``; a fused
+        path that bypasses ``__call__`` just falls back to ``end_step``). Returns the number hooked."""
+        layers = getattr(self.runner.model, "stage_layers", None) or []
+        for i, layer in enumerate(layers):
+            layer.register_forward_hook(lambda *_a, i=i: self._on_layer(i))
+        return len(layers)
+
+    def begin_step(self) -> None:
+        self._active, self._next_step = self._next_step, []
+        self._done_layers = {id(c): set() for c in self._active}
+
+    def _on_layer(self, i: int) -> None:
+        for cmd in self._active:
+            done = self._done_layers[id(cmd)]
+            if i not in done:
+                done.add(i)
+                self._queue_layers(cmd, [i])
+                self._hooked[cmd.transfer_id, cmd.seq] = self._hooked.get((cmd.transfer_id, cmd.seq), 0) + 1
+
+    def end_step(self) -> None:
+        """The layers no hook sent (a fused path, or a layer-wise send with no step) go now, then the commit."""
+        for cmd in self._active:
+            done = self._done_layers[id(cmd)]
+            self._queue_layers(cmd, [i for i in range(self.desc.num_layers) if i not in done])
+            self._jobs.put(("commit", cmd))
+        self._active, self._done_layers = [], {}
+
+    def _send_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            cmd = job[1]
+            key = (cmd.transfer_id, cmd.seq)
+            st = self._sending.setdefault(key, {"bytes": 0, "conv": 0.0, "t0": None, "failed": ""})
+            try:
+                if job[0] == "piece":
+                    if not st["failed"]:
+                        self._send_piece(cmd, job[2], st)
+                    st["conv"] += job[3]
+                else:
+                    del self._sending[key]
+                    self._commit_job(cmd, st)
+            except Exception as e:  # noqa: BLE001 - reported to the coordinator with the commit
+                st["failed"] = f"{type(e).__name__}: {e}"
+                if job[0] != "piece":
+                    self._reply_sent(cmd, st)
+
+    def _link(self, cmd: SendKV) -> LinkSpec | None:
+        if cmd.link_bandwidth <= 0:
+            return None
+        return LinkSpec("declared", "ethernet", cmd.link_bandwidth, cmd.link_latency_s)
+
+    def _send_piece(self, cmd: SendKV, out: _Out, st: dict[str, Any]) -> None:
+        if st["t0"] is None:
+            if self.stall_s > 0:
+                time.sleep(self.stall_s)  # test hook: a stalled link
+            st["t0"] = time.monotonic()
+        oa, n_layers = out.layer_start, len(out.buffers)
+        deadline_s = st["t0"] + cmd.timeout_s
+        for tg in cmd.targets:
+            lo, hi = max(tg.layer_start, oa), min(tg.layer_end, oa + n_layers)
+            if lo >= hi:
+                continue
+            piece = KVPiece(transfer_id=cmd.transfer_id, src_rank=cmd.src_rank, layer_start=lo,
+                            head_start=out.head_start, num_tokens=cmd.num_tokens, desc=out.wire,
+                            shapes=out.shapes[lo - oa:hi - oa], token_start=cmd.token_start, final=False)
+            bufs = out.buffers[lo - oa:hi - oa]
+            try:
+                self._endpoint(tg.kind).send(tg.address, piece, bufs, deadline_s)
+            except TransportError as e:
+                st["failed"] = f"{type(e).__name__}: {e}"
+                return
+            st["bytes"] += sum(b.nbytes for b in bufs)
+
+    def _commit_job(self, cmd: SendKV, st: dict[str, Any]) -> None:
+        if not st["failed"] and st["t0"] is not None:
+            link = self._link(cmd)
+            if link is not None:  # never early: the receiver may use the KV once the declared link delivered it
+                LinkPacer(link).wait_until(st["t0"] + link.transfer_time_s(st["bytes"]))
+            commit = KVCommit(transfer_id=cmd.transfer_id, req_id="", src_rank=cmd.src_rank)
+            for tg in cmd.targets:
+                try:
+                    self._endpoint(tg.kind).send(tg.address, commit, [], st["t0"] + cmd.timeout_s)
+                except TransportError as e:
+                    st["failed"] = f"{type(e).__name__}: {e}"
+                    break
+        self._reply_sent(cmd, st)
+
+    def _reply_sent(self, cmd: SendKV, st: dict[str, Any]) -> None:
+
+        link = self._link(cmd)
+        t0 = st["t0"] if st["t0"] is not None else time.monotonic()
+        self.reply(KVSent(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=not st["failed"], error=st["failed"],
+                          num_bytes=st["bytes"], convert_s=st["conv"], wall_s=time.monotonic() - t0,
+                          declared_s=0.0 if link is None else link.transfer_time_s(st["bytes"]),
+                          hooked_layers=self._hooked.pop((cmd.transfer_id, cmd.seq), 0)))
+
+    def _endpoint(self, kind: str) -> Transport:
+        ep = self.endpoints.get(kind)
+        if ep is None:
+            raise TransportError(f"this worker has no {kind!r} endpoint (has {sorted(self.endpoints)})")
+        return ep
+
+    # ---- receiving ------------------------------------------------------------------------------
+    def expect(self, cmd: ExpectKV) -> None:
+        if cmd.transfer_id in self.expects:
+            raise ValueError(f"transfer {cmd.transfer_id!r} is already expected")
+        now = time.monotonic()
+        self.expects[cmd.transfer_id] = _Expect(cmd.req_id, list(cmd.block_ids), cmd.num_tokens, set(cmd.sources),
+                                                now + cmd.timeout_s, now, cmd.seq, cmd.wire)
+        self._closed.pop(cmd.transfer_id, None)
+        for _, header, bufs in self._orphans.pop(cmd.transfer_id, []):
+            self._take(header, bufs)
+
+    def cancel(self, transfer_id: str) -> None:
+        self.expects.pop(transfer_id, None)
+        self._close(transfer_id)
+
+    def _close(self, transfer_id: str) -> None:
+        self._orphans.pop(transfer_id, None)
+        self._closed[transfer_id] = None
+        while len(self._closed) > 4096:
+            self._closed.popitem(last=False)
+
+    def poll(self, timeout_s: float = 0.0) -> list[KVIn]:
+        """Take what arrived on every endpoint; the transfers that ended (done or past their timeout)."""
+        from hetserve.runtime.worker import KVIn
+
+        for ep in self.endpoints.values():
+            wait = timeout_s if len(self.endpoints) == 1 else min(timeout_s, 0.001)
+            while True:
+                try:
+                    header, bufs = ep.recv(wait)
+                except TransferTimeout:
+                    break
+                wait = 0.0
+                tid = getattr(header, "transfer_id", None)
+                if not isinstance(header, (KVPiece, KVCommit)) or tid is None or tid in self._closed:
+                    continue
+                if tid in self.expects:
+                    self._take(header, bufs)
+                else:
+                    self._orphans.setdefault(tid, []).append((time.monotonic(), header, bufs))
+        done: list[KVIn] = []
+        now = time.monotonic()
+        for tid, e in list(self.expects.items()):
+            if e.committed >= e.sources:
+                done.append(self._finish(tid, e))
+            elif now > e.deadline_s:
+                del self.expects[tid]
+                self._close(tid)
+                done.append(KVIn(seq=e.seq, transfer_id=tid, ok=False, num_bytes=e.num_bytes,
+                                 error=f"deadline passed waiting for sender workers "
+                                       f"{sorted(e.sources - e.committed)}"))
+        for tid in list(self._orphans):
+            if now - self._orphans[tid][0][0] <= self.orphan_ttl_s:
+                break
+            del self._orphans[tid]
+        return done
+
+    def _take(self, header: Any, bufs: list[Any]) -> None:
+        from hetserve.runtime.worker import KVShard
+
+        e = self.expects[header.transfer_id]
+        if isinstance(header, KVPiece):
+            if header.src_rank not in e.sources:
+                return
+            data = [memoryview(b) for b in bufs]  # valid while held (transport contract); copied on insert
+            e.num_bytes += sum(b.nbytes for b in data)
+            sh = KVShard(layer_start=header.layer_start, head_start=header.head_start, shapes=header.shapes,
+                         buffers=data)
+            e.pending.setdefault(header.src_rank, []).append((header.token_start, header.num_tokens,
+                                                              header.src_rank, sh))
+            if header.final:
+                self._commit(e, header.src_rank)
+        elif header.src_rank in e.pending:
+            self._commit(e, header.src_rank)
+
+    @staticmethod
+    def _commit(e: _Expect, src: int) -> None:
+        pieces = e.pending.pop(src)
+        e.shards.extend(pieces)
+        if any(n == e.num_tokens for _, n, _, _ in pieces):
+            e.committed.add(src)  # a sender's pieces arrive in order: its last one covers the end
+
+    def _finish(self, tid: str, e: _Expect) -> KVIn:
+        from hetserve.runtime.shard import insert_kv
+        from hetserve.runtime.worker import InsertKV, KVIn
+
+        del self.expects[tid]
+        self._close(tid)
+        t0 = time.perf_counter()
+        try:
+            # one insert per token range (streamed pieces first, then the hand-off's rest), each from every
+            # source; the ranges must cover [0, num_tokens) without a gap
+            ranges: dict[tuple[int, int], list[Any]] = {}
+            for a, n, _, sh in e.shards:
+                ranges.setdefault((a, n), []).append(sh)
+            covered = 0
+            for (a, n), shards in sorted(ranges.items()):
+                if a > covered:
+                    raise ValueError(f"tokens [{covered}, {a}) of the transfer never arrived")
+                bs = self.desc.block_size
+                if a % bs:
+                    raise ValueError(f"a piece starts at token {a}, not on a block of {bs}")
+                insert_kv(self.runner, self.desc, InsertKV(seq=e.seq, transfer_id=tid, block_ids=e.block_ids[a // bs:],
+                                                           num_tokens=n - a, wire=e.wire, shards=shards))
+                covered = max(covered, n)
+            if self.runner.device.type == "cuda":
+                torch.cuda.synchronize(self.runner.device)
+        except Exception as ex:  # noqa: BLE001 - a malformed transfer fails, not the worker
+            return KVIn(seq=e.seq, transfer_id=tid, ok=False, error=f"{type(ex).__name__}: {ex}",
+                        num_bytes=e.num_bytes)
+        return KVIn(seq=e.seq, transfer_id=tid, ok=True, num_bytes=e.num_bytes,
+                    convert_s=time.perf_counter() - t0, wall_s=time.monotonic() - e.start_s)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        for ep in self.endpoints.values():
+            try:
+                ep.close()
+            except TransportError:
+                pass
