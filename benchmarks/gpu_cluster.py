@@ -231,6 +231,16 @@ def main() -> int:
                     run = {"rate": rate, "real": {k: real.get(k) for k in (*KEYS, "errors")},
                            "simulated": {k: sim.get(k) for k in KEYS}, "relative_error": err,
                            "transfers_ok": engine.num_transfers_ok, "transfers_failed": engine.num_transfers_failed}
+                    stats = engine.kv_stats() if hasattr(engine, "kv_stats") else []
+                    done = [x for x in stats if x.get("ok")]
+                    if done:  # direct KV hand-offs so far (cumulative over this strategy's runs)
+                        tot = {k: sum(float(x.get(k) or 0) for x in done)
+                               for k in ("num_bytes", "wall_s", "declared_s", "send_convert_s", "recv_convert_s",
+                                         "handoff_s")}
+                        tot["count"] = len(done)
+                        tot["achieved_over_declared_bandwidth"] = (tot["declared_s"] / tot["wall_s"]
+                                                                   if tot["wall_s"] else None)
+                        run["kv_transfers"] = tot
                     dep = engine.deployment.describe()
                     if "mean_k_fraction" in dep:
                         run["cronus_mean_k_fraction"] = dep["mean_k_fraction"]

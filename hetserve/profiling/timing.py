@@ -54,11 +54,12 @@ class Timer:
             if graph and self.use_graphs:
                 # capture_begin/end on the current stream rather than torch.cuda.graph(), whose entry runs
                 # gc.collect() and empty_cache() every time (a tenth of a second per grid point)
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
+                # a private memory pool per graph: reusing one pool after its graphs were freed trips
+                # "use_count > 0 INTERNAL ASSERT FAILED" in CUDACachingAllocator (torch 2.11, H100), and every
+                # capture after the first then fell back to eager timing
                 g = torch.cuda.CUDAGraph()
                 try:
-                    g.capture_begin(pool=self._pool)
+                    g.capture_begin()
                     try:
                         fn()
                     finally:
