@@ -59,6 +59,24 @@ def reprofile(model_dir: Path, device_name: str, repeat: int, statistic: str) ->
     return out
 
 
+def profile_decode_s(profile: Any) -> float | None:
+    """The profile's own measured engine decode step of one request (its validation entry)."""
+    for v in profile.meta.get("validation", []):
+        if v.get("kind") == "engine decode" and v.get("num_seqs") == 1:
+            return float(v["measured_s"])
+    return None
+
+
+def decode_probe_s(engine: Any) -> float:
+    """The same engine decode step, measured now on the engine under test: the machine's speed at this
+    moment relative to when the profile was taken (this VM's speed drifts by up to 2x over minutes)."""
+    from hetserve.profiling.host import HostProbe
+
+    probe = HostProbe(engine.executor, max_prompt_tokens=64)
+    times, _ = probe.decode_steps_s(1, 64, 3, 21)
+    return statistics.median(times)
+
+
 def driver_summary(workload: list[Any], timeline: dict[str, Any]) -> dict[str, float]:
     """How requests met the engine: the share that arrived while it was idle, and how late the driver took
     them in (idle: the sleep's wake-up; busy: the rest of the running step)."""
@@ -162,17 +180,18 @@ def main() -> int:
                           "idle_wake_s": fp.idle_wake.to_dict("idle_s") if fp.idle_wake else None})
         for name, wl in workloads.items():
             before = load1()
+            speed = decode_probe_s(engine)
             timeline: dict[str, Any] = {}
             records, dur = replay(engine, wl, seed=rep, timeline=timeline)
             m = compute_metrics(records, dur)
             run = {**{k: m[k] for k in (*KEYS, *DIAG_KEYS)}, "load1_before": before, "load1_after": load1(),
-                   "driver": driver_summary(wl, timeline)}
+                   "engine_decode_step_ms_before": 1e3 * speed, "driver": driver_summary(wl, timeline)}
             if fresh_sims is not None:
                 run["fresh_profile_sim"] = fresh_sims[name]["metrics"]
                 run["fresh_profile_error"] = errors(fresh_sims[name]["metrics"], run)
             real_runs[name].append(run)
             print(f"  run {rep + 1}/{args.repeats} {name}: " + "  ".join(f"{k} {m[k]:.2f}" for k in KEYS[:3])
-                  + f"  (load {before})", flush=True)
+                  + f"  (load {before}, decode step {1e3 * speed:.2f} ms)", flush=True)
 
     rows = []
     for name, wl in workloads.items():
@@ -197,6 +216,8 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True).stdout.strip()
     loads = [r[k] for runs in real_runs.values() for r in runs for k in ("load1_before", "load1_after")
              if r[k] is not None]
+    speeds = [r["engine_decode_step_ms_before"] for runs in real_runs.values() for r in runs]
+    pdec = profile_decode_s(profile)
     out = {"benchmark": "simulator fidelity vs real engine (CPU)", "command": " ".join(sys.argv), "git_commit": commit,
            "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads 1)",
            "emulation": None,
@@ -206,6 +227,13 @@ def main() -> int:
                       "max_num_batched_tokens": budget, "repeats": args.repeats},
            "load_average_1min": {"start": load_start, "end": load1(), "runs_min": min(loads, default=None),
                                  "runs_max": max(loads, default=None), "cpu_count": os.cpu_count()},
+           "machine_speed": {
+               "note": "an engine decode step of one request (ctx 64), measured before every real run; the "
+                       "profile's own measurement of it beside: a ratio far from 1 means the machine ran at "
+                       "another speed than when the profile was taken",
+               "profile_ms": None if pdec is None else 1e3 * pdec,
+               "runs_ms": speeds,
+               "median_ratio_to_profile": None if pdec is None else statistics.median(speeds) / (1e3 * pdec)},
            "goal": "mean TTFT, mean TPOT and output throughput each within 10% (issue 6)",
            "goal_met_workloads": sum(r["goal_met"] for r in rows), "wall_s": time.perf_counter() - t_start,
            "results": rows}

@@ -37,7 +37,11 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--smoke-cpu", action="store_true")
+    ap.add_argument("--resim", metavar="RESULT.json", default=None,
+                    help="no GPU: re-simulate a measured result's requests with today's profile (same seeds)")
     args = ap.parse_args()
+    if args.resim:
+        return resim(Path(args.resim), args)
 
     import torch
     from gpu_cluster import git_commit, workload
@@ -115,6 +119,48 @@ def main() -> int:
     name = "gpu-online-fidelity.json" if not args.smoke_cpu else "cpu-online-fidelity-smoke.json"
     dest = Path(os.environ["OUT"]) / name if os.environ.get("OUT") else ROOT / "benchmarks/results" / name
     dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=1, default=str))
+    print(f"wrote {dest}")
+    return 0
+
+
+def resim(path: Path, args: argparse.Namespace) -> int:
+    """Re-run the simulator side of a measured GPU result (same lengths, arrivals and engine limits)."""
+    from gpu_cluster import git_commit, workload
+
+    from hetserve.core.devices import get_device
+    from hetserve.core.model_config import ModelConfig
+    from hetserve.planner.costmodel import CostModel
+    from hetserve.planner.profile import load_profile
+    from hetserve.sim.simulator import Simulator
+    from hetserve.strategies.base import InstancePlan
+    from hetserve.strategies.dp import DPDeployment
+
+    old = json.loads(path.read_text())
+    c = old["config"]
+    trace = next((p for p in (ROOT / ".data/azure_llm_2023_conv.csv",
+                              ROOT.parent / "shared/data/azure_llm_2023_conv.csv") if p.exists()), None)
+    mc = ModelConfig.from_path(ROOT / "examples/models/llama-3.1-8b")
+    prof = load_profile(ROOT / "profiles/h100-sxm-llama-3.1-8b.json")
+    cm = CostModel(mc, get_device("H100-SXM"), "bfloat16", profile=prof)
+    rows = []
+    for row in old["results"]:
+        rate = row["rate"]
+        wl = workload(trace, row["num_requests"], rate, args.max_input, args.max_output, seed=int(rate * 10) + 1)
+        plan = InstancePlan(name="dev", device_ids=("dev",), role="mixed", stage_costs=(cm,),
+                            num_kv_blocks=c["num_kv_blocks"], block_size=16, max_num_seqs=c["max_num_seqs"],
+                            max_num_batched_tokens=c["max_num_batched_tokens"], max_model_len=c["max_model_len"])
+        sim = Simulator(DPDeployment([plan], lambda a, b: None)).run(wl).metrics()  # type: ignore[arg-type,return-value]
+        real = row["real"]
+        err = {k: (sim[k] - real[k]) / real[k] if real.get(k) else None for k in KEYS}
+        rows.append({"rate": rate, "num_requests": row["num_requests"], "real": real,
+                     "simulated": {k: sim[k] for k in KEYS}, "relative_error": err})
+        print(f"rate {rate:5.1f}: " + "  ".join(f"{k} {real[k]:.1f}/{sim[k]:.1f} ({100 * (err[k] or 0):+.0f}%)"
+                                                for k in KEYS), flush=True)
+    out = dict(old, results=rows, resimulated={"from": path.name, "command": " ".join([sys.executable, *sys.argv]),
+                                               "git_commit": git_commit(), "profile_created": prof.meta.get("created"),
+                                               "note": "real columns as measured; simulated re-run with this profile"})
+    dest = path.with_name(path.stem + "-resim.json")
     dest.write_text(json.dumps(out, indent=1, default=str))
     print(f"wrote {dest}")
     return 0
