@@ -22,17 +22,6 @@ INSTANCES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model(tiny_llama_dir) -> str:
-    return str(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
-def reference(model: str) -> list[list[int]]:
-    llm = LLM(model, max_model_len=MAX_LEN, dtype="float32", device="cpu", num_blocks=128)
-    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SP)]
-
-
 def _run(model: str, policy: dict, **kw) -> tuple[list[list[int]], LLM]:
     llm = LLM(model, cluster="cpu-pair", strategy="cronus", instances=INSTANCES, max_model_len=MAX_LEN,
               num_kv_blocks=128, deployment_params={"split_policy": policy}, **kw)

@@ -21,17 +21,6 @@ SP = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 PD_CONVERT = {"block_sizes": {"decode0": 32}, "kv_layouts": {"decode0": "HND"}}
 
 
-@pytest.fixture(scope="module")
-def model(tiny_llama_dir) -> str:
-    return str(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
-def reference(model: str) -> list[list[int]]:
-    llm = LLM(model, max_model_len=MAX_LEN, dtype="float32", device="cpu", num_blocks=128)
-    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SP)]
-
-
 def _cluster(model: str, strategy: str, **kw):
     llm = LLM(model, cluster="cpu-pair", strategy=strategy, max_model_len=MAX_LEN, num_kv_blocks=128, **kw)
     return llm

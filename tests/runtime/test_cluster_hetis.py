@@ -41,12 +41,6 @@ def model(tiny_model_factory) -> str:
     return str(tiny_model_factory("llama", num_heads=8, num_kv_heads=4))
 
 
-@pytest.fixture(scope="module")
-def reference(model: str) -> list[list[int]]:
-    llm = LLM(model, max_model_len=MAX_LEN, dtype="float32", device="cpu", num_blocks=128)
-    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SP)]
-
-
 def _hetis(model: str, cluster, workers: list[dict], extra: list[dict] | None = None, **kw) -> LLM:
     insts = [{"name": "main0", "role": "main", "devices": ["host:0"], "workers": workers}, *(extra or [])]
     return LLM(model, cluster=cluster, strategy="hetis", instances=insts, max_model_len=MAX_LEN, num_kv_blocks=64,

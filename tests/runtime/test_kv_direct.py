@@ -22,17 +22,6 @@ SLOW_BW = 2e6  # bytes/s: a tiny model's KV takes tens of milliseconds
 SLOW_LAT = 0.004
 
 
-@pytest.fixture(scope="module")
-def model(tiny_llama_dir) -> str:
-    return str(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
-def reference(model: str) -> list[list[int]]:
-    llm = LLM(model, max_model_len=MAX_LEN, dtype="float32", device="cpu", num_blocks=128)
-    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SP)]
-
-
 def _slow_pair() -> dict:
     d = load_cluster("examples/clusters/cpu-pair.yaml").to_dict()
     d["nodes"][0]["intra_link"] = {"name": "slow", "kind": "ethernet", "bandwidth_bytes_per_s": SLOW_BW,

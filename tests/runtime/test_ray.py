@@ -99,17 +99,6 @@ def ray_address(_only_when_asked: None):
                 os.environ[k] = v
 
 
-@pytest.fixture(scope="module")
-def model(tiny_llama_dir) -> str:
-    return str(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
-def reference(model: str) -> list[list[int]]:
-    llm = LLM(model, max_model_len=MAX_LEN, dtype="float32", device="cpu", num_blocks=128)
-    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SP)]
-
-
 def _ray_node_of(resource: str) -> str:
     import ray
 

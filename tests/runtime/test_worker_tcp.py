@@ -40,17 +40,6 @@ CLUSTERS = Path(__file__).resolve().parents[2] / "examples" / "clusters"
 
 
 @pytest.fixture(scope="module")
-def model(tiny_llama_dir) -> str:
-    return str(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
-def reference(model: str) -> list[list[int]]:
-    llm = LLM(model, max_model_len=MAX_LEN, dtype="float32", device="cpu", num_blocks=128)
-    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SP)]
-
-
-@pytest.fixture(scope="module")
 def tcp_dp(model: str):
     llm = LLM(model, cluster="cpu-pair", strategy="dp", max_model_len=MAX_LEN, num_kv_blocks=128, backend="tcp")
     yield llm
