@@ -26,6 +26,7 @@ Pieces that arrive before their ``ExpectKV`` (the receiver was busy in a step) a
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import threading
 import time
@@ -144,8 +145,13 @@ class DirectKV:
         caches = [self.runner.kv_caches[i] for i in layers]
         src = extract_blocks(caches, ids, n, local)
         p = convert(src, local, dataclasses.replace(cmd.wire, num_layers=len(layers)), n, heads=self.desc.head_range)
-        # one host buffer per layer, no extra copy (the transport reads them; shm copies them once)
-        bufs = [t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy() for t in p.tensors]
+        if self._device_buffers(cmd):
+            # GPU to GPU on one host: the shm transport hands CUDA tensors over by CUDA IPC (the receiver copies
+            # device to device before it acknowledges), no host round trip
+            bufs = [t.contiguous().reshape(-1).view(torch.uint8) for t in p.tensors]
+        else:
+            # one host buffer per layer, no extra copy (the transport reads them; shm copies them once)
+            bufs = [t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy() for t in p.tensors]
         start = self.runner.parallel.layer_start + layers[0]
         out = _Out(start, p.head_start, p.desc, [list(t.shape) for t in p.tensors], bufs)
         self._jobs.put(("piece", cmd, out, time.perf_counter() - t0))
@@ -199,6 +205,12 @@ class DirectKV:
                 st["failed"] = f"{type(e).__name__}: {e}"
                 if job[0] != "piece":
                     self._reply_sent(cmd, st)
+
+    def _device_buffers(self, cmd: SendKV) -> bool:
+        """Send CUDA tensors as they are: the cache is on a GPU and every target's transport takes device tensors."""
+        if self.runner.device.type != "cuda" or os.environ.get("HETSERVE_KV_HOST_STAGING") == "1":
+            return False
+        return all(getattr(self._endpoint(tg.kind), "accepts_device_tensors", False) for tg in cmd.targets)
 
     def _link(self, cmd: SendKV) -> LinkSpec | None:
         if cmd.link_bandwidth <= 0:
@@ -320,7 +332,8 @@ class DirectKV:
         if isinstance(header, KVPiece):
             if header.src_rank not in e.sources:
                 return
-            data = [memoryview(b) for b in bufs]  # valid while held (transport contract); copied on insert
+            # valid while held (transport contract); copied on insert. CUDA tensors (CUDA IPC) stay tensors
+            data = [b if isinstance(b, torch.Tensor) else memoryview(b) for b in bufs]
             e.num_bytes += sum(b.nbytes for b in data)
             sh = KVShard(layer_start=header.layer_start, head_start=header.head_start, shapes=header.shapes,
                          buffers=data)

@@ -125,6 +125,8 @@ def extract_kv(runner: ModelRunner, desc: KVDescriptor, cmd: ExtractKV) -> KVOut
 
 def _read_only_tensor(b: Any) -> torch.Tensor:
     """A uint8 view of a received buffer without copying it (converted into the cache, never written)."""
+    if isinstance(b, torch.Tensor):  # a device tensor that came by CUDA IPC
+        return b.reshape(-1).view(torch.uint8)
     mv = memoryview(b).cast("B") if not isinstance(b, (bytes, bytearray)) else memoryview(b)
     if mv.nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
