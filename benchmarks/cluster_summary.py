@@ -16,10 +16,17 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "benchmarks/results"
-# later files win for a (strategy, rate) measured twice: d/e ran after the direct KV hand-offs landed
+# later files win for a (strategy, rate) measured twice: d/e ran after the direct KV hand-offs landed, h after
+# they went GPU to GPU by CUDA IPC
+# KV path per file: a-c through the coordinator (msgpack bytes; PD/Cronus there are superseded), d-g direct
+# worker-to-worker but staged through host memory, h-i direct GPU to GPU by CUDA IPC. PD and Cronus rows are taken
+# from h-i only (the path they are reported for); the other strategies move no KV.
+IPC_ONLY = {"pd-lp", "pd-hp", "cronus"}
+IPC_FILES = {"gpu-cluster-h100-mps-h.json", "gpu-cluster-h100-mps-i.json"}
 FILES = ["gpu-cluster-h100-mps-a.json", "gpu-cluster-h100-mps-b.json", "gpu-cluster-h100-mps-c.json",
          "gpu-cluster-h100-mps-d.json", "gpu-cluster-h100-mps-e.json",
-         "gpu-cluster-h100-mps-f.json", "gpu-cluster-h100-mps-g.json"]
+         "gpu-cluster-h100-mps-f.json", "gpu-cluster-h100-mps-g.json", "gpu-cluster-h100-mps-h.json",
+         "gpu-cluster-h100-mps-i.json"]
 STARVED = "gpu-cluster-h100-mps-starved.json"
 
 
@@ -32,6 +39,8 @@ def load(files: list[str]) -> dict[tuple[str, float], dict[str, Any]]:
         d = json.loads(p.read_text())
         for row in d["results"]:
             for run in row.get("runs", []):
+                if row["strategy"] in IPC_ONLY and f not in IPC_FILES and f != STARVED:
+                    continue
                 if "real" in run and run["real"].get("completed"):
                     runs[(row["strategy"], run["rate"])] = dict(run, file=f, commit=d.get("git_commit"))
     return runs

@@ -5,7 +5,7 @@ tiny model's tokenizer serves the text layer, which token-id prompts barely touc
 runner's input preparation, the sampled tokens' read-back and output assembly are all inside the clock:
 
 * ``step_overhead_s``: an engine decode step of one request, minus the tables' prediction of its parts.
-* ``step_overhead_per_seq_s``: the slope of that residual over decode batches of the grid's next sizes.
+* ``step_overhead_per_seq_s``: the slope of that residual over the grid's two largest decode batches <= 64.
 * ``new_seq_overhead_s`` / ``new_seq_overhead_per_token_s``: ``add_request`` plus the request's first step
   (its whole prompt in one step, nothing else running), minus the tables and the two terms above; a line
   through three prompt lengths (slope clamped at 0).
@@ -157,9 +157,10 @@ def measure_host_costs(runner: Any, profile: DeviceProfile, num_layers: int, *, 
     """All host terms (see the module docstring); the caller puts the runner's device stream current."""
     say = log or (lambda _m: None)
     lengths = sorted(set(prompt_lengths))
-    # decode: batch 1 fixes the step overhead, two larger batches (grid points up to 8) its per-request slope;
+    # decode: batch 1 fixes the step overhead, the two largest grid batches up to 64 its per-request slope (the
+    # regime a loaded server runs in: per-request host work measured at a few requests under-states it there);
     # three rounds over the batch sizes, so that a change in machine load hits them alike
-    batches = [1, *[b for b in decode_num_seqs if 1 < b <= 8][-2:]]
+    batches = [1, *[b for b in decode_num_seqs if 1 < b <= 64][-2:]]
     probe = HostProbe(runner, max_prompt_tokens=max([decode_ctx * batches[-1], *lengths]), seed=seed)
     lengths = [n for n in lengths if probe.fits(n)] or [min(16, probe.max_len // 4)]
     out: list[dict[str, Any]] = []
@@ -180,6 +181,12 @@ def measure_host_costs(runner: Any, profile: DeviceProfile, num_layers: int, *, 
         out.append({"kind": "engine decode", "num_seqs": b, "context_len": round(ctxs[b]), "measured_s": measured[b],
                     "parts_s": parts[b], "predicted_s": parts[b] + overhead + b * per_seq})
     say(f"  engine step overhead {overhead * 1e6:.0f} us + {per_seq * 1e6:.1f} us per request")
+    if measured[1] < parts[1]:  # the whole step took less than its parts: the machine's speed changed
+        out.append({"kind": "warning", "message": (
+            f"an engine decode step ({measured[1] * 1e6:.0f} us) measured faster than its table parts "
+            f"({parts[1] * 1e6:.0f} us): the tables and the engine steps saw different machine speeds; "
+            "measure again on a quieter machine")})
+        say(f"  WARNING: {out[-1]['message']}")
 
     # a new request alone: add_request + its first step, lengths interleaved
     new_times: dict[int, list[float]] = {n: [] for n in lengths}
