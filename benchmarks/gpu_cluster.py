@@ -129,7 +129,7 @@ def main() -> int:
     from hetserve.bench.metrics import parse_slo
     from hetserve.core.cluster import load_cluster
     from hetserve.core.model_config import ModelConfig
-    from hetserve.runtime.cluster_engine import from_cluster
+    from hetserve.runtime.deploy import from_cluster
 
     slo = parse_slo(args.slo)
     rates = [float(r) for r in args.rates.split(",")]

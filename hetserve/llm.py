@@ -29,16 +29,10 @@ class LLM:
             model = str(default_model_dir())
         self.engine: Any
         if cluster is not None:
-            # one worker process per device; kwargs go to hetserve.runtime.cluster_engine.from_cluster
-            from hetserve.runtime.cluster_engine import from_cluster
+            # one worker process per device; kwargs go to hetserve.runtime.deploy.from_cluster
+            from hetserve.runtime.deploy import from_cluster
 
             strategy = strategy or "dp"
-            if kwargs.get("instances") is None and strategy == "cronus":
-                # from_cluster's default instances are role-less for Cronus: a main and heads, as serve --cluster
-                from hetserve.server.cluster import default_instances, load_cluster_setting
-
-                cluster = load_cluster_setting(cluster) if isinstance(cluster, (str, dict)) else cluster
-                kwargs["instances"] = default_instances(strategy, cluster.device_ids)
             self.config = EngineConfig.from_kwargs(str(model))
             self.engine = from_cluster(str(model), cluster, strategy, **kwargs)
             return

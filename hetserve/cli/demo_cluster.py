@@ -123,8 +123,8 @@ def _paced(dev: Any) -> str:
 
 
 def _engine_for(model: str, cluster: Any, strategy: str) -> Any:
-    from hetserve.runtime.cluster_engine import from_cluster
-    from hetserve.server.cluster import default_instances
+    from hetserve.runtime.deploy import from_cluster
+    from hetserve.strategies.defaults import default_instances
 
     kw: dict[str, Any] = {}
     if strategy in _KV_CONVERT:

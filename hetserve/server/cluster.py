@@ -22,6 +22,7 @@ from hetserve.core.model_config import ModelConfig
 from hetserve.core.outputs import RequestOutput
 from hetserve.core.sampling_params import SamplingParams
 from hetserve.server.settings import ServerSettings
+from hetserve.strategies.defaults import default_instances
 
 CLUSTER_DIR = Path(__file__).resolve().parents[2] / "examples" / "clusters"
 DEFAULT_CLUSTER_MAX_MODEL_LEN = 2048
@@ -52,24 +53,6 @@ class InstanceStatus:
 
 
 # ---- settings -> cluster engine ---------------------------------------------------------------------------
-
-
-def default_instances(strategy: str, device_ids: list[str]) -> list[dict[str, Any]]:
-    """Instances when the settings name none. DP: one per device. PD: the first device prefills, the others
-    decode. Cronus: the first device is the main, the others heads. PP: one pipeline over every device, layers
-    split by the cost model. Hetis: the first device is the main, the others its attention workers."""
-    first, rest = device_ids[0], device_ids[1:]
-    if strategy == "pd":
-        return [{"name": "prefill0", "role": "prefill", "devices": [first]}] + [
-            {"name": f"decode{i}", "role": "decode", "devices": [d]} for i, d in enumerate(rest)]
-    if strategy == "cronus":
-        return [{"name": "main0", "role": "main", "devices": [first]}] + [
-            {"name": f"head{i}", "role": "head", "devices": [d]} for i, d in enumerate(rest)]
-    if strategy == "pp":
-        return [{"name": "pp0", "devices": list(device_ids), "layers": "auto"}]
-    if strategy == "hetis":
-        return [{"name": "main0", "role": "main", "devices": [first], "workers": [{"device": d} for d in rest]}]
-    return [{"name": f"i{i}", "devices": [d]} for i, d in enumerate(device_ids)]
 
 
 def runtime_support(strategy: str) -> str | None:
@@ -138,7 +121,7 @@ def _instances_for(settings: ServerSettings, strategy: str, device_ids: list[str
 
 def build_cluster_serving(settings: ServerSettings) -> ClusterServing:
     """Start the workers of the deployment the settings describe (``settings.cluster`` must be set)."""
-    from hetserve.runtime.cluster_engine import from_cluster
+    from hetserve.runtime.deploy import from_cluster
 
     assert settings.cluster is not None and settings.model is not None
     strategy = settings.strategy or "dp"
