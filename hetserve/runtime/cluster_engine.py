@@ -76,6 +76,9 @@ class _ReqState:
     sent_text_len: int = 0
     sent_tokens: int = 0
     num_retries: int = 0
+    # sampled tokens' logprobs (requests that ask for them), as LLMEngine returns them
+    logprobs: list[Any] | None = None
+    cumulative_logprob: float | None = None
 
 
 class ClusterEngine:
@@ -179,7 +182,9 @@ class ClusterEngine:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                            params.include_stop_str_in_output)
         now = arrival_time if arrival_time is not None else time.monotonic()
-        self._reqs[rid] = _ReqState(rid, text, ids, params, detok, RequestMetrics(arrival_time=now))
+        self._reqs[rid] = st = _ReqState(rid, text, ids, params, detok, RequestMetrics(arrival_time=now))
+        if params.logprobs is not None:
+            st.logprobs, st.cumulative_logprob = [], 0.0
         alive = {n: v for n, v in self.views.items() if self.instances[n].alive}
         if not alive:
             self._fail(rid, "no healthy instance")
@@ -308,6 +313,9 @@ class ClusterEngine:
                 st.metrics.first_token_time = now
             st.metrics.last_token_time = now
             st.token_ids.extend(o.new_token_ids)
+            if o.new_logprobs and st.logprobs is not None:
+                st.logprobs.extend(o.new_logprobs)
+                st.cumulative_logprob = (st.cumulative_logprob or 0.0) + sum(lp.logprob for lp in o.new_logprobs)
         finish, stop_reason = o.finish_reason, o.stop_reason
         if st.detok is not None:
             stop_str = st.detok.update(o.new_token_ids)
@@ -416,12 +424,13 @@ class ClusterEngine:
         finished = st.finish_reason is not None
         text = st.detok.get_next_output_text(finished, delta=False) if st.detok is not None else ""
         delta_text, st.sent_text_len = text[st.sent_text_len:], len(text)
+        delta_lp = st.logprobs[st.sent_tokens:] if st.logprobs is not None else None
         delta_ids, st.sent_tokens = st.token_ids[st.sent_tokens:], len(st.token_ids)
         if finished:
             st.metrics.finished_time = now
-        comp = CompletionOutput(index=0, text=text, token_ids=st.token_ids, cumulative_logprob=None, logprobs=None,
-                                finish_reason=st.finish_reason, stop_reason=st.stop_reason, delta_text=delta_text,
-                                delta_token_ids=delta_ids)
+        comp = CompletionOutput(index=0, text=text, token_ids=st.token_ids, cumulative_logprob=st.cumulative_logprob,
+                                logprobs=st.logprobs, finish_reason=st.finish_reason, stop_reason=st.stop_reason,
+                                delta_text=delta_text, delta_token_ids=delta_ids, delta_logprobs=delta_lp)
         return RequestOutput(request_id=st.request_id, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,
                              outputs=[comp], finished=finished, metrics=st.metrics)
 

@@ -2,7 +2,7 @@
 ``hetserve plan`` writes), and ``ClusterServing``, an LLMEngine-shaped adapter over ``ClusterEngine`` for the
 async engine thread.
 
-The adapter refuses what the cluster engine cannot do (``n > 1``, logprobs, token ids outside the vocabulary)
+The adapter refuses what the cluster engine cannot do (``n > 1``, token ids outside the vocabulary)
 with a ``ValidationError`` naming the request field, before anything reaches a worker, and reports each
 instance's health and load (``InstanceStatus``) from the engine thread for ``/health`` and ``/metrics``. It
 reads only ``ClusterEngine``'s public surface (``instances``, ``deployment``, ``worker_pids``, the schedulers'
@@ -206,8 +206,6 @@ class ClusterServing:
     def check_supported(self, params: SamplingParams) -> None:
         if params.n != 1:
             raise ValidationError("n", f"a {self.strategy} cluster serves n=1 only, got {params.n}")
-        if params.logprobs is not None:
-            raise ValidationError("logprobs", f"logprobs are not returned by a {self.strategy} cluster")
 
     def validate_lengths(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         self.check_supported(params)

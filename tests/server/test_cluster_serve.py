@@ -57,6 +57,8 @@ def reference(model: Path) -> dict[str, object]:
         "seeded": llm.generate(PROMPTS[2], SamplingParams(temperature=1.0, seed=11, max_tokens=12))[0].outputs[0].text,
         "penalised": llm.generate(PROMPTS[2], greedy(12, repetition_penalty=1.4, frequency_penalty=0.5,
                                                      min_tokens=12))[0].outputs[0].text,
+        # the sampled tokens' logprobs and the top 2 at each position (across hand-offs too)
+        "logprobs": llm.generate(PROMPTS[0], greedy(8, logprobs=2))[0].outputs[0].logprobs,
     }
 
 
@@ -105,6 +107,13 @@ def test_greedy_equals_one_device(cluster_server: ServerThread, reference: dict)
         pen = c.completions.create(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=12, temperature=0.0,
                                    frequency_penalty=0.5, extra_body={"repetition_penalty": 1.4, "min_tokens": 12})
         assert pen.choices[0].text == reference["penalised"]
+        lp = c.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0.0, logprobs=2)
+        got = lp.choices[0].logprobs
+        want = reference["logprobs"]
+        assert got is not None and len(got.token_logprobs) == len(want)
+        for g, w, top in zip(got.token_logprobs, want, got.top_logprobs, strict=True):
+            assert g == pytest.approx(w.logprob, abs=1e-4)
+            assert sorted(top.values(), reverse=True) == pytest.approx(w.top_logprobs, abs=1e-4)
 
 
 @pytest.mark.slow  # worker processes
@@ -138,10 +147,6 @@ def test_unsupported_features_are_400_naming_the_field(cluster_server: ServerThr
     cases = [
         ("/v1/completions", {**base, "n": 2}, "n"),
         ("/v1/completions", {**base, "n": 2, "best_of": 2}, "n"),
-        ("/v1/completions", {**base, "logprobs": 1}, "logprobs"),
-        ("/v1/chat/completions", {"model": MODEL_NAME, "messages": CHAT, "logprobs": True}, "logprobs"),
-        ("/v1/chat/completions", {"model": MODEL_NAME, "messages": CHAT, "logprobs": True, "top_logprobs": 2},
-         "logprobs"),
         ("/v1/completions", {**base, "prompt": [1, 2, 10**6]}, "prompt"),  # would crash a worker's embedding
     ]
     with httpx.Client(base_url=cluster_server.base_url, timeout=30) as h:
