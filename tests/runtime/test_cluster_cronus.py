@@ -11,6 +11,7 @@ import pytest
 
 from hetserve.core.sampling_params import SamplingParams
 from hetserve.llm import LLM
+from tests.runtime.helpers import assert_no_leaks
 
 MAX_LEN = 256
 # lengths 20..75: k = 16 is a block boundary and 23 is mid-block for every prompt; chunks of 24 on the main
@@ -33,12 +34,6 @@ def _run(model: str, policy: dict, **kw) -> tuple[list[list[int]], LLM]:
     return [o.outputs[0].token_ids for o in outs], llm
 
 
-def _check_books(llm: LLM) -> None:
-    for name, (free, usable) in llm.engine.free_blocks().items():
-        assert free == usable, f"{name} leaks {usable - free} blocks"
-    for inst in llm.engine.instances.values():
-        assert not inst.scheduler.pinned and not inst.scheduler.receiving and not inst.scheduler.requests
-
 
 @pytest.mark.parametrize("k", [0, 1, 16, 23, 10_000], ids=["k0", "k1", "block-boundary", "mid-block", "whole"])
 def test_fixed_split_same_tokens(model: str, reference: list[list[int]], k: int) -> None:
@@ -51,7 +46,7 @@ def test_fixed_split_same_tokens(model: str, reference: list[list[int]], k: int)
         # k = 0 never touches the head; otherwise every request's head KV crossed over exactly once
         expected = 0 if k == 0 else len(PROMPTS)
         assert llm.engine.num_transfers_ok == expected and llm.engine.num_transfers_failed == 0
-        _check_books(llm)
+        assert_no_leaks(llm.engine)
     finally:
         llm.shutdown()
 
@@ -63,6 +58,6 @@ def test_adaptive_split_same_tokens(model: str, reference: list[list[int]]) -> N
         chosen = llm.engine.deployment.k_chosen
         assert len(chosen) == len(PROMPTS) and all(0 <= k <= L for k, L in chosen)
         assert llm.engine.num_transfers_ok == sum(1 for k, _ in chosen if k > 0)
-        _check_books(llm)
+        assert_no_leaks(llm.engine)
     finally:
         llm.shutdown()

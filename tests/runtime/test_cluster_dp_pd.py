@@ -14,6 +14,7 @@ import pytest
 
 from hetserve.core.sampling_params import SamplingParams
 from hetserve.llm import LLM
+from tests.runtime.helpers import assert_no_leaks, process_alive
 
 MAX_LEN = 256
 PROMPTS = [[1 + (i * 7 + j) % 500 for j in range(5 + i * 9)] for i in range(6)]
@@ -25,12 +26,6 @@ def _cluster(model: str, strategy: str, **kw):
     llm = LLM(model, cluster="cpu-pair", strategy=strategy, max_model_len=MAX_LEN, num_kv_blocks=128, **kw)
     return llm
 
-
-def _no_leaks(llm: LLM) -> None:
-    for name, (free, usable) in llm.engine.free_blocks().items():
-        assert free == usable, f"{name} leaks {usable - free} blocks"
-    for inst in llm.engine.instances.values():
-        assert not inst.scheduler.pinned and not inst.scheduler.receiving
 
 
 @pytest.mark.parametrize("strategy,kw", [("dp", {}), ("pd", PD_CONVERT)], ids=["dp", "pd-convert"])
@@ -49,10 +44,10 @@ def test_same_greedy_tokens_as_one_device(model: str, reference: list[list[int]]
         else:
             used = {len(i.scheduler.requests) for i in llm.engine.instances.values()}
             assert used == {0}
-        _no_leaks(llm)
+        assert_no_leaks(llm.engine)
     finally:
         llm.shutdown()
-    assert all(not _alive(p) for p in pids)
+    assert all(not process_alive(p) for p in pids)
 
 
 def test_pd_bf16_prefill_to_fp32_decode_completes(model: str) -> None:
@@ -62,7 +57,7 @@ def test_pd_bf16_prefill_to_fp32_decode_completes(model: str) -> None:
         outs = llm.generate(PROMPTS, SP)
         assert all(len(o.outputs[0].token_ids) == SP.max_tokens for o in outs)
         assert llm.engine.num_transfers_ok == len(PROMPTS)
-        _no_leaks(llm)
+        assert_no_leaks(llm.engine)
     finally:
         llm.shutdown()
 
@@ -73,24 +68,10 @@ def test_stalled_transfer_reprefills_locally(model: str, reference: list[list[in
         outs = llm.generate(PROMPTS[:3], SP)
         assert [o.outputs[0].token_ids for o in outs] == reference[:3]
         assert llm.engine.num_transfers_failed >= 1
-        _no_leaks(llm)
+        assert_no_leaks(llm.engine)
     finally:
         llm.shutdown()
 
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is gone for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def test_kill_decode_worker_mid_run(model: str, reference: list[list[int]]) -> None:
@@ -121,11 +102,11 @@ def test_kill_decode_worker_mid_run(model: str, reference: list[list[int]]) -> N
             else:
                 assert c.token_ids == reference[int(rid)]
         assert not eng.instances["decode0"].alive
-        _no_leaks(llm)
+        assert_no_leaks(llm.engine)
         # a request after the failure is served by the survivor alone
         out = llm.generate(PROMPTS[0], sp)[0]
         assert out.outputs[0].token_ids == reference[0]
-        _no_leaks(llm)
+        assert_no_leaks(llm.engine)
     finally:
         llm.shutdown()
-    assert not _alive(decode_pid)
+    assert not process_alive(decode_pid)

@@ -28,6 +28,7 @@ from hetserve.runtime.hetis_main import AttnWorkerClient
 from hetserve.runtime.hetis_messages import AttnSpec, AttnWorkerConf, HetisSpec
 from hetserve.runtime.hetis_wire import AttnLinkError, FrameSocket
 from hetserve.runtime.worker import WorkerSpec, decode_cmd, encode_msg
+from tests.runtime.helpers import process_alive
 
 MAX_LEN = 256
 PROMPTS = [[1 + (i * 7 + j) % 500 for j in range(5 + i * 9)] for i in range(4)]
@@ -308,20 +309,10 @@ def test_llm_cluster_hetis_default_instances(model: str, reference: list[list[in
     finally:
         llm.shutdown()
     t0 = time.monotonic()
-    while any(_alive(p) for p in pids) and time.monotonic() - t0 < 10:
+    while any(process_alive(p) for p in pids) and time.monotonic() - t0 < 10:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in pids), "a worker outlived shutdown"
+    assert not any(process_alive(p) for p in pids), "a worker outlived shutdown"
 
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"  # a zombie is gone for our purposes
-    except (ProcessLookupError, OSError):
-        return False
 
 
 def _step(llm: LLM, done: dict[str, object]) -> None:

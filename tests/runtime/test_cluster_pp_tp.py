@@ -26,6 +26,7 @@ from hetserve.planner.costmodel import CostModel
 from hetserve.runtime.cluster_engine import ClusterEngine, InstanceOptions
 from hetserve.runtime.kv_layout import KVDescriptor
 from hetserve.strategies.build import build_deployment
+from tests.runtime.helpers import assert_no_leaks, process_alive
 
 MAX_LEN = 256
 PROMPTS = [[1 + (i * 7 + j) % 500 for j in range(5 + i * 9)] for i in range(6)]  # 5 .. 50 tokens
@@ -48,13 +49,6 @@ def reference(model: str) -> list[list[int]]:
     return _ref(model, "float32")
 
 
-def _no_leaks(eng: ClusterEngine) -> None:
-    for name, (free, usable) in eng.free_blocks().items():
-        assert free == usable, f"{name} leaks {usable - free} blocks"
-    for inst in eng.instances.values():
-        if inst.alive:
-            assert not inst.scheduler.pinned and not inst.scheduler.receiving and not inst.in_flight
-
 
 def _tokens(llm: LLM) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SP)]
@@ -74,7 +68,7 @@ def test_three_stage_pipeline_matches_one_device(model: str, reference: list[lis
         assert _tokens(llm) == reference
         assert pp.max_in_flight_seen > 1, "the pipeline never had two steps in flight"
         assert pp.max_in_flight_seen <= 3
-        _no_leaks(eng)
+        assert_no_leaks(eng)
     finally:
         llm.shutdown()
 
@@ -86,7 +80,7 @@ def test_default_pipeline_on_cpu_pair(model: str, reference: list[list[int]]) ->
         (pp,) = llm.engine.instances.values()
         assert pp.num_stages == 2 and pp.layer_range(0)[1] == pp.layer_range(1)[0]
         assert _tokens(llm) == reference
-        _no_leaks(llm.engine)
+        assert_no_leaks(llm.engine)
     finally:
         llm.shutdown()
 
@@ -114,7 +108,7 @@ def test_tp2_instance_matches_tp1(model: str, reference: list[list[int]]) -> Non
         assert [d.head_range for d in tp.descs] == [(0, 1), (1, 2)]  # each rank's cache holds its kv head
         # greedy tokens; fp32 row-parallel sums differ from TP 1 only in reduction order
         assert _tokens(llm) == reference
-        _no_leaks(llm.engine)
+        assert_no_leaks(llm.engine)
     finally:
         llm.shutdown()
 
@@ -153,7 +147,7 @@ def test_pd_prefill_tp2_bf16_to_decode_tp1_fp32(model: str) -> None:
         assert all(len(t) == SP.max_tokens for t in got)
         assert [t[0] for t in got] == first_bf16
         assert eng.num_transfers_ok == len(PROMPTS) and eng.num_transfers_failed == 0
-        _no_leaks(eng)
+        assert_no_leaks(eng)
     finally:
         llm.shutdown()
 
@@ -171,7 +165,7 @@ def test_pd_prefill_tp2_fp32_exact(model: str, reference: list[list[int]]) -> No
     try:
         assert _tokens(llm) == reference
         assert llm.engine.num_transfers_ok == len(PROMPTS) and llm.engine.num_transfers_failed == 0
-        _no_leaks(llm.engine)
+        assert_no_leaks(llm.engine)
     finally:
         llm.shutdown()
 
@@ -221,19 +215,10 @@ def test_pd_from_pipeline_to_tp2(model: str, reference: list[list[int]]) -> None
         done = _drive(eng, SP)
         assert [done[str(i)].outputs[0].token_ids for i in range(len(PROMPTS))] == reference  # type: ignore[attr-defined]
         assert eng.num_transfers_ok == len(PROMPTS) and eng.num_transfers_failed == 0
-        _no_leaks(eng)
+        assert_no_leaks(eng)
     finally:
         eng.shutdown()
 
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def test_kill_pipeline_stage_mid_run(model: str, reference: list[list[int]]) -> None:
@@ -274,7 +259,7 @@ def test_kill_pipeline_stage_mid_run(model: str, reference: list[list[int]]) -> 
                 assert c.token_ids == reference[int(rid)]
         assert eng.num_retries >= 1
         assert not eng.instances["pp0"].alive and "pp0" in (eng.instances["pp0"].worker.dead_reason or "")
-        _no_leaks(eng)
+        assert_no_leaks(eng)
     finally:
         llm.shutdown()
-    assert not any(_alive(p) for p in pids)
+    assert not any(process_alive(p) for p in pids)

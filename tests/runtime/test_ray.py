@@ -25,6 +25,7 @@ import pytest
 
 from hetserve.core.sampling_params import SamplingParams
 from hetserve.llm import LLM
+from tests.runtime.helpers import assert_no_leaks
 
 if importlib.util.find_spec("ray") is None:
     pytest.skip("needs Ray: pip install 'hetserve[ray]'", allow_module_level=True)
@@ -114,10 +115,6 @@ def _cluster(model: str, strategy: str, address: str, **kw) -> LLM:
     return llm
 
 
-def _no_leaks(llm: LLM) -> None:
-    for name, (free, usable) in llm.engine.free_blocks().items():
-        assert free == usable, f"{name} leaks {usable - free} blocks"
-
 
 def test_dp_across_two_ray_nodes(model: str, reference: list[list[int]], ray_address: str) -> None:
     import ray
@@ -135,7 +132,7 @@ def test_dp_across_two_ray_nodes(model: str, reference: list[list[int]], ray_add
         actors = [p.actor for p in placement.processes.values()]
         outs = llm.generate(PROMPTS, SP)
         assert [o.outputs[0].token_ids for o in outs] == reference
-        _no_leaks(llm)
+        assert_no_leaks(llm.engine)
     finally:
         llm.shutdown()
     assert not placement.processes
@@ -155,7 +152,7 @@ def test_pd_across_two_ray_nodes_and_actor_death(model: str, reference: list[lis
         outs = llm.generate(PROMPTS, SP)
         assert [o.outputs[0].token_ids for o in outs] == reference
         assert eng.num_transfers_ok == len(PROMPTS) and eng.num_transfers_failed == 0
-        _no_leaks(llm)
+        assert_no_leaks(llm.engine)
 
         # the decode actor dies mid-run: its socket closes, the coordinator retries its requests on prefill0
         for i, p in enumerate(PROMPTS):
@@ -177,7 +174,7 @@ def test_pd_across_two_ray_nodes_and_actor_death(model: str, reference: list[lis
         print(f"actor death: all requests done {time.monotonic() - killed_at:.2f} s after ray.kill; "
               f"reason: {eng.instances['decode0'].worker.dead_reason}")
         assert [done[f"k{i}"] for i in range(len(PROMPTS))] == reference
-        _no_leaks(llm)
+        assert_no_leaks(llm.engine)
     finally:
         llm.shutdown()
 
@@ -190,6 +187,6 @@ def test_pp_stages_on_two_ray_nodes(model: str, reference: list[list[int]], ray_
                                                    "pp0.s1": _ray_node_of("hetserve_node_b")}
         outs = llm.generate(PROMPTS, SP)
         assert [o.outputs[0].token_ids for o in outs] == reference
-        _no_leaks(llm)
+        assert_no_leaks(llm.engine)
     finally:
         llm.shutdown()
