@@ -122,7 +122,10 @@ def main() -> int:
     print("\ncomparisons:")
     for c in comparisons:
         print("  " + json.dumps(c))
-    out = {"source_files": FILES + [STARVED], "table": table,
+    devices = sorted({json.loads((RES / f).read_text()).get("device", "?") for f in FILES + [STARVED]
+                      if (RES / f).exists()})
+    out = {"command": " ".join([sys.executable, *sys.argv]), "device": "; ".join(devices),
+           "source_files": FILES + [STARVED], "table": table,
            "rate_at_slo_bounds": {s: [v[0], None if v[1] == inf else v[1]] for s, v in at_slo.items()},
            "comparisons": comparisons,
            "emulation": "one H100 split by MPS 75% / 25% (examples/clusters/emulated-h100-mps-pair.yaml); the pair "

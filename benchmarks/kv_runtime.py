@@ -27,6 +27,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -132,7 +134,15 @@ def main() -> None:
                                     num_kv_heads=4, head_dim=32))
         rows = [r for lk in args.links.split(",") for case in ("same", "convert")
                 for r in run_case(model, case, parse_link(lk), args.transport, args.repeats)]
-    out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "rows": rows}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
+                            text=True).stdout.strip()
+    out = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": commit,
+           "device": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), both workers on it",
+           "emulation": "links paced to the declared bandwidth and latency (the bytes really move; the wait is "
+                        "what the declared link would cost)",
+           "config": {"links": args.links, "transport": args.transport, "repeats": args.repeats},
+           "loadavg": list(os.getloadavg()),
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
