@@ -27,7 +27,6 @@ class Timer:
         self.use_graphs = use_graphs and device.type == "cuda"
         self.modes: dict[str, int] = {}
         self.capture_errors: dict[str, int] = {}  # why a CUDA graph capture fell back to eager timing
-        self._pool: Any = None
 
     def _count(self, mode: str) -> None:
         self.modes[mode] = self.modes.get(mode, 0) + 1

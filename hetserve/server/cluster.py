@@ -56,18 +56,12 @@ class InstanceStatus:
 
 
 def runtime_support(strategy: str) -> str | None:
-    """None when the runtime can run ``strategy`` over workers, else why not. PP needs workers that hold a layer
-    range, Hetis workers that hold some KV heads; without them a deployment of that strategy would build but
-    run as something else."""
-    if strategy not in ("dp", "pp", "pd", "cronus", "hetis"):
-        return f"unknown strategy {strategy!r}"
-    from hetserve.runtime.worker import WorkerSpec
+    """None when the runtime can run ``strategy`` over workers, else why not (all five strategies run today;
+    the demo and the tests ask rather than assume)."""
+    from hetserve.strategies import STRATEGIES
 
-    fields = set(WorkerSpec.__struct_fields__)
-    if strategy == "pp" and "layer_start" not in fields:
-        return "the runtime's workers hold no layer ranges yet (pipeline stages)"
-    if strategy == "hetis" and "hetis" not in fields:
-        return "the runtime's workers hold no attention-head shards yet (Hetis)"
+    if strategy not in STRATEGIES:
+        return f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES.names())}"
     return None
 
 
