@@ -5,19 +5,32 @@ The pair is one H100 split by MPS (``examples/clusters/emulated-h100-mps-pair.ya
 its own worker process (an MPS client); the coordinator (this process) runs the same schedulers and strategy
 objects as the simulator. The model is Llama-3.1-8B's shape with random bf16 weights made on the GPU, truncated
 to ``--layers`` layers so that a run fits the device budget (the profiles are per layer, so the simulator
-predicts the truncated model from the same tables). Workload: Azure-conv lengths (prompts capped) with Poisson
-arrivals at each rate. Per strategy and rate: TTFT / TBT (ITL) P50 and P99, throughput and goodput at the SLO,
-and the simulator's prediction of each with its error.
+predicts the truncated model from the same tables). Workload: Azure-conv (``--trace conv``) or Azure-code
+(``--trace code``, long prompts and short outputs: the prefill-heavy case) lengths, prompts capped, with Poisson
+arrivals at each rate; ``--repeats N`` runs each (strategy, rate) N times with different arrival seeds (repeat k
+uses seed ``int(10 * rate) + 1000 * k``, so repeat 0 is the single run of earlier files). Per run: TTFT / TBT
+(ITL) P50 and P99, throughput and goodput at the SLO, and the simulator's prediction of the same requests with
+its error. Rates run in ascending order, the repeats of a rate together.
+
+A run is cut at ``--run-cap-s`` (default: the arrival span plus the longest time a request may take and still
+meet the SLO, + 5 s): whatever is unfinished then could not have met the SLO, so the fraction of good requests is
+exact; unfinished requests count as failed and the run says ``cut``. A cut run below 90% good ends that
+strategy's higher rates (saturated). The result file is rewritten after every run (``"complete": false`` until
+the end), so a run killed by a time limit still leaves what it measured.
 
     python benchmarks/gpu_cluster.py --strategies dp,pp,pd-lp,pd-hp --rates 4,8,16
+    python benchmarks/gpu_cluster.py --trace code --repeats 3 --rates 8,16,24
     python benchmarks/gpu_cluster.py --smoke-cpu          # the same code on the cpu-pair with the tiny model
 
-Results: ``benchmarks/results/gpu-cluster-<tag>.json`` with the command, commit, device, emulation and config.
+Results: ``benchmarks/results/gpu-cluster-<tag>-<trace>.json`` (``$OUT/...`` when ``OUT`` is set) with the
+command, commit, device, emulation, trace, cluster and config; every repeat is kept, ``cluster_summary.py``
+reports medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -34,6 +47,9 @@ sys.path.insert(0, str(ROOT))
 HI, LO = "gpu0:0", "gpu0:1"
 KEYS = ("mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p50_itl_ms", "p99_itl_ms",
         "output_throughput", "request_throughput", "request_goodput", "good_fraction", "completed")
+# for the deadline checks: a strategy's start-up (workers, weights, warm-up; 8-22 s in files a-i) and what a run
+# adds to its arrival span (drain, the simulator; see gpu_cluster_run.sh for the fit)
+STARTUP_S, RUN_OVERHEAD_S = 18.0, 4.0
 
 
 def strategies(hi: str, lo: str, cronus_tbt_ms: float) -> dict[str, dict[str, Any]]:
@@ -64,27 +80,91 @@ def git_commit() -> str:
     return r.stdout.strip() or "unknown"
 
 
+TRACES = {"conv": "azure_llm_2023_conv.csv", "code": "azure_llm_2023_code.csv"}
+# a user's clone without the data: lengths like the trace's (conv: chat; code: long prompts, short outputs)
+FALLBACK = {"conv": "uniform:input=64-2048,output=16-400", "code": "uniform:input=256-4096,output=4-64"}
+
+
+def find_trace(name: str) -> Path | None:
+    """The Azure trace ``name`` (conv / code): ``.data/`` (what travels to the device machine), then
+    ``../shared/data/``."""
+    for d in (ROOT / ".data", ROOT.parent / "shared/data"):
+        if (d / TRACES[name]).exists():
+            return d / TRACES[name]
+    return None
+
+
+def arrival_seed(rate: float, repeat: int) -> int:
+    """Repeat 0 keeps the seed of the single-run files (``int(10 * rate)``); repeat k adds 1000 k."""
+    return int(rate * 10) + 1000 * repeat
+
+
+def slo_bound_s(slo: Any, max_out: int) -> float | None:
+    """The longest a request may take (arrival to last token) and still meet the SLO, or None (no bound)."""
+    bounds = []
+    if slo.ttft_ms is not None and slo.tpot_ms is not None:
+        bounds.append((slo.ttft_ms + slo.tpot_ms * max(0, max_out - 1)) / 1000.0)
+    if slo.e2el_ms is not None:
+        bounds.append(slo.e2el_ms / 1000.0)
+    return min(bounds) if bounds else None
+
+
 def workload(trace: Path | None, n: int, rate: float, max_in: int, max_out: int, seed: int,
-             scale: int = 1) -> list[Any]:
+             scale: int = 1, fallback: str = FALLBACK["conv"]) -> list[Any]:
     from hetserve.sim.workload import SimRequest, load_workload
 
     if trace is not None and trace.exists():
         wl = load_workload(str(trace), num_requests=n, request_rate=rate, seed=seed)
-    else:  # a user's clone without the data: Azure-conv-like lengths
-        wl = load_workload("uniform:input=64-2048,output=16-400", num_requests=n, request_rate=rate, seed=seed)
+    else:
+        wl = load_workload(fallback, num_requests=n, request_rate=rate, seed=seed)
     return [SimRequest(r.arrival_s, max(1, min(r.prompt_len // scale, max_in)), max(1, min(r.output_len, max_out)))
             for r in wl]
 
 
-def run_real(engine: Any, wl: list[Any], slo: Any, vocab_hi: int) -> dict[str, Any]:
+class _Capped:
+    """The engine as ``replay`` sees it, with a wall-clock cap: past ``cap_s`` it reports nothing unfinished, so
+    ``replay`` returns (only once every request was sent: ``replay`` then waits for no arrival)."""
+
+    def __init__(self, engine: Any, cap_s: float | None, num_requests: int) -> None:
+        self.engine, self.cap_s, self.t0, self.cut, self.ids = engine, cap_s, time.monotonic(), False, []
+        self.num_requests, self.just_added = num_requests, False
+
+    def add_request(self, rid: str, *a: Any, **kw: Any) -> Any:
+        self.ids.append(rid)
+        self.just_added = True
+        return self.engine.add_request(rid, *a, **kw)
+
+    def has_unfinished_requests(self) -> bool:
+        just_added, self.just_added = self.just_added, False  # replay asks right after adding: answer truly
+        if (self.cap_s is not None and len(self.ids) >= self.num_requests and not just_added
+                and time.monotonic() - self.t0 > self.cap_s):
+            self.cut = True
+            return False
+        return self.engine.has_unfinished_requests()
+
+    def step(self) -> Any:
+        return self.engine.step()
+
+
+def run_real(engine: Any, wl: list[Any], slo: Any, vocab_hi: int, cap_s: float | None = None) -> dict[str, Any]:
     from replay import replay
 
     from hetserve.bench.metrics import compute_metrics
 
-    records, dur = replay(engine, wl, vocab_range=(10, vocab_hi))
+    capped = _Capped(engine, cap_s, len(wl))
+    records, dur = replay(capped, wl, vocab_range=(10, vocab_hi))
+    if capped.cut:  # a request cut short did not finish: it failed (and could not have met the SLO)
+        for rec in records:
+            if rec.success and rec.output_len < rec.expected_output_len:
+                rec.success, rec.error = False, "cut at the run cap"
+            elif not rec.success:
+                rec.error = "cut at the run cap"
+        dur = max(dur, (cap_s or 0.0) - min(w.arrival_s for w in wl))  # the engine worked until the cut
     m = compute_metrics(records, dur, slo)
     m["errors"] = sum(1 for r in records if not r.success)
     m["good_fraction"] = (m["request_goodput"] or 0) * m["duration"] / max(1, len(records))
+    m["cut"] = capped.cut
+    m["request_ids"] = capped.ids  # to abort what a cut left in the engine
     return m
 
 
@@ -109,22 +189,33 @@ def run_sim(cluster: Any, mc: Any, cfg: dict[str, Any], profiles: dict[str, Any]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strategies", default="high-alone,low-alone,dp,pp,pd-lp,pd-hp,cronus,hetis")
-    ap.add_argument("--rates", default="8,16,24", help="request rates (req/s), comma-separated")
+    ap.add_argument("--rates", default="8,16,24", help="request rates (req/s), comma-separated; run ascending")
+    ap.add_argument("--trace", choices=sorted(TRACES), default="conv",
+                    help="Azure LLM 2023 trace whose lengths are used: conv (chat) or code (prefill-heavy)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per (strategy, rate), different arrival seeds")
     ap.add_argument("--num-requests", type=int, default=160)
     ap.add_argument("--layers", type=int, default=32, help="truncate the 8B shape to this many layers")
     ap.add_argument("--max-input", type=int, default=2048)
     ap.add_argument("--max-output", type=int, default=256)
     ap.add_argument("--slo", default="ttft_ms=2000,tpot_ms=100")
     ap.add_argument("--cronus-tbt-ms", type=float, default=50.0)
-    ap.add_argument("--tag", default="h100-mps")
-    ap.add_argument("--cluster", default="examples/clusters/emulated-h100-mps-pair.yaml")
-    ap.add_argument("--profiles", default="H100-MPS75=profiles/h100-100sm-llama-3.1-8b.json,"
-                                          "H100-MPS25=profiles/h100-32sm-llama-3.1-8b.json",
+    ap.add_argument("--tag", default="h100-mps", help="result file gpu-cluster-<tag>-<trace>.json")
+    ap.add_argument("--cluster", default="examples/clusters/emulated-h100-mps-pair.yaml",
+                    help="e.g. examples/clusters/emulated-h100-mps-pair-starved.yaml (high-end memory-starved)")
+    ap.add_argument("--profiles", default="H100-MPS75=profiles/h100-mps75-llama-3.1-8b.json,"
+                                          "H100-MPS25=profiles/h100-mps25-llama-3.1-8b.json",
                     help="DEVICE=PATH stand-ins or profiles measured on the MPS clients themselves")
     ap.add_argument("--smoke-cpu", action="store_true", help="cpu-pair + tiny model: check the script, no GPU")
-    ap.add_argument("--deadline-s", type=float, default=540.0, help="stop starting new runs after this")
+    ap.add_argument("--deadline-s", type=float, default=540.0,
+                    help="start no run (nor strategy) that would not end before this, by its arrival span")
+    ap.add_argument("--run-cap-s", type=float, default=None,
+                    help="cut a run after this many seconds (default: arrival span + SLO bound + 5 s)")
     args = ap.parse_args()
     t_start = time.monotonic()
+    started_utc = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if args.repeats < 1:
+        print("--repeats must be >= 1", file=sys.stderr)
+        return 2
 
     from hetserve.bench.metrics import parse_slo
     from hetserve.core.cluster import load_cluster
@@ -132,18 +223,15 @@ def main() -> int:
     from hetserve.runtime.deploy import from_cluster
 
     slo = parse_slo(args.slo)
-    rates = [float(r) for r in args.rates.split(",")]
-    trace = None
-    for cand in (ROOT / ".data/azure_llm_2023_conv.csv", ROOT.parent / "shared/data/azure_llm_2023_conv.csv"):
-        if cand.exists():
-            trace = cand
-            break
+    rates = sorted(float(r) for r in args.rates.split(",") if r)
+    trace = find_trace(args.trace)
     mps = None
     if args.smoke_cpu:
         from hetserve.tiny.make_tiny import default_model_dir
 
         model_dir = default_model_dir()
-        cluster = load_cluster(str(ROOT / "examples/clusters/cpu-pair.yaml"))
+        cluster_file = "examples/clusters/cpu-pair.yaml"
+        cluster = load_cluster(str(ROOT / cluster_file))
         hi, lo = "host:0", "host:1"
         device, dtype, vocab_hi, scale = "cpu", "float32", 400, 8
         profiles: dict[str, Any] = {}
@@ -169,10 +257,10 @@ def main() -> int:
             for f in ("tokenizer.json", "tokenizer_config.json"):
                 if (tok / f).exists():
                     (model_dir / f).write_bytes((tok / f).read_bytes())
-        cluster = load_cluster(str(ROOT / args.cluster))
+        cluster_file = args.cluster
+        cluster = load_cluster(str(ROOT / cluster_file))
         hi, lo = HI, LO
         device, dtype, vocab_hi, scale = "cuda", "bfloat16", 120000, 1
-        # MPS 75% ~ the 100-SM green-context profile (76% of the SMs), MPS 25% ~ the 32-SM one (24%): said so
         from hetserve.planner.profile_set import load_profile_set
 
         profiles = {n: p for n, (p, _) in load_profile_set(args.profiles.split(","), "--profiles", ROOT).items()}
@@ -194,16 +282,65 @@ def main() -> int:
     if unknown:
         print(f"--strategies: unknown {unknown}; choose from {sorted(table)}", file=sys.stderr)
         return 2
+    bound = slo_bound_s(slo, max_out)
+    tag = args.tag if args.tag.endswith(f"-{args.trace}") else f"{args.tag}-{args.trace}"
+    dest = ROOT / "benchmarks/results" / (f"gpu-cluster-{tag}.json" if not args.smoke_cpu
+                                          else f"cpu-cluster-smoke-{args.trace}.json")
+    if os.environ.get("OUT"):
+        dest = Path(os.environ["OUT"]) / dest.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
+    finished = False
+
+    def write(complete: bool) -> None:
+        """The result file as it stands: rewritten after every run, so a killed process leaves its runs."""
+        out = {
+            "benchmark": "heterogeneous strategies on an emulated pair (issues 7, 8)",
+            "command": " ".join([sys.executable, *sys.argv]),
+            "git_commit": git_commit(),
+            "started_utc": started_utc,
+            "complete": complete,
+            "device": device_desc,
+            "emulation": None if args.smoke_cpu else {
+                "cluster": cluster_file,
+                "partitions": {d.spec.name: d.spec.emulated_by for d in cluster.devices},
+                "note": "both devices share one H100's HBM bandwidth and L2; simulator profiles: " + args.profiles},
+            "cluster": cluster_file,
+            "cluster_name": cluster.name,
+            "memory_starved": "starved" in cluster.name,
+            "model": f"Llama-3.1-8B shape, {mc.num_hidden_layers} layers, random {dtype} weights",
+            "trace": args.trace,
+            "trace_file": trace.name if trace else None,
+            "workload": f"{trace.name if trace else FALLBACK[args.trace]} lengths (prompt <= {max_in}, "
+                        f"output <= {max_out}), Poisson arrivals, {args.num_requests} requests per rate",
+            "num_requests": args.num_requests,
+            "rates": rates,
+            "repeats": args.repeats,
+            "arrival_seeds": "int(10 * rate) + 1000 * repeat",
+            "slo": args.slo,
+            "slo_bound_s": bound,
+            "platform": platform.platform(),
+            "wall_s": time.monotonic() - t_start,
+            "results": results,
+        }
+        tmp = dest.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(out, indent=1, default=str))
+        tmp.replace(dest)
+
+    def left() -> float:
+        return args.deadline_s - (time.monotonic() - t_start)
+
     try:
         for name in names:
-            if time.monotonic() - t_start > args.deadline_s:
+            first_span = args.num_requests / rates[0]
+            if left() < STARTUP_S + first_span:
                 results.append({"strategy": name, "skipped": "device-time deadline reached"})
                 continue
             spec = table[name]
             cfg = {"strategy": spec["strategy"], "dtype": dtype, "max_model_len": engine_kw["max_model_len"],
                    "instances": spec["instances"], **spec.get("params", {})}
             row: dict[str, Any] = {"strategy": name, "config": cfg, "runs": []}
+            results.append(row)
             t0 = time.monotonic()
             try:
                 engine = from_cluster(str(model_dir), cluster, spec["strategy"], instances=spec["instances"],
@@ -212,79 +349,87 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001 - recorded, the next strategy runs
                 row["error"] = f"{type(e).__name__}: {e}"
                 print(f"{name}: could not start: {row['error']}")
-                results.append(row)
+                write(False)
                 continue
             row["startup_s"] = time.monotonic() - t0
             row["instances"] = {n: {"num_kv_blocks": p.num_kv_blocks, "devices": list(p.device_ids),
                                     "role": p.role} for n, p in engine.deployment.plans.items()}
             try:
-                run_real(engine, workload(trace, 8, 100.0, 128, 8, seed=99, scale=scale), None, vocab_hi)  # warm-up
+                run_real(engine, workload(trace, 8, 100.0, 128, 8, seed=99, scale=scale,
+                                          fallback=FALLBACK[args.trace]), None, vocab_hi)  # warm-up
+                stop = None  # why the rest of this strategy's runs are skipped
                 for rate in rates:
-                    if time.monotonic() - t_start > args.deadline_s:
-                        row["runs"].append({"rate": rate, "skipped": "device-time deadline reached"})
-                        continue
-                    wl = workload(trace, args.num_requests, rate, max_in, max_out, seed=int(rate * 10), scale=scale)
-                    real = run_real(engine, wl, slo, vocab_hi)
-                    sim = run_sim(cluster, mc, cfg, profiles, engine, wl, slo)
-                    err = {k: ((sim[k] - real[k]) / real[k] if real.get(k) and sim.get(k) is not None else None)
-                           for k in KEYS if k != "completed"}
-                    run = {"rate": rate, "real": {k: real.get(k) for k in (*KEYS, "errors")},
-                           "simulated": {k: sim.get(k) for k in KEYS}, "relative_error": err,
-                           "transfers_ok": engine.num_transfers_ok, "transfers_failed": engine.num_transfers_failed}
-                    stats = engine.kv_stats() if hasattr(engine, "kv_stats") else []
-                    done = [x for x in stats if x.get("ok")]
-                    if done:  # direct KV hand-offs so far (cumulative over this strategy's runs)
-                        tot = {k: sum(float(x.get(k) or 0) for x in done)
-                               for k in ("num_bytes", "wall_s", "declared_s", "send_convert_s", "recv_convert_s",
-                                         "handoff_s")}
-                        tot["count"] = len(done)
-                        tot["achieved_over_declared_bandwidth"] = (tot["declared_s"] / tot["wall_s"]
-                                                                   if tot["wall_s"] else None)
-                        run["kv_transfers"] = tot
-                    dep = engine.deployment.describe()
-                    if "mean_k_fraction" in dep:
-                        run["cronus_mean_k_fraction"] = dep["mean_k_fraction"]
-                    row["runs"].append(run)
-                    r = run["real"]
-                    print(f"{name:10s} {rate:5.1f} req/s  TTFT p50/p99 {r['p50_ttft_ms']:8.1f}/{r['p99_ttft_ms']:8.1f} ms"
-                          f"  ITL p50/p99 {r['p50_itl_ms']:6.1f}/{r['p99_itl_ms']:6.1f} ms  "
-                          f"{r['output_throughput']:8.1f} tok/s  goodput {r['request_goodput']:.2f} req/s  "
-                          f"sim TTFT {sim['mean_ttft_ms']:.1f} ({100 * (err['mean_ttft_ms'] or 0):+.0f}%) "
-                          f"tput ({100 * (err['output_throughput'] or 0):+.0f}%)", flush=True)
+                    for k in range(args.repeats):
+                        span = args.num_requests / rate
+                        if stop is None and left() < span + RUN_OVERHEAD_S:
+                            stop = "device-time deadline reached"
+                        if stop is not None:
+                            row["runs"].append({"rate": rate, "repeat": k, "skipped": stop})
+                            continue
+                        seed = arrival_seed(rate, k)
+                        wl = workload(trace, args.num_requests, rate, max_in, max_out, seed=seed, scale=scale,
+                                      fallback=FALLBACK[args.trace])
+                        cap = args.run_cap_s
+                        if cap is None and bound is not None:
+                            cap = max(w.arrival_s for w in wl) + bound + 5.0
+                        t_run = time.monotonic()
+                        real = run_real(engine, wl, slo, vocab_hi, cap)
+                        t_sim = time.monotonic()
+                        sim = run_sim(cluster, mc, cfg, profiles, engine, wl, slo)
+                        t_end = time.monotonic()
+                        err = {k2: ((sim[k2] - real[k2]) / real[k2] if real.get(k2) and sim.get(k2) is not None
+                                    else None) for k2 in KEYS if k2 != "completed"}
+                        run: dict[str, Any] = {
+                            "rate": rate, "repeat": k, "seed": seed,
+                            "real": {k2: real.get(k2) for k2 in (*KEYS, "errors", "duration")},
+                            "simulated": {k2: sim.get(k2) for k2 in (*KEYS, "duration")}, "relative_error": err,
+                            "cut": real["cut"], "cap_s": cap,
+                            "wall_s": {"real": t_sim - t_run, "sim": t_end - t_sim},
+                            "transfers_ok": engine.num_transfers_ok,
+                            "transfers_failed": engine.num_transfers_failed}
+                        stats = engine.kv_stats() if hasattr(engine, "kv_stats") else []
+                        done = [x for x in stats if x.get("ok")]
+                        if done:  # direct KV hand-offs so far (cumulative over this strategy's runs)
+                            tot = {k2: sum(float(x.get(k2) or 0) for x in done)
+                                   for k2 in ("num_bytes", "wall_s", "declared_s", "send_convert_s",
+                                              "recv_convert_s", "handoff_s")}
+                            tot["count"] = len(done)
+                            tot["achieved_over_declared_bandwidth"] = (tot["declared_s"] / tot["wall_s"]
+                                                                       if tot["wall_s"] else None)
+                            run["kv_transfers"] = tot
+                        dep = engine.deployment.describe()
+                        if "mean_k_fraction" in dep:
+                            run["cronus_mean_k_fraction"] = dep["mean_k_fraction"]
+                        if real["cut"]:
+                            engine.abort_request(real["request_ids"])
+                            t_drain = time.monotonic()
+                            while time.monotonic() - t_drain < 2.0:  # replies of steps in flight
+                                engine.step()
+                            if (real["good_fraction"] or 0) < 0.9:
+                                stop = f"saturated: the run at {rate:g} req/s was cut with < 90% good"
+                            elif any(f != u for f, u in engine.free_blocks().values()):
+                                stop = "KV blocks still held after aborting a cut run"
+                        row["runs"].append(run)
+                        r = run["real"]
+                        print(f"{name:10s} {rate:5.1f} req/s #{k} TTFT p50/p99 {r['p50_ttft_ms']:8.1f}/"
+                              f"{r['p99_ttft_ms']:8.1f} ms  ITL p50/p99 {r['p50_itl_ms']:6.1f}/{r['p99_itl_ms']:6.1f} ms"
+                              f"  {r['output_throughput']:8.1f} tok/s  good {100 * r['good_fraction']:.0f}%  "
+                              f"sim TTFT {sim['mean_ttft_ms']:.1f} ({100 * (err['mean_ttft_ms'] or 0):+.0f}%) "
+                              f"tput ({100 * (err['output_throughput'] or 0):+.0f}%)"
+                              f"{'  CUT' if real['cut'] else ''}  {t_end - t_run:.1f} s", flush=True)
+                        write(False)
                 row["free_blocks_after"] = engine.free_blocks()
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {e}"
                 print(f"{name}: failed: {row['error']}")
             finally:
                 engine.shutdown()
-            results.append(row)
+            write(False)
+        finished = True
     finally:
         if mps is not None:
             mps.stop()
-    out = {
-        "benchmark": "heterogeneous strategies on an emulated pair (issues 7, 8)",
-        "command": " ".join([sys.executable, *sys.argv]),
-        "git_commit": git_commit(),
-        "device": device_desc,
-        "emulation": None if args.smoke_cpu else {
-            "cluster": args.cluster,
-            "partitions": {d.spec.name: d.spec.emulated_by for d in cluster.devices},
-            "note": "both devices share one H100's HBM bandwidth and L2; profiles for the simulator are the "
-                    "green-context 100-SM / 32-SM ones standing in for MPS 75% / 25%"},
-        "model": f"Llama-3.1-8B shape, {mc.num_hidden_layers} layers, random {dtype} weights",
-        "workload": f"{trace.name if trace else 'uniform 64-2048 / 16-400'} lengths (prompt <= {max_in}, "
-                    f"output <= {max_out}), Poisson arrivals, {args.num_requests} requests per rate",
-        "slo": args.slo,
-        "platform": platform.platform(),
-        "wall_s": time.monotonic() - t_start,
-        "results": results,
-    }
-    dest = ROOT / "benchmarks/results" / (f"gpu-cluster-{args.tag}.json" if not args.smoke_cpu
-                                          else "cpu-cluster-smoke.json")
-    if os.environ.get("OUT"):
-        dest = Path(os.environ["OUT"]) / dest.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=1, default=str))
+        write(finished)
     print(f"wrote {dest}")
     return 0
 

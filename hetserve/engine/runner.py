@@ -133,13 +133,13 @@ class ModelRunner(Executor):
         self.graphs: CudaGraphRunner | None = None
 
         self._num_blocks = self._decide_num_blocks()
-        self.kv_caches = [
-            # ``cache_kv_heads``: a Hetis main keeps only some heads here (the rest live on attention workers)
-            torch.zeros(2, self._num_blocks, self.block_size,
-                        self.num_local_kv_heads if cache_kv_heads is None else cache_kv_heads, mc.head_dim,
-                        dtype=self.dtype, device=self.device)
-            for _ in range(self.num_local_layers)
-        ]
+        # one allocation for all layers, one view per layer: a KV hand-off gathers / scatters every layer of a
+        # request in one kernel (kv_transfer.extract_blocks / insert_blocks)
+        # ``cache_kv_heads``: a Hetis main keeps only some heads here (the rest live on attention workers)
+        self.kv_caches = list(torch.zeros(
+            self.num_local_layers, 2, self._num_blocks, self.block_size,
+            self.num_local_kv_heads if cache_kv_heads is None else cache_kv_heads, mc.head_dim,
+            dtype=self.dtype, device=self.device).unbind(0))
         if self._graphs_possible():
             max_batch = min(config.device.cuda_graph_max_batch, config.scheduler.max_num_seqs)
             self.graphs = CudaGraphRunner(self.model, self.kv_caches, self.backend, self.device,

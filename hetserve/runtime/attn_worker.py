@@ -7,6 +7,11 @@ engine's own backends (``torch_ref`` on CPU, Triton on CUDA). Messages (``hetis_
 order: ``StepMeta`` (no answer), ``LayerReq`` -> ``LayerOut``, ``FetchHeads`` -> ``HeadsKV``, ``AssignHeads``
 -> ``Assigned``, ``AttnStop``. A failing command answers ``AttnError``; the socket closing ends the process.
 
+The mailbox path (``hetis_mailbox.py``): ``MailboxOpen`` -> ``MailboxReady`` opens the main's shared buffer
+once (a new one replaces the old); ``LayerMB`` -> ``LayerDone`` is a layer whose q / k / v are read from it
+and whose output is written to it (synchronised before the answer goes out). Both paths stay open: the main
+picks per step.
+
 Pacing (``speed`` < 1, an emulated slower device): after each layer the worker sleeps so that the layer takes
 ``measured / speed``.
 """
@@ -31,10 +36,15 @@ from hetserve.runtime.hetis_messages import (
     AttnStop,
     FetchHeads,
     HeadsKV,
+    LayerDone,
+    LayerMB,
     LayerOut,
     LayerReq,
+    MailboxOpen,
+    MailboxReady,
     StepMeta,
 )
+from hetserve.runtime.hetis_mailbox import Mailbox
 from hetserve.runtime.hetis_wire import WIRE_DTYPES, AttnLinkError, FrameSocket, metas
 
 
@@ -52,6 +62,7 @@ class AttentionHolder:
         self.head_start = spec.head_start
         self.caches = self._alloc(spec.num_heads_held)
         self.meta: AttentionMetadata | None = None
+        self.mailbox: Mailbox | None = None
 
     def _alloc(self, num_heads: int) -> list[torch.Tensor]:
         s = self.spec
@@ -79,6 +90,29 @@ class AttentionHolder:
         if k.shape[1] != self.num_heads:
             raise RuntimeError(f"layer request for {k.shape[1]} heads; this worker holds {self.num_heads}")
         return self.backend.forward(q, k, v, self.caches[req.layer], self.meta, req.scale, req.sliding_window)
+
+    def open_mailbox(self, m: MailboxOpen) -> None:
+        if m.kind == "cuda_ipc" and self.device.type != "cuda":
+            raise RuntimeError(f"a CUDA IPC mailbox on a {self.device} worker")
+        mb = Mailbox.open(m)
+        if self.mailbox is not None:
+            self.mailbox.close()
+        self.mailbox = mb
+
+    def layer_mb(self, req: LayerMB) -> None:
+        mb = self.mailbox
+        if self.meta is None:
+            raise RuntimeError("a layer request came before any step metadata")
+        if mb is None or mb.gen != req.gen:
+            raise RuntimeError(f"layer request for mailbox {req.gen}; open: {None if mb is None else mb.gen}")
+        if req.num_heads != self.num_heads:
+            raise RuntimeError(f"layer request for {req.num_heads} heads; this worker holds {self.num_heads}")
+        qm, km, vm, om = mb.views(req.num_tokens, req.num_heads)
+        if mb.device != self.device:
+            qm, km, vm = (t.to(self.device, non_blocking=True) for t in (qm, km, vm))
+        out = self.backend.forward(qm, km, vm, self.caches[req.layer], self.meta, req.scale, req.sliding_window)
+        om.copy_(out)
+        mb.fence(self.device)  # the output is there before LayerDone says so
 
     def fetch(self, heads: list[int], block_ids: list[int]) -> torch.Tensor:
         """[L, 2, nb, block, len(heads), D] on the CPU."""
@@ -131,6 +165,20 @@ def serve(link: FrameSocket) -> None:
                 if slow:
                     time.sleep(dt * (1.0 / spec.speed - 1.0))
                 link.send(LayerOut(layer=msg.layer, compute_s=dt, tensors=metas([out])), [out])
+            elif isinstance(msg, LayerMB):
+                t0 = time.perf_counter()
+                holder.layer_mb(msg)
+                dt = time.perf_counter() - t0
+                if slow:
+                    time.sleep(dt * (1.0 / spec.speed - 1.0))
+                link.send(LayerDone(layer=msg.layer, compute_s=dt))
+            elif isinstance(msg, MailboxOpen):
+                try:
+                    holder.open_mailbox(msg)
+                except Exception as e:  # noqa: BLE001 - the main falls back to another backing or the socket
+                    link.send(MailboxReady(gen=msg.gen, ok=False, error=f"{type(e).__name__}: {e}"))
+                else:
+                    link.send(MailboxReady(gen=msg.gen, ok=True, kind=msg.kind))
             elif isinstance(msg, FetchHeads):
                 kv = holder.fetch(msg.heads, msg.block_ids)
                 link.send(HeadsKV(heads=msg.heads, tensors=metas([kv])), [kv])

@@ -155,7 +155,8 @@ class ClusterEngine:
 
     def kv_stats(self) -> list[dict[str, Any]]:
         """One record per direct KV hand-off: ``num_bytes``, ``wall_s`` (first byte to commit, paced wait
-        included), ``declared_s`` (what the declared link needs), ``send_convert_s`` / ``recv_convert_s``,
+        included), ``delivered_s`` (first byte to the receivers' use: one host), ``declared_s`` (what the declared
+        link needs), ``send_convert_s`` / ``recv_convert_s``,
         ``ok`` (None while in flight), ``src`` / ``dst`` / ``kind``."""
         return [dict(r) for r in self.handoffs.stats.values()]
 

@@ -40,12 +40,20 @@ from hetserve.runtime.hetis_messages import (
     HetisInfo,
     HetisQuery,
     HetisSpec,
+    LayerDone,
+    LayerMB,
     LayerOut,
     LayerReq,
+    MailboxReady,
     Redispatch,
     StepMeta,
 )
-from hetserve.runtime.hetis_wire import AttnLinkError, FrameSocket, metas
+from hetserve.runtime.hetis_mailbox import Mailbox, backings, region_bytes
+from hetserve.runtime.hetis_wire import WIRE_DTYPES, AttnLinkError, FrameSocket, metas
+
+DATA_PATHS = ("auto", "mailbox", "frames")
+MAILBOX_MIN_TOKENS = 256  # a first mailbox holds this many tokens of all KV heads; it grows (x2) on demand
+MAILBOX_MAX_BYTES = 1 << 30  # a step needing more goes through the socket
 
 
 class AttnWorkerClient(RemoteHeads):
@@ -70,6 +78,15 @@ class AttnWorkerClient(RemoteHeads):
         self.device = ""
         self.backend = ""
         self._tensors: list[torch.Tensor] = []  # of the last frame received
+        # the data path (setup_data_path): a shared mailbox, or the socket frames
+        self.mailbox: Mailbox | None = None
+        self.data_path = "frames"
+        self.main_device = torch.device("cpu")
+        self.stats = {"mailbox_layers": 0, "frame_layers": 0, "mailbox_opens": 0}
+        self._gen = 0
+        self._use_mb = False  # this step's layers go through the mailbox
+        self._pending: tuple[int, int] | None = None  # (tokens, heads) of the layer sent through the mailbox
+        self.last_compute_s = 0.0  # the worker's time on the last layer answered
 
     def wait_ready(self, timeout_s: float) -> None:
         self.link.sock.settimeout(timeout_s)
@@ -94,20 +111,111 @@ class AttnWorkerClient(RemoteHeads):
         self._tensors = ts
         return msg
 
+    # ---- the data path ---------------------------------------------------------------------------
+    def setup_data_path(self, main_device: torch.device | str, mode: str = "auto",
+                        tokens: int = MAILBOX_MIN_TOKENS) -> str:
+        """Choose how layers travel: a mailbox of the best backing both sides can open (``mode`` "auto" or
+        "mailbox"; "mailbox" raises without one), else the socket frames. Returns the path taken."""
+        if mode not in DATA_PATHS:
+            raise ValueError(f"hetis data_path {mode!r}: one of {', '.join(DATA_PATHS)}")
+        self.main_device = torch.device(main_device)
+        if mode != "frames":
+            s = self.spec
+            nbytes = region_bytes(tokens, s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim,
+                                        WIRE_DTYPES[s.dtype].itemsize)
+            errors = self._open_mailbox(nbytes)
+            if self.mailbox is None and mode == "mailbox":
+                raise AttnLinkError(f"no mailbox with {self.link.peer}: {'; '.join(errors)}")
+        self.data_path = self.mailbox.kind if self.mailbox is not None else "frames"
+        return self.data_path
+
+    def _open_mailbox(self, nbytes: int) -> list[str]:
+        """Allocate and announce a mailbox of ``nbytes`` (the old one stays until a new one is open)."""
+        s = self.spec
+        errors = []
+        kinds = backings(self.main_device, self.device or "cpu")
+        if self.mailbox is not None:  # growing: keep the backing that works
+            kinds = [self.mailbox.kind]
+        for kind in kinds:
+            self._gen += 1
+            try:
+                mb = Mailbox.create(kind, nbytes, WIRE_DTYPES[s.dtype], s.num_heads // s.num_kv_heads, s.head_dim,
+                                    self.main_device, self._gen)
+            except Exception as e:  # noqa: BLE001 - try the next backing, then the socket
+                errors.append(f"{kind}: {type(e).__name__}: {e}")
+                continue
+            try:
+                self.link.send(mb.announce())
+                msg = self._recv(MailboxReady)
+            except BaseException:
+                mb.close()
+                raise
+            mb.unlink()  # the worker has it open (or failed to): no file needs to stay behind
+            if msg.ok and msg.gen == mb.gen:
+                if self.mailbox is not None:
+                    self.mailbox.close()
+                self.mailbox = mb
+                self.stats["mailbox_opens"] += 1
+                return errors
+            mb.close()
+            errors.append(f"{kind}: {msg.error}")
+        return errors
+
+    def _ensure_mailbox(self, tokens: int) -> bool:
+        """Whether this step's layers (``tokens`` rows of the held heads) go through the mailbox."""
+        mb = self.mailbox
+        if mb is None:
+            return False
+        if mb.fits(tokens, self.num_heads):
+            return True
+        need = mb.need(tokens, self.num_heads)
+        if need > MAILBOX_MAX_BYTES:
+            return False
+        self._open_mailbox(min(max(need, 2 * mb.nbytes), MAILBOX_MAX_BYTES))
+        return self.mailbox is not None and self.mailbox.fits(tokens, self.num_heads)
+
+    def close_mailbox(self) -> None:
+        if self.mailbox is not None:
+            self.mailbox.close()
+            self.mailbox = None
+
     # ---- RemoteHeads ----------------------------------------------------------------------------
     def start_step(self, meta: AttentionMetadata) -> None:
         ts = [meta.positions, meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables]
         ts = [t[: meta.num_tokens] for t in ts[:2]] + ts[2:]
+        self._use_mb = self._ensure_mailbox(meta.num_tokens)
         self.link.send(StepMeta(num_tokens=meta.num_tokens, num_seqs=meta.num_seqs, max_query_len=meta.max_query_len,
                                 max_seq_len=meta.max_seq_len, tensors=metas(ts)), ts)
 
     def send_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    sliding_window: int | None) -> None:
+        mb = self.mailbox
+        if self._use_mb and mb is not None:
+            tokens, heads = int(k.shape[0]), int(k.shape[1])
+            qm, km, vm, _ = mb.views(tokens, heads)
+            cross = q.device.type != mb.device.type  # a device <-> host copy: async, then the fence
+            qm.copy_(q, non_blocking=cross)
+            km.copy_(k, non_blocking=cross)
+            vm.copy_(v, non_blocking=cross)
+            mb.fence(q.device)  # the data is there before the header says so
+            self.link.send(LayerMB(layer=layer, scale=scale, sliding_window=sliding_window, num_tokens=tokens,
+                                   num_heads=heads, gen=mb.gen))
+            self._pending = (tokens, heads)
+            self.stats["mailbox_layers"] += 1
+            return
+        self._pending = None
         ts = [q, k, v]
         self.link.send(LayerReq(layer=layer, scale=scale, sliding_window=sliding_window, tensors=metas(ts)), ts)
+        self.stats["frame_layers"] += 1
 
     def recv_layer(self) -> torch.Tensor:
-        self._recv(LayerOut)
+        if self._pending is not None and self.mailbox is not None:
+            tokens, heads = self._pending
+            self._pending = None
+            self.last_compute_s = self._recv(LayerDone).compute_s
+            # a view: read before the next send_layer (the backend concatenates or projects it first)
+            return self.mailbox.views(tokens, heads)[3]
+        self.last_compute_s = self._recv(LayerOut).compute_s
         return self._tensors[0]
 
     # ---- re-dispatch ----------------------------------------------------------------------------
@@ -136,6 +244,7 @@ class AttnWorkerClient(RemoteHeads):
                 self.popen.kill()
                 self.popen.wait(2.0)
         self.link.close()
+        self.close_mailbox()
 
 
 def _caches(n_layers: int, like: torch.Tensor, num_heads: int) -> list[torch.Tensor]:
@@ -169,6 +278,11 @@ class HetisMain:
             self.clients.append(AttnWorkerClient(conf, aspec, spec.recv_timeout_s))
         for c in self.clients:
             c.wait_ready(spec.start_timeout_s)
+        mode = spec.data_path
+        if mode == "auto":
+            mode = os.environ.get("HETSERVE_HETIS_DATA_PATH", "auto") or "auto"
+        for c in self.clients:
+            c.setup_data_path(full[0].device, mode)
         # a runner built for this split already holds only the kept heads (no second, full-size cache on the way)
         local = full if int(full[0].shape[3]) == kept else _caches(self.num_layers, full[0], kept)
         del full
@@ -203,7 +317,10 @@ class HetisMain:
                          full_kv_bytes_per_token=self.full_bytes_per_token,
                          worker_pids=[c.pid for c in self.clients],
                          worker_heads=[[c.head_start, c.num_heads] for c in self.clients],
-                         moved_bytes=moved_bytes, redispatch_s=redispatch_s)
+                         moved_bytes=moved_bytes, redispatch_s=redispatch_s,
+                         data_paths=[c.data_path for c in self.clients],
+                         mailbox_layers=[c.stats["mailbox_layers"] for c in self.clients],
+                         frame_layers=[c.stats["frame_layers"] for c in self.clients])
 
     def redispatch(self, new: list[int], block_ids: list[int]) -> int:
         """Move to assignment ``new``; returns the KV bytes copied."""

@@ -42,6 +42,9 @@ class HetisSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     assignment: list[int]  # KV heads per worker; the main keeps the rest (the lowest head indices)
     recv_timeout_s: float = 30.0  # longest wait for any attention worker's answer
     start_timeout_s: float = 120.0
+    # per-layer q/k/v and outputs: "auto" (a shared mailbox, else frames), "mailbox" (fail without one),
+    # "frames" (always through the socket); the main worker's HETSERVE_HETIS_DATA_PATH overrides "auto"
+    data_path: str = "auto"
 
 
 class Redispatch(msgspec.Struct, tag_field="type", tag="hetis_redispatch"):
@@ -72,6 +75,9 @@ class HetisInfo(msgspec.Struct, tag_field="type", tag="hetis_info"):
     worker_heads: list[list[int]] = []  # [head_start, num_heads] per worker, as the workers report
     moved_bytes: int = 0  # KV bytes copied by this re-dispatch
     redispatch_s: float = 0.0
+    data_paths: list[str] = []  # per worker: "cuda_ipc" / "shm" (a mailbox) or "frames"
+    mailbox_layers: list[int] = []  # per worker: layers whose q/k/v and output went through the mailbox
+    frame_layers: list[int] = []  # per worker: layers that went through the socket
 
 
 # ---- main worker <-> attention worker -----------------------------------------------------------------
@@ -134,6 +140,52 @@ class LayerOut(_Attn, tag="layer_out"):
     tensors: list[TensorMeta]
 
 
+class MailboxOpen(_Attn, tag="mailbox_open"):
+    """Open (and keep open) the main's shared buffer ``gen`` (replacing any older one); answered by
+    :class:`MailboxReady`. ``kind`` "shm": a host file ``path`` of ``nbytes``; "cuda_ipc": the ``cuda_*``
+    fields are a CUDA storage's ``_share_cuda_()``. Regions per layer: see ``hetis_mailbox.layout``."""
+
+    kind: str
+    gen: int
+    nbytes: int
+    dtype: str
+    group: int  # query heads per KV head
+    head_dim: int
+    path: str = ""
+    cuda_device: int = 0
+    cuda_handle: bytes = b""
+    cuda_storage_size: int = 0
+    cuda_storage_offset: int = 0
+    cuda_ref_handle: bytes = b""
+    cuda_ref_offset: int = 0
+    cuda_event_handle: bytes | None = None
+    cuda_event_sync: bool = False
+
+
+class MailboxReady(_Attn, tag="mailbox_ready"):
+    gen: int
+    ok: bool
+    kind: str = ""
+    error: str = ""
+
+
+class LayerMB(_Attn, tag="layer_mb"):
+    """One layer whose q [T, heads x group, D], k, v [T, heads, D] are in mailbox ``gen``; the output goes
+    there too, then :class:`LayerDone` answers."""
+
+    layer: int
+    scale: float
+    sliding_window: int | None
+    num_tokens: int
+    num_heads: int
+    gen: int
+
+
+class LayerDone(_Attn, tag="layer_done"):
+    layer: int
+    compute_s: float
+
+
 class FetchHeads(_Attn, tag="fetch"):
     """Send back the KV of global heads ``heads`` in ``block_ids``, all layers: [L, 2, nb, block, n, D]."""
 
@@ -171,5 +223,6 @@ class AttnStop(_Attn, tag="stop"):
 
 
 AttnMessage = Union[  # noqa: UP007 - msgspec needs a real Union
-    AttnReady, StepMeta, LayerReq, LayerOut, FetchHeads, HeadsKV, AssignHeads, Assigned, AttnError, AttnStop
+    AttnReady, StepMeta, LayerReq, LayerOut, FetchHeads, HeadsKV, AssignHeads, Assigned, AttnError, AttnStop,
+    MailboxOpen, MailboxReady, LayerMB, LayerDone,
 ]

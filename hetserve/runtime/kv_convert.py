@@ -73,6 +73,28 @@ class KVPayload:
         return n + (0 if self.scales is None else self.scales.numel() * self.scales.element_size())
 
 
+def stacked_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``[len(tensors), *shape]`` over the same memory when ``tensors`` are equally shaped, contiguous and
+    equally spaced views of one storage (per-layer views of a cache allocated as one block, or the per-layer
+    buffers of one received message); None otherwise. Lets a per-layer list be moved in one kernel."""
+    if not tensors:
+        return None
+    t0 = tensors[0]
+    if not t0.is_contiguous():
+        return None
+    if len(tensors) == 1:
+        return t0.unsqueeze(0)
+    step = tensors[1].storage_offset() - t0.storage_offset()
+    if step < t0.numel():
+        return None
+    base = t0.untyped_storage().data_ptr()
+    for i, t in enumerate(tensors):
+        if (t.shape != t0.shape or t.dtype != t0.dtype or t.device != t0.device or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != base or t.storage_offset() != t0.storage_offset() + i * step):
+            return None
+    return t0.as_strided((len(tensors), *t0.shape), (step, *t0.stride()), t0.storage_offset())
+
+
 # ---- layout -------------------------------------------------------------------------------------
 def head_axis(layout: KVLayout) -> int:
     """Axis of kv heads counted from the end of a tensor whose last three dims are a block."""
@@ -320,7 +342,14 @@ def convert(
         return sel
 
     ds = dst_scales
-    if src.arrangement == "layer_major":
+    stacks = {id(p): stacked_view(p.tensors) for p, _, _ in picks} if src.arrangement == "layer_major" else {}
+    if src.arrangement == "layer_major" and src.num_layers > 1 and all(v is not None for v in stacks.values()):
+        # every shard's layers are views of one block: all layers in one pass (a few kernels, not a few per layer)
+        sel = [(lo, stacks[id(p)].narrow(ha_src, lo - p.head_start, hi - lo),  # type: ignore[union-attr]
+                scales_of[id(p)] if src_fp8 else None) for p, lo, hi in picks]
+        x, scales, cur = _convert_stacked(sel, src, dst, h0, h1, num_tokens, ds)
+        tensors = list(x.contiguous().unbind(0)) if dst.arrangement == "layer_major" else unstacked(x, dst.arrangement)
+    elif src.arrangement == "layer_major":
         # layer by layer: no [L, ...] stack to build, and each temporary is 1/L the size
         parts = [_convert_stacked(select(slice(i, i + 1)), src, dst, h0, h1, num_tokens,
                                   None if ds is None else ds[i : i + 1]) for i in range(src.num_layers)]

@@ -5,11 +5,13 @@ The coordinator never sees the bytes (``kv_handoff.py`` decides who sends what t
 - ``SendKV`` (sender worker): its stage's layers and TP rank's heads of a request's KV (tokens
   ``[token_start, num_tokens)``) are extracted and converted to the wire format at once (in command order, so
   before any later step can reuse the blocks), then a background thread hands each receiving worker the layers
-  it holds (``KVPiece`` + one raw buffer per layer) over the pair's transport (``shm`` on one host, ``tcp``
-  otherwise, ``nixl`` when asked for). The pieces go out ``final=False``; with a declared link the thread
-  waits until ``latency + bytes / bandwidth`` has passed since the first byte, then sends ``KVCommit`` (the
-  receiver uses nothing before). The thread answers ``KVSent`` (bytes, conversion, wall and declared seconds).
-  One thread, jobs in order: transfers share the link one after the other, as on a real link.
+  it holds (``KVPiece`` + its layers as ONE raw buffer when they lie in one block of memory, else one per
+  layer) over the pair's transport (``shm`` on one host, ``tcp`` otherwise, ``nixl`` when asked for). A
+  declared link is emulated by when the receiver may use the bytes: ``latency + bytes / bandwidth`` after the
+  first byte (and after the link is free of earlier sends). On one host (``shm``, ``local``: one monotonic
+  clock) the last piece says so itself (``final``, ``not_before_s``), one message per hand-off; across hosts
+  the thread waits and then sends ``KVCommit``. The thread answers ``KVSent`` (bytes, conversion, wall and
+  declared seconds). One thread, jobs in order: transfers share the link one after the other.
 - ``SendKV(layerwise=True)`` (Cronus' head, sent just before a step): during that step a forward hook on each
   decoder layer extracts and queues that layer's share as soon as the layer has run (its KV is written), so
   the bytes leave while the next layers compute; after the step the layers no hook saw (a fused path that
@@ -38,16 +40,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hetserve.core.devices import LinkSpec
-from hetserve.runtime.kv_convert import convert
+from hetserve.runtime.kv_convert import TORCH_DTYPES, convert, stacked_view
 from hetserve.runtime.kv_messages import ExpectKV, KVSent, SendKV
 from hetserve.runtime.kv_transfer import LinkPacer, extract_blocks
 from hetserve.runtime.messages import KVCommit, KVPiece
 from hetserve.runtime.transport import TransferTimeout, Transport, TransportError, make_transport
+from hetserve.runtime.transport.shm import buffers_ready
 
 if TYPE_CHECKING:
     from hetserve.engine.runner import ModelRunner
     from hetserve.runtime.kv_layout import KVDescriptor
     from hetserve.runtime.worker import KVIn
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def open_endpoints(kinds: tuple[str, ...], host: str = "127.0.0.1") -> dict[str, Transport]:
@@ -60,15 +70,32 @@ def open_endpoints(kinds: tuple[str, ...], host: str = "127.0.0.1") -> dict[str,
     return out
 
 
+# transports whose two ends share one host (and so one monotonic clock)
+_ONE_HOST = ("shm", "local")
+
+
 @dataclass
 class _Out:
-    """A sender worker's converted share: one host buffer per layer from ``layer_start``."""
+    """A sender worker's converted share of layers from ``layer_start``: one buffer per layer, or ``packed``,
+    one buffer holding them all back to back (``layer_bytes`` each). ``ready``: a CUDA event the buffers are
+    complete at (None on the host)."""
 
     layer_start: int
     head_start: int
     wire: Any
     shapes: list[list[int]]
     buffers: list[Any]
+    packed: Any = None
+    layer_bytes: list[int] = field(default_factory=list)
+    ready: Any = None
+    last: bool = False  # the send's last piece (a one-shot hand-off's only one)
+
+    def layers(self, lo: int, hi: int) -> list[Any]:
+        """The buffers of local layers ``[lo, hi)``: one slice of ``packed``, or one buffer per layer."""
+        if self.packed is None:
+            return self.buffers[lo:hi]
+        a = sum(self.layer_bytes[:lo])
+        return [self.packed[a:a + sum(self.layer_bytes[lo:hi])]]
 
 
 @dataclass
@@ -82,6 +109,8 @@ class _Expect:
     seq: int
     wire: Any
     # committed pieces in arrival order: (token_start, num_tokens, src, shard)
+    ready_at: float = 0.0  # the latest ``not_before_s`` of a commit (a paced link on one host)
+    error: str = ""  # a malformed piece: the transfer fails
     shards: list[tuple[int, int, int, Any]] = field(default_factory=list)
     committed: set[int] = field(default_factory=set)  # sources whose last piece (all tokens) is committed
     pending: dict[int, list[tuple[int, int, int, Any]]] = field(default_factory=dict)  # src -> not committed
@@ -108,6 +137,7 @@ class DirectKV:
         self._done_layers: dict[int, set[int]] = {}
         self._hooked: dict[tuple[str, int], int] = {}  # (transfer, seq) -> layers sent from a hook
         self._sending: dict[tuple[str, int], dict[str, Any]] = {}  # the sender thread's per-send books
+        self._link_free_s = 0.0  # when the emulated outgoing link has delivered every earlier send
         self._thread = threading.Thread(target=self._send_loop, name="kv-send", daemon=True)
         self._thread.start()
 
@@ -129,10 +159,10 @@ class DirectKV:
         if cmd.layerwise:
             self._next_step.append(cmd)
             return
-        self._queue_layers(cmd, range(self.desc.num_layers))
+        self._queue_layers(cmd, range(self.desc.num_layers), last=True)
         self._jobs.put(("commit", cmd))
 
-    def _queue_layers(self, cmd: SendKV, layers: Any) -> None:
+    def _queue_layers(self, cmd: SendKV, layers: Any, last: bool = False) -> None:
         """Extract and convert ``layers`` (local indices) of ``cmd``'s tokens; their bytes go to the thread."""
         t0 = time.perf_counter()
         layers = list(layers)
@@ -145,15 +175,27 @@ class DirectKV:
         caches = [self.runner.kv_caches[i] for i in layers]
         src = extract_blocks(caches, ids, n, local)
         p = convert(src, local, dataclasses.replace(cmd.wire, num_layers=len(layers)), n, heads=self.desc.head_range)
-        if self._device_buffers(cmd):
+        device = self._device_buffers(cmd)
+        whole = stacked_view(p.tensors) if len(p.tensors) > 1 else None
+        packed, ready = None, None
+        if whole is not None and whole.is_contiguous():
+            # every layer in one block of memory: one buffer (one IPC span / one shm write / one tcp frame)
+            flat = whole.reshape(-1).view(torch.uint8)
+            packed = flat if device else flat.cpu().numpy()
+            bufs = []
+        elif device:
             # GPU to GPU on one host: the shm transport hands CUDA tensors over by CUDA IPC (the receiver copies
             # device to device before it acknowledges), no host round trip
             bufs = [t.contiguous().reshape(-1).view(torch.uint8) for t in p.tensors]
         else:
             # one host buffer per layer, no extra copy (the transport reads them; shm copies them once)
             bufs = [t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy() for t in p.tensors]
+        if device:
+            ready = torch.cuda.Event()
+            ready.record()  # the sender thread waits for this, not for the whole stream (a step may follow)
         start = self.runner.parallel.layer_start + layers[0]
-        out = _Out(start, p.head_start, p.desc, [list(t.shape) for t in p.tensors], bufs)
+        out = _Out(start, p.head_start, p.desc, [list(t.shape) for t in p.tensors], bufs, packed,
+                   [t.numel() * t.element_size() for t in p.tensors], ready, last)
         self._jobs.put(("piece", cmd, out, time.perf_counter() - t0))
 
     # layer-wise: the layer hooks send each layer's KV as soon as the step wrote it
@@ -218,39 +260,61 @@ class DirectKV:
         return LinkSpec("declared", "ethernet", cmd.link_bandwidth, cmd.link_latency_s)
 
     def _send_piece(self, cmd: SendKV, out: _Out, st: dict[str, Any]) -> None:
+        if out.ready is not None:
+            out.ready.synchronize()  # the conversion is done (the transport's copy does not wait for our stream)
         if st["t0"] is None:
             if self.stall_s > 0:
                 time.sleep(self.stall_s)  # test hook: a stalled link
-            st["t0"] = time.monotonic()
-        oa, n_layers = out.layer_start, len(out.buffers)
+            # an emulated link carries one send at a time: this one starts when the earlier ones are through
+            st["t0"] = max(time.monotonic(), self._link_free_s if self._link(cmd) is not None else 0.0)
+        oa, n_layers = out.layer_start, len(out.shapes)
         deadline_s = st["t0"] + cmd.timeout_s
+        link = self._link(cmd)
+        total = st["bytes"] + sum(out.layer_bytes)
         for tg in cmd.targets:
             lo, hi = max(tg.layer_start, oa), min(tg.layer_end, oa + n_layers)
             if lo >= hi:
                 continue
+            # the last piece to a same-host receiver commits itself (one message per hand-off), paced by its clock
+            final = out.last and tg.kind in _ONE_HOST
+            not_before = st["t0"] + link.transfer_time_s(total) if final and link is not None else 0.0
             piece = KVPiece(transfer_id=cmd.transfer_id, src_rank=cmd.src_rank, layer_start=lo,
                             head_start=out.head_start, num_tokens=cmd.num_tokens, desc=out.wire,
-                            shapes=out.shapes[lo - oa:hi - oa], token_start=cmd.token_start, final=False)
-            bufs = out.buffers[lo - oa:hi - oa]
+                            shapes=out.shapes[lo - oa:hi - oa], token_start=cmd.token_start, final=final,
+                            not_before_s=not_before)
             try:
-                self._endpoint(tg.kind).send(tg.address, piece, bufs, deadline_s)
+                with buffers_ready():  # ``out.ready`` was waited for above
+                    self._endpoint(tg.kind).send(tg.address, piece, out.layers(lo - oa, hi - oa), deadline_s)
             except TransportError as e:
                 st["failed"] = f"{type(e).__name__}: {e}"
                 return
-            st["bytes"] += sum(b.nbytes for b in bufs)
+            if final:
+                st.setdefault("committed", set()).add(tg.address)
+        st["bytes"] = total
 
     def _commit_job(self, cmd: SendKV, st: dict[str, Any]) -> None:
         if not st["failed"] and st["t0"] is not None:
             link = self._link(cmd)
-            if link is not None:  # never early: the receiver may use the KV once the declared link delivered it
-                LinkPacer(link).wait_until(st["t0"] + link.transfer_time_s(st["bytes"]))
-            commit = KVCommit(transfer_id=cmd.transfer_id, req_id="", src_rank=cmd.src_rank)
+            ready = st["t0"] + (0.0 if link is None else link.transfer_time_s(st["bytes"]))
+            if link is not None:
+                self._link_free_s = ready
+            done = st.get("committed", set())
             for tg in cmd.targets:
+                if tg.address in done:
+                    continue
+                one_host = tg.kind in _ONE_HOST
+                if link is not None and not one_host:  # never early: the receiver uses the KV once it commits
+                    LinkPacer(link).wait_until(ready)
+                commit = KVCommit(transfer_id=cmd.transfer_id, req_id="", src_rank=cmd.src_rank,
+                                  not_before_s=ready if one_host and link is not None else 0.0)
                 try:
                     self._endpoint(tg.kind).send(tg.address, commit, [], st["t0"] + cmd.timeout_s)
                 except TransportError as e:
                     st["failed"] = f"{type(e).__name__}: {e}"
                     break
+            if link is not None:
+                # the sender's books end when the declared link is through (KVSent's wall): wait for it here
+                LinkPacer(link).wait_until(ready)
         self._reply_sent(cmd, st)
 
     def _reply_sent(self, cmd: SendKV, st: dict[str, Any]) -> None:
@@ -260,7 +324,7 @@ class DirectKV:
         self.reply(KVSent(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=not st["failed"], error=st["failed"],
                           num_bytes=st["bytes"], convert_s=st["conv"], wall_s=time.monotonic() - t0,
                           declared_s=0.0 if link is None else link.transfer_time_s(st["bytes"]),
-                          hooked_layers=self._hooked.pop((cmd.transfer_id, cmd.seq), 0)))
+                          hooked_layers=self._hooked.pop((cmd.transfer_id, cmd.seq), 0), t0_mono=t0))
 
     def _endpoint(self, kind: str) -> Transport:
         ep = self.endpoints.get(kind)
@@ -293,6 +357,11 @@ class DirectKV:
         """Take what arrived on every endpoint; the transfers that ended (done or past their timeout)."""
         from hetserve.runtime.worker import KVIn
 
+        now = time.monotonic()
+        # a hand-off whose bytes are all here but whose paced link is not through yet: wake up when it is
+        due = [e.ready_at - now for e in self.expects.values() if e.committed >= e.sources and e.ready_at > now]
+        if due:
+            timeout_s = min(timeout_s, max(0.0, min(due)))
         for ep in self.endpoints.values():
             wait = timeout_s if len(self.endpoints) == 1 else min(timeout_s, 0.001)
             while True:
@@ -311,7 +380,11 @@ class DirectKV:
         done: list[KVIn] = []
         now = time.monotonic()
         for tid, e in list(self.expects.items()):
-            if e.committed >= e.sources:
+            if e.error:
+                del self.expects[tid]
+                self._close(tid)
+                done.append(KVIn(seq=e.seq, transfer_id=tid, ok=False, num_bytes=e.num_bytes, error=e.error))
+            elif e.committed >= e.sources and now >= e.ready_at:
                 done.append(self._finish(tid, e))
             elif now > e.deadline_s:
                 del self.expects[tid]
@@ -333,20 +406,32 @@ class DirectKV:
             if header.src_rank not in e.sources:
                 return
             # valid while held (transport contract); copied on insert. CUDA tensors (CUDA IPC) stay tensors
-            data = [b if isinstance(b, torch.Tensor) else memoryview(b) for b in bufs]
+            data = [b if isinstance(b, torch.Tensor) else memoryview(b).cast("B") for b in bufs]
             e.num_bytes += sum(b.nbytes for b in data)
+            if len(data) == 1 and len(header.shapes) > 1:  # packed: the layers back to back in one buffer
+                item = torch.empty(0, dtype=TORCH_DTYPES[header.desc.dtype]).element_size()
+                sizes = [item * _numel(sh) for sh in header.shapes]
+                if sum(sizes) != data[0].nbytes:  # fail the transfer, not the worker
+                    e.error = f"a packed piece of {data[0].nbytes} bytes for layers of {sum(sizes)} bytes"
+                    return
+                from hetserve.runtime.shard import _read_only_tensor
+
+                flat = _read_only_tensor(data[0])  # views of one tensor: the insert moves all layers at once
+                offs = [sum(sizes[:i]) for i in range(len(sizes))]
+                data = [flat.narrow(0, a, n) for a, n in zip(offs, sizes, strict=True)]
             sh = KVShard(layer_start=header.layer_start, head_start=header.head_start, shapes=header.shapes,
                          buffers=data)
             e.pending.setdefault(header.src_rank, []).append((header.token_start, header.num_tokens,
                                                               header.src_rank, sh))
             if header.final:
-                self._commit(e, header.src_rank)
+                self._commit(e, header.src_rank, header.not_before_s)
         elif header.src_rank in e.pending:
-            self._commit(e, header.src_rank)
+            self._commit(e, header.src_rank, header.not_before_s)
 
     @staticmethod
-    def _commit(e: _Expect, src: int) -> None:
+    def _commit(e: _Expect, src: int, not_before_s: float = 0.0) -> None:
         pieces = e.pending.pop(src)
+        e.ready_at = max(e.ready_at, not_before_s)
         e.shards.extend(pieces)
         if any(n == e.num_tokens for _, n, _, _ in pieces):
             e.committed.add(src)  # a sender's pieces arrive in order: its last one covers the end
@@ -357,6 +442,7 @@ class DirectKV:
 
         del self.expects[tid]
         self._close(tid)
+        ready = time.monotonic()
         t0 = time.perf_counter()
         try:
             # one insert per token range (streamed pieces first, then the hand-off's rest), each from every
@@ -380,7 +466,7 @@ class DirectKV:
             return KVIn(seq=e.seq, transfer_id=tid, ok=False, error=f"{type(ex).__name__}: {ex}",
                         num_bytes=e.num_bytes)
         return KVIn(seq=e.seq, transfer_id=tid, ok=True, num_bytes=e.num_bytes,
-                    convert_s=time.perf_counter() - t0, wall_s=time.monotonic() - e.start_s)
+                    convert_s=time.perf_counter() - t0, wall_s=time.monotonic() - e.start_s, ready_mono=ready)
 
     def close(self) -> None:
         self._jobs.put(None)

@@ -164,7 +164,7 @@ class KVHandoffs:
         self.stats[tid] = {"transfer_id": tid, "req_id": rid, "src": src, "dst": dst, "kind": "", "ok": None,
                            "num_bytes": 0, "send_convert_s": 0.0, "recv_convert_s": 0.0, "wall_s": 0.0,
                            "declared_s": 0.0, "recv_wall_s": 0.0, "handoff_s": 0.0, "streamed_tokens": 0,
-                           "hooked_layers": 0}
+                           "hooked_layers": 0, "t0_mono": 0.0, "ready_mono": 0.0, "delivered_s": 0.0}
         while len(self.stats) > 10000:
             del self.stats[next(iter(self.stats))]
 
@@ -254,6 +254,9 @@ class KVHandoffs:
             for k, v in (("send_convert_s", reply.convert_s), ("wall_s", reply.wall_s),
                          ("declared_s", reply.declared_s)):
                 rec[k] = max(float(rec[k]), v)  # type: ignore[arg-type]
+            if reply.t0_mono and (not rec["t0_mono"] or reply.t0_mono < float(rec["t0_mono"])):  # type: ignore[arg-type]
+                rec["t0_mono"] = reply.t0_mono
+            _delivered(rec)
         if not reply.ok:
             for st in self.streams.values():
                 if st.tid == reply.transfer_id:
@@ -318,6 +321,8 @@ class KVHandoffs:
         if rec is not None and reply.ok:
             rec["recv_convert_s"] = max(float(rec["recv_convert_s"]), reply.convert_s)  # type: ignore[arg-type]
             rec["recv_wall_s"] = max(float(rec["recv_wall_s"]), reply.wall_s)  # type: ignore[arg-type]
+            rec["ready_mono"] = max(float(rec["ready_mono"]), reply.ready_mono)  # type: ignore[arg-type]
+            _delivered(rec)
         t = self.transfers.get(reply.transfer_id)
         if t is None:
             return
@@ -385,3 +390,11 @@ class KVHandoffs:
                 self.instances[t.src].scheduler.release_remote(t.req_id)
                 # the dead receiver's books: the request waits there again (and is retried elsewhere)
                 self.instances[name].scheduler.finish_remote_kv(t.req_id, success=False)
+
+
+def _delivered(rec: dict[str, object]) -> None:
+    """``delivered_s``: the first byte sent -> every receiver may use the KV (both clocks are one host's
+    ``time.monotonic()``: meaningful for shm / local hand-offs and tcp on one machine)."""
+    t0, ready = float(rec["t0_mono"]), float(rec["ready_mono"])  # type: ignore[arg-type]
+    if t0 and ready:
+        rec["delivered_s"] = ready - t0

@@ -70,6 +70,7 @@ class KVSent(_Cmd, tag="kv_sent"):
     wall_s: float = 0.0
     declared_s: float = 0.0
     hooked_layers: int = 0  # layers sent from inside a step (layer-wise streaming)
+    t0_mono: float = 0.0  # the first byte's ``time.monotonic()`` (one host: comparable with KVIn.ready_mono)
 
 
 __all__ = ["CancelKV", "ExpectKV", "KVSent", "KVTarget", "SendKV"]

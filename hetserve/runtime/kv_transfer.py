@@ -31,7 +31,7 @@ import torch
 
 from hetserve.core.devices import LinkSpec
 from hetserve.core.errors import HetserveError
-from hetserve.runtime.kv_convert import DTYPE_NAMES, TORCH_DTYPES, KVPayload, convert
+from hetserve.runtime.kv_convert import DTYPE_NAMES, TORCH_DTYPES, KVPayload, convert, stacked_view
 from hetserve.runtime.kv_layout import KVDescriptor, check_compatible, head_transfers, wire_descriptor
 from hetserve.runtime.messages import KVCommit, KVData, TensorMeta
 from hetserve.runtime.transport.base import TransferTimeout, Transport, TransportError
@@ -74,9 +74,15 @@ def extract_blocks(
     if desc.arrangement == "layer_major":
         if len(caches) != desc.num_layers:
             raise ValueError(f"{len(caches)} layer tensors for {desc.num_layers} layers")
-        out = [c.index_select(1, ids) for c in caches]
-        for t in out:
-            _bytes_view(t.select(1, nb - 1)).narrow(slot_axis, tail, desc.block_size - tail).zero_()
+        whole = stacked_view(caches) if len(caches) > 1 else None
+        if whole is not None:  # one cache block for all layers: one gather, one zeroing
+            x = whole.index_select(2, ids)
+            _bytes_view(x.select(2, nb - 1)).narrow(slot_axis, tail, desc.block_size - tail).zero_()
+            out = list(x.unbind(0))
+        else:
+            out = [c.index_select(1, ids) for c in caches]
+            for t in out:
+                _bytes_view(t.select(1, nb - 1)).narrow(slot_axis, tail, desc.block_size - tail).zero_()
     else:
         out = [caches[0].index_select(0, ids)]
         _bytes_view(out[0][nb - 1]).narrow(slot_axis, tail, desc.block_size - tail).zero_()
@@ -107,6 +113,11 @@ def insert_blocks(kv_caches: KVCaches, block_ids: Sequence[int], payload: KVPayl
     caches = _as_list(kv_caches)
     ids = torch.tensor(list(block_ids[:nb]), dtype=torch.int64, device=caches[0].device)
     if desc.arrangement == "layer_major":
+        whole = stacked_view(caches) if len(caches) > 1 else None
+        src = stacked_view(payload.tensors) if whole is not None else None
+        if whole is not None and src is not None and len(payload.tensors) == len(caches):
+            _bytes_view(whole).index_copy_(2, ids, _bytes_view(src.to(whole.device, non_blocking=True)))
+            return
         for c, t in zip(caches, payload.tensors, strict=True):
             _bytes_view(c).index_copy_(1, ids, _bytes_view(t.to(c.device, non_blocking=True)))
     else:

@@ -63,11 +63,13 @@ class KVData(_Msg, tag="kv_data"):
 
 
 class KVCommit(_Msg, tag="kv_commit"):
-    """The KV of ``(transfer_id, src_rank)`` sent earlier may be used now."""
+    """The KV of ``(transfer_id, src_rank)`` sent earlier may be used now, or from ``not_before_s`` (the
+    sender's ``time.monotonic()``; set only between processes of one host, where that clock is shared)."""
 
     transfer_id: str
     req_id: str
     src_rank: int
+    not_before_s: float = 0.0
 
 
 class KVPiece(_Msg, tag="kv_piece"):
@@ -85,6 +87,7 @@ class KVPiece(_Msg, tag="kv_piece"):
     shapes: list[list[int]]
     token_start: int = 0
     final: bool = True
+    not_before_s: float = 0.0  # a final piece on one host: usable from this ``time.monotonic()`` (a paced link)
 
 
 class Envelope(_Msg, tag="envelope"):

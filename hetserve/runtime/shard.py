@@ -26,7 +26,7 @@ from hetserve.core.config import EngineConfig
 from hetserve.core.model_config import ModelConfig
 from hetserve.engine.model.parallel import ParallelSpec
 from hetserve.engine.runner import ModelRunner
-from hetserve.runtime.kv_convert import TORCH_DTYPES, KVPayload, convert
+from hetserve.runtime.kv_convert import TORCH_DTYPES, KVPayload, convert, stacked_view
 from hetserve.runtime.kv_layout import KVDescriptor
 from hetserve.runtime.kv_transfer import extract_blocks, insert_blocks
 from hetserve.runtime.stage_link import StageLink, split_address
@@ -142,6 +142,8 @@ def insert_kv(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV) -> KVIn:
 
     dt = TORCH_DTYPES[cmd.wire.dtype]
     start = runner.parallel.layer_start
+    if _insert_all_layers(runner, desc, cmd, dt, start):
+        return KVIn(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=True)
     wire1 = dataclasses.replace(cmd.wire, num_layers=1)
     local1 = dataclasses.replace(desc, num_layers=1)
     per_layer: list[list[KVPayload]] = [[] for _ in range(desc.num_layers)]
@@ -158,3 +160,26 @@ def insert_kv(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV) -> KVIn:
         kv = convert(pieces, wire1, local1, cmd.num_tokens)
         insert_blocks([runner.kv_caches[i]], cmd.block_ids, kv, local1)
     return KVIn(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=True)
+
+
+def _insert_all_layers(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV, dt: torch.dtype, start: int) -> bool:
+    """When every shard brings all of this worker's layers as views of one buffer (a packed piece): convert and
+    write them in one pass (a few kernels instead of a few per layer). False: the caller goes layer by layer."""
+    n_layers = desc.num_layers
+    if n_layers < 2:
+        return False
+    pieces = []
+    for sh in cmd.shards:
+        if sh.layer_start > start or sh.layer_start + len(sh.buffers) < start + n_layers:
+            return False
+        skip = start - sh.layer_start
+        ts = [_read_only_tensor(b).view(dt).view(shape)
+              for b, shape in zip(sh.buffers[skip:skip + n_layers], sh.shapes[skip:skip + n_layers], strict=True)]
+        if stacked_view(ts) is None:
+            return False
+        pieces.append(KVPayload(dataclasses.replace(cmd.wire, num_layers=n_layers), cmd.num_tokens, ts,
+                                sh.head_start, None))
+    wire = dataclasses.replace(cmd.wire, num_layers=n_layers)
+    kv = convert(pieces, wire, desc, cmd.num_tokens)
+    insert_blocks(runner.kv_caches, cmd.block_ids, kv, desc)
+    return True

@@ -164,6 +164,7 @@ class KVIn(_Cmd, tag="kv_in"):
     num_bytes: int = 0
     convert_s: float = 0.0
     wall_s: float = 0.0
+    ready_mono: float = 0.0  # when every sender's KV was usable (``time.monotonic()``), before the insert
 
 
 class Pong(_Cmd, tag="pong"):

@@ -77,3 +77,57 @@ def test_cuda_ipc_between_processes() -> None:
         assert proc.wait(60) == 0
     finally:
         proc.kill()
+
+
+_CHILD_MANY = textwrap.dedent("""
+    import sys, time, torch
+    from hetserve.runtime.transport import make_transport
+    t = make_transport("shm")
+    print(t.address, flush=True)
+    sums = []
+    while True:
+        header, bufs = t.recv(60)
+        if header.get("stop"):
+            break
+        sums.append([[float(b.double().sum()), list(b.shape), str(b.dtype), bool(b.is_cuda)] for b in bufs])
+    t.send(header["reply_to"], {"sums": sums, "opened": len(t._imported.opened)}, [], time.monotonic() + 30)
+    t.close()
+""")
+
+
+def test_cuda_ipc_staging_is_exported_once_and_opened_once() -> None:
+    """Many messages of several CUDA tensors each go through one staging buffer (grown once): the receiver opens
+    one IPC handle per staging buffer, not one per tensor per message; a message over the staging cap still
+    goes (one export per tensor); every value arrives."""
+    from hetserve.runtime.transport.shm import buffers_ready
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "HETSERVE_SHM_STAGING_MAX_MB": "64"}
+    os.environ["HETSERVE_SHM_STAGING_MAX_MB"] = "64"
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD_MANY], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        peer = proc.stdout.readline().strip()
+        want = []
+        with make_transport("shm") as a:
+            for i, numel in enumerate([1000, 3 << 20, 2 << 20, 1000, 20 << 20]):  # the last: over 64 MiB in all
+                xs = [torch.full((numel,), float(i + j), device="cuda", dtype=torch.bfloat16 if j else torch.float32)
+                      for j in range(4)]
+                if i % 2:
+                    torch.cuda.synchronize()
+                    with buffers_ready():
+                        a.send(peer, {"i": i}, xs, time.monotonic() + 60)
+                else:
+                    a.send(peer, {"i": i}, xs, time.monotonic() + 60)
+                for x in xs:
+                    x.fill_(-7)  # the peer copied before it acknowledged
+                want.append([[float(i + j) * numel, [numel], "torch.bfloat16" if j else "torch.float32", True]
+                             for j in range(4)])
+            a.send(peer, {"stop": True, "reply_to": a.address}, [], time.monotonic() + 60)
+            header, _ = a.recv(60)
+        assert header["sums"] == want
+        assert header["opened"] == 2  # 16 MiB first, then grown once (30 MiB); the 200 MiB one exported apart
+        assert proc.wait(60) == 0
+    finally:
+        os.environ.pop("HETSERVE_SHM_STAGING_MAX_MB", None)
+        proc.kill()

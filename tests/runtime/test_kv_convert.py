@@ -12,6 +12,7 @@ import torch
 
 from hetserve.core.errors import ValidationError
 from hetserve.runtime.kv_convert import (
+    KVPayload,
     TORCH_DTYPES,
     block_major_to_layer_major,
     cast_kv,
@@ -20,6 +21,7 @@ from hetserve.runtime.kv_convert import (
     layer_major_to_block_major,
     rechunk_blocks,
     reshard_heads,
+    stacked_view,
 )
 from hetserve.runtime.kv_layout import (
     KVDescriptor,
@@ -81,9 +83,25 @@ def expected_fp8(values: torch.Tensor, granularity: str) -> torch.Tensor:
     return out
 
 
+def as_one_block(p: KVPayload) -> KVPayload:
+    """The same payload with its layers as views of one allocation (a runner's cache, a received message):
+    ``convert`` then takes its all-layers-at-once path."""
+    whole = torch.stack(p.tensors)
+    out = dataclasses.replace(p, tensors=list(whole.unbind(0)))
+    assert stacked_view(out.tensors) is not None
+    return out
+
+
 def check(src: KVDescriptor, dst: KVDescriptor, num_tokens: int, seed: int = 0, exact: bool = True) -> None:
     truth = truth_for(src, num_tokens, seed)
     pieces = source_pieces(truth, src, extra_blocks=1)  # a spare block past the request: must be ignored
+    _check(pieces, truth, src, dst, num_tokens, exact)
+    if src.arrangement == "layer_major" and src.num_layers > 1:
+        _check([as_one_block(p) for p in pieces], truth, src, dst, num_tokens, exact)
+
+
+def _check(pieces: list, truth: torch.Tensor, src: KVDescriptor, dst: KVDescriptor, num_tokens: int,
+           exact: bool) -> None:
     for r in range(dst.tp_size):
         d = dst.for_rank(r)
         h0, h1 = d.head_range
@@ -307,3 +325,15 @@ def test_fp8_shards_with_different_scales_join() -> None:
     assert torch.equal(one_scale.scales, torch.ones(L, 2, 1))
     got = read_payload(one_scale, 20)
     assert ((got - want).abs() <= torch.maximum(want.abs() * 2**-4, torch.tensor(2**-10))).all()
+
+
+def test_stacked_view_only_for_equally_spaced_views_of_one_block() -> None:
+    whole = torch.arange(3 * 2 * 5, dtype=torch.float32).reshape(3, 2, 5)
+    st = stacked_view(list(whole.unbind(0)))
+    assert st is not None and torch.equal(st, whole)
+    assert stacked_view([whole[0], whole[2]]) is not None  # equally spaced, step of two layers
+    assert torch.equal(stacked_view([whole[0], whole[2]]), whole[::2])  # type: ignore[arg-type]
+    assert stacked_view([whole[0], whole[2], whole[1]]) is None  # out of order
+    assert stacked_view([whole[0].clone(), whole[1]]) is None  # two storages
+    assert stacked_view([whole[0][:, :3], whole[1][:, :3]]) is None  # not contiguous
+    assert stacked_view([whole[1], whole[0]]) is None  # negative step

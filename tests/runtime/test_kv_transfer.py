@@ -24,7 +24,16 @@ from .brute import padding_is_zero, read_payload
 NUM_BLOCKS = 12
 
 
-def make_cache(desc: KVDescriptor, seed: int, zeros: bool = False) -> list[torch.Tensor]:
+def make_cache(desc: KVDescriptor, seed: int, zeros: bool = False, one_block: bool = False) -> list[torch.Tensor]:
+    """Per-layer tensors; ``one_block``: views of one allocation, as the runner makes them (the hand-off's
+    all-layers-at-once path)."""
+    out = _make_cache(desc, seed, zeros)
+    if one_block and len(out) > 1:
+        out = list(torch.stack(out).unbind(0))
+    return out
+
+
+def _make_cache(desc: KVDescriptor, seed: int, zeros: bool = False) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     h = desc.num_local_heads
     blk = desc.block_shape()
@@ -63,16 +72,17 @@ FORMATS = [{"layout": lo, "arrangement": ar, "dtype": dt} for lo, ar, dt in
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "-".join(f.values()))
 @pytest.mark.parametrize("n", [1, 16, 21, 48])
-def test_extract_then_insert_by_brute_force(fmt: dict, n: int) -> None:
-    d = KVDescriptor(num_layers=2, num_kv_heads=2, head_dim=4, block_size=16, **fmt)
-    src = make_cache(d, 0)
+@pytest.mark.parametrize("one_block", [False, True], ids=["separate", "one-block"])
+def test_extract_then_insert_by_brute_force(fmt: dict, n: int, one_block: bool) -> None:
+    d = KVDescriptor(num_layers=3, num_kv_heads=2, head_dim=4, block_size=16, **fmt)
+    src = make_cache(d, 0, one_block=one_block)
     table = [9, 2, 5, 7]
     p = extract_blocks(src, table, n, d)
     assert p.num_blocks == -(-n // 16)
     want = all_values(src, d, table, n)
     torch.testing.assert_close(read_payload(p, n), want, rtol=0, atol=0)
     assert padding_is_zero(p, n)  # whatever the cache held past the last token
-    dst = make_cache(d, 1, zeros=True)
+    dst = make_cache(d, 1, zeros=True, one_block=one_block)
     other = [3, 0, 11, 4]
     insert_blocks(dst, other, p, d)
     torch.testing.assert_close(all_values(dst, d, other, n), want, rtol=0, atol=0)

@@ -7,10 +7,16 @@ copy on its side; the mapping outlives the unlink until the last view is dropped
 inline. Raw ``os.open`` + ``mmap`` is used instead of ``multiprocessing.shared_memory`` so that no resource
 tracker process unlinks or warns about segments another process owns.
 
-CUDA tensors in ``buffers`` (when CUDA is available and the peer is another process) move by CUDA IPC: the
-sender exports the storage handle, the receiver opens it, copies into its own memory and synchronises before
-it acknowledges, so the sender may reuse its tensor once ``send`` returns. This path needs a GPU and is
-exercised only by the ``gpu`` tests.
+CUDA tensors in ``buffers`` (when CUDA is available and the peer is another process) move by CUDA IPC. The
+sender copies them (on a copy stream of its own) into one persistent staging buffer per device, exported once;
+the receiver opens each exported buffer once and keeps it open (opening an IPC handle costs milliseconds, and
+one handle per tensor per message made a hand-off of 32 layers slow), copies the message's span into its own
+memory as one tensor (on its own copy stream) and synchronises before it acknowledges, so the sender may reuse
+its tensors, and the staging buffer, once ``send`` returns. The copy stream waits for the caller's current
+stream, unless the caller says its tensors are ready (``with buffers_ready():`` after synchronising the work
+that wrote them, e.g. on an event): on the legacy default stream that wait would hold the copy behind every
+kernel queued on the device, a whole model step included. A message larger than ``HETSERVE_SHM_STAGING_MAX_MB`` (default 1024) exports its
+tensors one by one instead. This path needs a GPU and is exercised only by the ``gpu`` tests.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import mmap
 import os
 import re
 import tempfile
+import threading
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -83,6 +90,9 @@ class ShmTransport(ZmqTransport):
             sock = os.path.join(tempfile.gettempdir(), f"hetserve-{os.getpid()}-{next(_ids)}-{uuid.uuid4().hex[:6]}")
             bind = f"ipc://{sock}"
         sweep_stale_segments()
+        self._staging: dict[int | None, _Staging] = {}
+        self._staging_lock = threading.Lock()
+        self._imported = _ImportCache()
         super().__init__(bind, connect_timeout_s, max_queued)
         _local_addresses.add(self.address)
 
@@ -97,29 +107,76 @@ class ShmTransport(ZmqTransport):
     def _pack(self, peer: str, msg_id: int, buffers: Sequence[Buffer]) -> tuple[Envelope, list[Any], Any]:
         env = Envelope(msg_id=msg_id, sender=self.address, num_buffers=len(buffers))
         same_process = peer in _local_addresses  # CUDA IPC cannot open a handle in the process that made it
-        handles: list[dict[str, Any] | None] = []
-        host: list[Buffer] = []
+        handles: list[dict[str, Any] | None] = [None] * len(buffers)
+        host: list[Buffer] = list(buffers)
         keep: list[Any] = []  # exported device tensors stay alive until the peer acknowledged
-        for b in buffers:
-            if _is_cuda_tensor(b) and not same_process:
-                t = b.contiguous()
-                keep.append(t)
-                handles.append(_export_cuda(t))
-                host.append(b"")
+        cuda = [i for i, b in enumerate(buffers) if _is_cuda_tensor(b) and not same_process]
+        staged = None
+        if cuda:
+            staged = self._stage([buffers[i] for i in cuda])
+            if staged is None:  # too large for the staging buffer: one export per tensor
+                for i in cuda:
+                    t = buffers[i].contiguous()
+                    keep.append(t)
+                    handles[i] = _export_cuda(t)
             else:
-                handles.append(None)
-                host.append(b)
-        if keep:
+                for i, h in zip(cuda, staged[1], strict=True):
+                    handles[i] = h
+            for i in cuda:
+                host[i] = b""
             env.handles = handles
-        total = sum(buffer_nbytes(b) for b in host)
-        if total <= _INLINE_MAX_BYTES:
-            return env, [as_bytes_view(b) for b in host], (None, keep)
-        name, spans = _write_segment([as_bytes_view(b) for b in host])
+        try:
+            total = sum(buffer_nbytes(b) for b in host)
+            if total <= _INLINE_MAX_BYTES:
+                return env, [as_bytes_view(b) for b in host], (None, keep, staged)
+            name, spans = _write_segment([as_bytes_view(b) for b in host])
+        except BaseException:
+            if staged is not None:
+                staged[0].release()
+            raise
         env.kind, env.segment, env.spans = "shm", name, spans
-        return env, [], (name, keep)
+        return env, [], (name, keep, staged)
+
+    def _stage(self, tensors: list[Any]) -> tuple[Any, list[dict[str, Any]]] | None:
+        """Copy ``tensors`` (CUDA, ready) into this endpoint's staging buffer of their device; the per-tensor
+        handles (the buffer's export plus a span). Holds the buffer until ``_release``. None: too large."""
+        import torch
+
+        dev = tensors[0].device
+        if any(t.device != dev for t in tensors):
+            return None
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        offsets, total = [], 0
+        for n in sizes:
+            offsets.append(total)
+            total += -(-n // _ALIGN) * _ALIGN
+        if total > _staging_max_bytes():
+            return None
+        with self._staging_lock:
+            st = self._staging.get(dev.index)
+            if st is None:
+                st = self._staging[dev.index] = _Staging(dev)
+        st.lock.acquire()
+        try:
+            st.reserve(total)
+            if not getattr(_ready, "on", False):
+                st.stream.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.device(dev), torch.cuda.stream(st.stream):
+                for t, off, n in zip(tensors, offsets, sizes, strict=True):
+                    if n:
+                        st.buf.narrow(0, off, n).copy_(t.contiguous().reshape(-1).view(torch.uint8))
+            st.stream.synchronize()
+        except BaseException:
+            st.lock.release()
+            raise
+        hs = [dict(st.export, span=[off, n], dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape))
+              for t, off, n in zip(tensors, offsets, sizes, strict=True)]
+        return st, hs
 
     def _release(self, state: Any) -> None:
-        name, _keep = state
+        name, _keep, staged = state
+        if staged is not None:
+            staged[0].release()
         if name is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(SHM_DIR, name))
@@ -142,9 +199,13 @@ class ShmTransport(ZmqTransport):
             bufs = [view[off : off + n] for off, n in env.spans]
         else:
             raise MessageDecodeError(f"unknown buffer kind {env.kind!r}")
+        staged = [(i, c) for i, c in enumerate(env.handles) if c is not None and "span" in c]
         for i, c in enumerate(env.handles):
-            if c is not None:
+            if c is not None and "span" not in c:
                 bufs[i] = _import_cuda(c)
+        if staged:
+            for i, t in zip([i for i, _ in staged], self._imported.take([c for _, c in staged]), strict=True):
+                bufs[i] = t
         return bufs
 
     def close(self) -> None:
@@ -191,7 +252,8 @@ def _export_cuda(t: Any) -> dict[str, Any]:
     }
 
 
-def _import_cuda(c: dict[str, Any]) -> Any:
+def _open_cuda(c: dict[str, Any]) -> Any:
+    """A view of the exported tensor ``c`` in this process (the IPC handle opened; no copy)."""
     import torch
 
     # the handle is opened in this process's CUDA context: make sure there is one (a process that has not touched
@@ -206,6 +268,101 @@ def _import_cuda(c: dict[str, Any]) -> Any:
     with torch.cuda.device(c["device"]):
         view = torch.empty(0, dtype=dtype, device=f"cuda:{c['device']}")
         view.set_(storage, c["tensor_offset"], c["shape"], c["stride"])
+    return view
+
+
+def _import_cuda(c: dict[str, Any]) -> Any:
+    import torch
+
+    view = _open_cuda(c)
+    with torch.cuda.device(c["device"]):
         out = view.clone()
         torch.cuda.current_stream().synchronize()
     return out
+
+
+_ready = threading.local()
+
+
+@contextlib.contextmanager
+def buffers_ready() -> Any:
+    """In this thread, CUDA tensors handed to ``send`` are complete already: the staging copy need not wait for
+    the current stream (see the module docstring)."""
+    prev = getattr(_ready, "on", False)
+    _ready.on = True
+    try:
+        yield
+    finally:
+        _ready.on = prev
+
+
+def _staging_max_bytes() -> int:
+    return int(float(os.environ.get("HETSERVE_SHM_STAGING_MAX_MB", "1024")) * 2**20)
+
+
+class _Staging:
+    """A device's persistent staging buffer (grown by doubling; a new buffer is a new export) and its copy
+    stream; ``lock`` is held from the copy in to the receiver's acknowledgement."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        self.lock = threading.Lock()
+        self.buf: Any = None
+        self.export: dict[str, Any] = {}
+
+    def reserve(self, nbytes: int) -> None:
+        import torch
+
+        if self.buf is not None and self.buf.numel() >= nbytes:
+            return
+        size = max(nbytes, 2 * (0 if self.buf is None else self.buf.numel()), 16 * 2**20)
+        self.buf = None
+        self.buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+        self.export = _export_cuda(self.buf)
+        self.export["staging"] = uuid.uuid4().hex  # names this buffer for the receiver's cache
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+class _ImportCache:
+    """The receiver's opened staging buffers (a few per sender, oldest closed first) and its copy stream."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self.opened: dict[str, Any] = {}
+        self._streams: dict[int, Any] = {}
+
+    def take(self, handles: list[dict[str, Any]]) -> list[Any]:
+        """Copies of the spans ``handles`` name: one device copy of the range they cover, views into it."""
+        import torch
+
+        key = handles[0]["staging"]
+        if any(c["staging"] != key for c in handles):  # one staging buffer per message by construction
+            return [self.take([c])[0] for c in handles]
+        src = self.opened.pop(key, None)
+        if src is None:
+            c = dict(handles[0], shape=[handles[0]["storage_size"] - handles[0]["tensor_offset"]], stride=[1],
+                     dtype="uint8")
+            src = _open_cuda(c)
+            while len(self.opened) >= self.keep:
+                self.opened.pop(next(iter(self.opened)))
+        self.opened[key] = src  # most recently used last
+        lo = min(c["span"][0] for c in handles)
+        hi = max(c["span"][0] + c["span"][1] for c in handles)
+        dev = src.device.index
+        stream = self._streams.get(dev)
+        if stream is None:
+            stream = self._streams[dev] = torch.cuda.Stream(device=src.device)
+        with torch.cuda.device(dev), torch.cuda.stream(stream):
+            whole = src.narrow(0, lo, hi - lo).clone()
+        stream.synchronize()
+        out = []
+        for c in handles:
+            off, n = c["span"]
+            dtype = getattr(torch, c["dtype"])
+            out.append(whole.narrow(0, off - lo, n).view(dtype).view(c["shape"]))
+        return out
