@@ -2,18 +2,22 @@
 conversion share.
 
     python benchmarks/kv_runtime.py [--links eth25,0.25] [--transport shm] [--out benchmarks/results/kv_runtime_cpu.json]
+    python benchmarks/kv_runtime.py --device cuda --shape llama8b --links pcie4x16,eth25 \
+        --out benchmarks/results/kv_runtime_h100.json     # two processes on one GPU: CUDA IPC
 
 ``--links``: declared links, each a name from ``core/devices.py`` LINKS or a bandwidth in GB/s (latency 30 us).
 
-Two ``worker.py`` processes (the cpu-pair's two CPU workers, each with its KV endpoint) hold a tiny llama's KV
-cache (4 layers, 4 kv heads x 32, fp32: 4 KiB a token). For each size (64 KiB .. 16 MiB of KV) the coordinator
+Two ``worker.py`` processes (each with its KV endpoint) hold a KV cache: ``--shape tiny`` (CPU default: a tiny
+llama, 4 layers, 4 kv heads x 32, fp32: 4 KiB a token) or ``llama8b`` (Llama-3.1-8B's KV: 32 layers, 8 kv heads
+x 128, bf16: 128 KiB a token; the other weights are shrunk, they play no part). For each size the coordinator
 side sends the receiver ``ExpectKV`` and the sender ``SendKV`` exactly as a PD hand-off does, with the declared
 link's bandwidth and latency; the workers answer ``KVSent`` / ``KVIn`` with their figures. Two cases: ``same``
 (both caches block 16, NHD: no conversion beyond the copy out of the blocks) and ``convert`` (the receiver
 declares block 32, HND: the sender converts to the wire format, the receiver back to its NHD cache).
 
-- ``achieved`` = bytes / (wall - latency), wall = first byte handed to the transport -> commit sent (paced
-  wait included); goal (issue 7): >= 90% of the declared bandwidth for >= 1 MiB.
+- ``achieved`` = bytes / (delivered - latency), delivered = the sender's first byte -> the receiver may use
+  the KV (both ``time.monotonic()`` of this host; the paced wait included); goal (issue 7): >= 90% of the
+  declared bandwidth for >= 1 MiB. ``sender_wall_s``: the sender's own first byte -> done.
 - ``conversion_share`` = (sender extract + convert + receiver convert + insert) / the declared link's time for
   those bytes; goal <= 10%.
 - ``handoff_s``: ExpectKV sent -> KVIn received at the coordinator (what a request waits).
@@ -41,11 +45,17 @@ from hetserve.runtime.worker import KVIn, WorkerHandle, WorkerSpec
 from hetserve.tiny.make_tiny import make_tiny_model
 
 SIZES_KIB = [64, 256, 1024, 4096, 16384]
+SHAPES = {  # make_tiny_model arguments; KV bytes per token follow from layers x kv heads x head_dim x dtype
+    "tiny": {"num_layers": 4, "hidden_size": 256, "num_heads": 8, "num_kv_heads": 4, "head_dim": 32,
+             "dtype": "float32"},
+    "llama8b": {"num_layers": 32, "hidden_size": 128, "num_heads": 32, "num_kv_heads": 8, "head_dim": 128,
+                "intermediate_size": 128, "dtype": "bfloat16"},
+}
 
 
-def _spec(name: str, model: str, block: int, blocks: int, transport: str) -> WorkerSpec:
+def _spec(name: str, model: str, block: int, blocks: int, transport: str, device: str, dtype: str) -> WorkerSpec:
     return WorkerSpec(name=name, model=model, block_size=block, num_blocks=blocks, max_model_len=64,
-                      kv_transports=(transport,))
+                      kv_transports=(transport,), device=device, dtype=dtype)
 
 
 def _wait(w: WorkerHandle, kind: type, tid: str, timeout_s: float = 60.0) -> Any:
@@ -66,13 +76,18 @@ def parse_link(text: str) -> LinkSpec:
         raise SystemExit(f"--links: {text!r} is neither a link name ({', '.join(LINKS)}) nor GB/s") from None
 
 
-def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int) -> list[dict[str, Any]]:
+def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int, shape: dict[str, Any],
+             sizes_kib: list[int], device: str) -> list[dict[str, Any]]:
     link_name = link.name
-    per_token = 4 * 2 * 4 * 32 * 4
-    max_tokens = SIZES_KIB[-1] * 1024 // per_token
+    item = 4 if shape["dtype"] == "float32" else 2
+    n_layers = shape["num_layers"]
+    per_token = n_layers * 2 * shape["num_kv_heads"] * shape["head_dim"] * item
+    max_tokens = sizes_kib[-1] * 1024 // per_token
     dst_block = 32 if case == "convert" else 16
-    snd = WorkerHandle(_spec("prefill0", model, 16, max_tokens // 16 + 2, transport)).launch()
-    rcv = WorkerHandle(_spec("decode0", model, dst_block, max_tokens // dst_block + 2, transport)).launch()
+    snd = WorkerHandle(_spec("prefill0", model, 16, max_tokens // 16 + 2, transport, device,
+                             shape["dtype"])).launch()
+    rcv = WorkerHandle(_spec("decode0", model, dst_block, max_tokens // dst_block + 2, transport, device,
+                             shape["dtype"])).launch()
     rows = []
     try:
         snd.wait_ready()
@@ -80,7 +95,7 @@ def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int
         declared = rcv.desc if case == "same" else dataclasses.replace(rcv.desc, layout="HND")
         wire = wire_descriptor(snd.desc, declared)
         n = 0
-        for kib in SIZES_KIB:
+        for kib in sizes_kib:
             tokens = kib * 1024 // per_token
             runs = []
             for _ in range(repeats):
@@ -90,10 +105,10 @@ def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int
                 rcv.send(ExpectKV(seq=rcv.next_seq(), transfer_id=tid, req_id=tid,
                                   block_ids=list(range(1, -(-tokens // dst_block) + 1)), num_tokens=tokens, wire=wire,
                                   sources=[0], timeout_s=60.0))
-                snd.send(SendKV(seq=snd.next_seq(), transfer_id=tid, block_ids=list(range(1, tokens // 16 + 1)),
+                snd.send(SendKV(seq=snd.next_seq(), transfer_id=tid, block_ids=list(range(1, -(-tokens // 16) + 1)),
                                 num_tokens=tokens, wire=wire, src_rank=0,
                                 targets=[KVTarget(kind=transport, address=rcv.kv_addresses[transport],
-                                                  layer_start=0, layer_end=4)],
+                                                  layer_start=0, layer_end=n_layers)],
                                 timeout_s=60.0, link_bandwidth=link.bandwidth_bytes_per_s,
                                 link_latency_s=link.latency_s))
                 kin = _wait(rcv, KVIn, tid)
@@ -101,17 +116,23 @@ def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int
                 sent = _wait(snd, KVSent, tid)
                 assert sent.ok and kin.ok, (sent.error, kin.error)
                 runs.append((sent, kin, handoff_s))
-            sent, kin, handoff_s = sorted(runs, key=lambda r: r[0].wall_s)[len(runs) // 2]
-            net = max(sent.wall_s - link.latency_s, 1e-9)
-            conv = sent.convert_s + kin.convert_s
+            def delivered(r: tuple[KVSent, KVIn, float]) -> float:
+                return r[1].ready_mono - r[0].t0_mono
+
+            sent, kin, handoff_s = sorted(runs, key=delivered)[len(runs) // 2]  # the median run
+            dl = delivered((sent, kin, handoff_s))
+            net = max(dl - link.latency_s, 1e-9)
+            conv = statistics.median(r[0].convert_s + r[1].convert_s for r in runs)
             rows.append({
-                "case": case, "kib": kib, "num_bytes": sent.num_bytes, "link": link_name, "transport": transport,
-                "declared_bytes_per_s": link.bandwidth_bytes_per_s, "wall_s": sent.wall_s,
-                "declared_s": sent.declared_s, "achieved_bytes_per_s": sent.num_bytes / net,
+                "case": case, "kib": kib, "tokens": tokens, "num_bytes": sent.num_bytes, "link": link_name,
+                "transport": transport, "declared_bytes_per_s": link.bandwidth_bytes_per_s, "delivered_s": dl,
+                "sender_wall_s": sent.wall_s, "declared_s": sent.declared_s,
+                "achieved_bytes_per_s": sent.num_bytes / net,
                 "achieved_fraction": sent.num_bytes / net / link.bandwidth_bytes_per_s,
-                "send_convert_s": sent.convert_s, "recv_convert_s": kin.convert_s,
+                "send_convert_s": statistics.median(r[0].convert_s for r in runs),
+                "recv_convert_s": statistics.median(r[1].convert_s for r in runs),
                 "conversion_share": conv / sent.declared_s, "handoff_s": handoff_s,
-                "handoff_median_s": statistics.median(r[2] for r in runs),
+                "handoff_median_s": statistics.median(r[2] for r in runs), "repeats": len(runs),
             })
             r = rows[-1]
             print(f"{case:8s} {kib:6d} KiB  achieved {r['achieved_fraction']:6.1%} of {link_name}  "
@@ -127,20 +148,39 @@ def main() -> None:
     ap.add_argument("--links", default="eth25,0.25")
     ap.add_argument("--transport", default="shm", choices=["shm", "tcp"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: both workers on this GPU (CUDA IPC)")
+    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--sizes-kib", default=",".join(map(str, SIZES_KIB)),
+                    help="KV sizes per hand-off (llama8b: 128 KiB a token; e.g. 1024,4096,16384,65536,262144)")
     ap.add_argument("--out", default="benchmarks/results/kv_runtime_cpu.json")
     args = ap.parse_args()
+    try:
+        sizes = sorted(int(x) for x in args.sizes_kib.split(","))
+    except ValueError:
+        raise SystemExit(f"--sizes-kib: integers separated by commas, got {args.sizes_kib!r}") from None
+    shape = SHAPES[args.shape]
     with tempfile.TemporaryDirectory() as tmp:
-        model = str(make_tiny_model(Path(tmp) / "m", "llama", num_layers=4, hidden_size=256, num_heads=8,
-                                    num_kv_heads=4, head_dim=32))
+        model = str(make_tiny_model(Path(tmp) / "m", "llama", **shape))
         rows = [r for lk in args.links.split(",") for case in ("same", "convert")
-                for r in run_case(model, case, parse_link(lk), args.transport, args.repeats)]
+                for r in run_case(model, case, parse_link(lk), args.transport, args.repeats, shape, sizes,
+                                  args.device)]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
                             text=True).stdout.strip()
+    if not commit and Path("benchmarks/.commit").exists():
+        commit = Path("benchmarks/.commit").read_text().strip()
+    if args.device.startswith("cuda"):
+        import torch
+
+        dev = f"{torch.cuda.get_device_name()} (torch {torch.__version__}), both workers on it (no MPS: CUDA IPC " \
+              "between two processes of one GPU)"
+    else:
+        dev = f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), both workers on it"
     out = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": commit,
-           "device": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), both workers on it",
+           "device": dev,
            "emulation": "links paced to the declared bandwidth and latency (the bytes really move; the wait is "
                         "what the declared link would cost)",
-           "config": {"links": args.links, "transport": args.transport, "repeats": args.repeats},
+           "config": {"links": args.links, "transport": args.transport, "repeats": args.repeats,
+                      "shape": args.shape, "kv_shape": shape, "sizes_kib": sizes, "device": args.device},
            "loadavg": list(os.getloadavg()),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
