@@ -53,9 +53,16 @@ SHAPES = {  # make_tiny_model arguments; KV bytes per token follow from layers x
 }
 
 
-def _spec(name: str, model: str, block: int, blocks: int, transport: str, device: str, dtype: str) -> WorkerSpec:
+def _spec(name: str, model: str, block: int, blocks: int, transport: str, device: str, dtype: str,
+          env: dict[str, str] | None = None) -> WorkerSpec:
     return WorkerSpec(name=name, model=model, block_size=block, num_blocks=blocks, max_model_len=64,
-                      kv_transports=(transport,), device=device, dtype=dtype)
+                      kv_transports=(transport,), device=device, dtype=dtype, env=env or {})
+
+
+# --mps: the sender is the emulated pair's low-end client (25% of the SMs), the receiver the high-end one (75%),
+# as PD with prefill on the low-end device. Without MPS two processes time-slice the GPU: each side's first
+# kernel after the other's waits for a context switch (~1 ms), which separate GPUs would not pay.
+_MPS_ENV: dict[str, dict[str, str]] = {}
 
 
 def _wait(w: WorkerHandle, kind: type, tid: str, timeout_s: float = 60.0) -> Any:
@@ -85,9 +92,9 @@ def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int
     max_tokens = sizes_kib[-1] * 1024 // per_token
     dst_block = 32 if case == "convert" else 16
     snd = WorkerHandle(_spec("prefill0", model, 16, max_tokens // 16 + 2, transport, device,
-                             shape["dtype"])).launch()
+                             shape["dtype"], _MPS_ENV.get("sender"))).launch()
     rcv = WorkerHandle(_spec("decode0", model, dst_block, max_tokens // dst_block + 2, transport, device,
-                             shape["dtype"])).launch()
+                             shape["dtype"], _MPS_ENV.get("receiver"))).launch()
     rows = []
     try:
         snd.wait_ready()
@@ -152,8 +159,24 @@ def main() -> None:
     ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
     ap.add_argument("--sizes-kib", default=",".join(map(str, SIZES_KIB)),
                     help="KV sizes per hand-off (llama8b: 128 KiB a token; e.g. 1024,4096,16384,65536,262144)")
+    ap.add_argument("--mps", action="store_true", help="cuda: run the workers as MPS clients (25%% sender, 75%% "
+                    "receiver), as on the emulated pair")
     ap.add_argument("--out", default="benchmarks/results/kv_runtime_cpu.json")
     args = ap.parse_args()
+    if args.mps:
+        from hetserve.device.mps import MpsDaemon
+
+        mps = MpsDaemon().start()
+        _MPS_ENV["sender"] = mps.client_env(25)
+        _MPS_ENV["receiver"] = mps.client_env(75)
+    try:
+        _run(args)
+    finally:
+        if args.mps:
+            mps.stop()
+
+
+def _run(args: argparse.Namespace) -> None:
     try:
         sizes = sorted(int(x) for x in args.sizes_kib.split(","))
     except ValueError:
@@ -171,8 +194,9 @@ def main() -> None:
     if args.device.startswith("cuda"):
         import torch
 
-        dev = f"{torch.cuda.get_device_name()} (torch {torch.__version__}), both workers on it (no MPS: CUDA IPC " \
-              "between two processes of one GPU)"
+        dev = f"{torch.cuda.get_device_name()} (torch {torch.__version__}), both workers on it, " + (
+            "MPS clients 25% (sender) / 75% (receiver): emulated" if args.mps else "no MPS (time-sliced)") + \
+            ", CUDA IPC between the two processes"
     else:
         dev = f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), both workers on it"
     out = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": commit,
@@ -180,7 +204,8 @@ def main() -> None:
            "emulation": "links paced to the declared bandwidth and latency (the bytes really move; the wait is "
                         "what the declared link would cost)",
            "config": {"links": args.links, "transport": args.transport, "repeats": args.repeats,
-                      "shape": args.shape, "kv_shape": shape, "sizes_kib": sizes, "device": args.device},
+                      "shape": args.shape, "kv_shape": shape, "sizes_kib": sizes, "device": args.device,
+                      "mps": args.mps},
            "loadavg": list(os.getloadavg()),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -298,8 +298,12 @@ def convert(
     num_tokens: int,
     heads: tuple[int, int] | None = None,
     dst_scales: torch.Tensor | None = None,
+    consume: bool = False,
 ) -> KVPayload:
     """KV of one request's first ``num_tokens`` tokens from ``src``'s format into ``dst``'s.
+
+    ``consume``: the source tensors are the caller's temporaries (writable, never used again): when nothing
+    needs converting the result may be them (no copy), and padding may be zeroed in place.
 
     ``kv_src`` is one payload or the shards of several source TP ranks (all in ``src``'s format but for their
     heads). The result holds global heads ``heads`` (default: ``dst.head_range``). ``dst_scales``, for an fp8
@@ -347,12 +351,12 @@ def convert(
         # every shard's layers are views of one block: all layers in one pass (a few kernels, not a few per layer)
         sel = [(lo, stacks[id(p)].narrow(ha_src, lo - p.head_start, hi - lo),  # type: ignore[union-attr]
                 scales_of[id(p)] if src_fp8 else None) for p, lo, hi in picks]
-        x, scales, cur = _convert_stacked(sel, src, dst, h0, h1, num_tokens, ds)
+        x, scales, cur = _convert_stacked(sel, src, dst, h0, h1, num_tokens, ds, consume)
         tensors = list(x.contiguous().unbind(0)) if dst.arrangement == "layer_major" else unstacked(x, dst.arrangement)
     elif src.arrangement == "layer_major":
         # layer by layer: no [L, ...] stack to build, and each temporary is 1/L the size
         parts = [_convert_stacked(select(slice(i, i + 1)), src, dst, h0, h1, num_tokens,
-                                  None if ds is None else ds[i : i + 1]) for i in range(src.num_layers)]
+                                  None if ds is None else ds[i : i + 1], consume) for i in range(src.num_layers)]
         cur = parts[0][2]
         scales = None if parts[0][1] is None else torch.cat([sc for _, sc, _ in parts if sc is not None])
         if dst.arrangement == "layer_major":
@@ -360,7 +364,7 @@ def convert(
         else:
             tensors = [torch.stack([x[0].movedim(1, 0) for x, _, _ in parts], dim=1)]  # [B, L, 2, ...]
     else:
-        x, scales, cur = _convert_stacked(select(slice(None)), src, dst, h0, h1, num_tokens, ds)
+        x, scales, cur = _convert_stacked(select(slice(None)), src, dst, h0, h1, num_tokens, ds, consume)
         tensors = unstacked(x, dst.arrangement)
     out_desc = dataclasses.replace(dst, dtype=cur)  # type: ignore[arg-type]
     return KVPayload(out_desc, num_tokens, tensors, h0, scales)
@@ -374,12 +378,13 @@ def _convert_stacked(
     h1: int,
     num_tokens: int,
     dst_scales: torch.Tensor | None,
+    consume: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     """Shards ``(first head, [l, 2, B, *block], per-head scales [l, 2, h] | None)`` -> heads ``[h0, h1)`` in
     ``dst``'s block size, layout and dtype, as ``[l, 2, B', *block']``, with scales (fp8) and the dtype."""
     src_fp8, dst_fp8 = src.dtype == "fp8_e4m3", dst.dtype == "fp8_e4m3"
     ha_src, ha_dst = head_axis(src.layout), head_axis(dst.layout)
-    owned = False  # does x belong to this function (may be modified in place)?
+    owned = consume  # does x belong to this function (may be modified in place)?
 
     # narrowing casts first (fp8 output always here: its scales must be known before shards join)
     cur = src.dtype

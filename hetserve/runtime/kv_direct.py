@@ -174,7 +174,8 @@ class DirectKV:
         local = dataclasses.replace(self.desc, num_layers=len(layers))
         caches = [self.runner.kv_caches[i] for i in layers]
         src = extract_blocks(caches, ids, n, local)
-        p = convert(src, local, dataclasses.replace(cmd.wire, num_layers=len(layers)), n, heads=self.desc.head_range)
+        p = convert(src, local, dataclasses.replace(cmd.wire, num_layers=len(layers)), n, heads=self.desc.head_range,
+                    consume=True)  # the extracted copy is ours: no second copy when the formats already match
         device = self._device_buffers(cmd)
         whole = stacked_view(p.tensors) if len(p.tensors) > 1 else None
         packed, ready = None, None

@@ -180,6 +180,9 @@ def _insert_all_layers(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV, d
         pieces.append(KVPayload(dataclasses.replace(cmd.wire, num_layers=n_layers), cmd.num_tokens, ts,
                                 sh.head_start, None))
     wire = dataclasses.replace(cmd.wire, num_layers=n_layers)
-    kv = convert(pieces, wire, desc, cmd.num_tokens)
+    # device buffers are the transport's own copies (CUDA IPC): converted in place where nothing changes; host
+    # buffers may be read-only mappings of a shared-memory segment
+    consume = all(isinstance(b, torch.Tensor) and b.is_cuda for sh in cmd.shards for b in sh.buffers)
+    kv = convert(pieces, wire, desc, cmd.num_tokens, consume=consume)
     insert_blocks(runner.kv_caches, cmd.block_ids, kv, desc)
     return True

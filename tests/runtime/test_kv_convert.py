@@ -95,17 +95,30 @@ def as_one_block(p: KVPayload) -> KVPayload:
 def check(src: KVDescriptor, dst: KVDescriptor, num_tokens: int, seed: int = 0, exact: bool = True) -> None:
     truth = truth_for(src, num_tokens, seed)
     pieces = source_pieces(truth, src, extra_blocks=1)  # a spare block past the request: must be ignored
+    before = [[t.clone() for t in p.tensors] for p in pieces]
     _check(pieces, truth, src, dst, num_tokens, exact)
+    for p, b in zip(pieces, before, strict=True):  # without ``consume`` the inputs are never written
+        assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(p.tensors, b, strict=True))
     if src.arrangement == "layer_major" and src.num_layers > 1:
         _check([as_one_block(p) for p in pieces], truth, src, dst, num_tokens, exact)
+    # the caller's temporaries may be reused (a fresh copy per destination rank: each call consumes its input)
+    _check(pieces, truth, src, dst, num_tokens, exact, consume=True)
+
+
+def _fresh(p: KVPayload) -> KVPayload:
+    return dataclasses.replace(p, tensors=[t.clone() for t in p.tensors],
+                               scales=None if p.scales is None else p.scales.clone())
 
 
 def _check(pieces: list, truth: torch.Tensor, src: KVDescriptor, dst: KVDescriptor, num_tokens: int,
-           exact: bool) -> None:
+           exact: bool, consume: bool = False) -> None:
     for r in range(dst.tp_size):
         d = dst.for_rank(r)
         h0, h1 = d.head_range
-        out = convert(pieces, src, d, num_tokens)
+        if consume:
+            out = convert([_fresh(p) for p in pieces], src, d, num_tokens, consume=True)
+        else:
+            out = convert(pieces, src, d, num_tokens)
         assert (out.head_start, out.head_stop) == (h0, h1)
         for f in ("dtype", "layout", "arrangement", "block_size"):
             assert getattr(out.desc, f) == getattr(dst, f)

@@ -70,7 +70,7 @@ def test_paced_link_holds_the_declared_time(model: str, reference: list[list[int
         outs = llm.generate(PROMPTS, SP)
         assert [o.outputs[0].token_ids for o in outs] == reference
         stats = llm.engine.kv_stats()
-        assert len(stats) == len(PROMPTS) and all(s["ok"] for s in stats)
+        assert len(stats) == len(PROMPTS) and all(s["ok"] for s in stats), stats
         for s in stats:
             assert s["declared_s"] == pytest.approx(SLOW_LAT + s["num_bytes"] / SLOW_BW)
             assert s["wall_s"] >= s["declared_s"]
@@ -154,7 +154,7 @@ def test_tp2_to_tp1_direct_reshard(tiny_model_factory) -> None:
         mc = llm.engine.model_config
         per_token = mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim * 4
         stats = sorted(llm.engine.kv_stats(), key=lambda s: int(s["req_id"]))
-        assert len(stats) == len(PROMPTS) and all(s["ok"] for s in stats)
+        assert len(stats) == len(PROMPTS) and all(s["ok"] for s in stats), stats
         for s, p in zip(stats, PROMPTS, strict=True):
             assert s["num_bytes"] == -(-len(p) // 32) * 32 * per_token
         _books_clean(llm)
