@@ -383,7 +383,9 @@ def summarise(groups: dict[tuple[str, str, str, float], list[dict[str, Any]]]) -
             pick = plan["pick"]["strategy"]
             best = max(measured, key=lambda s: measured[s]["estimate"] or 0.0) if measured else None
             row = {"goal": "pick within 5% of the best measured", "plan_file": plan["file"],
-                   "pick": pick, "pick_name": plan["pick"]["name"], "best_measured": best,
+                   "pick": pick, "pick_name": plan["pick"]["name"],
+                   "best_measured": best if best is None or measured[best]["how"] != "lower bound"
+                   else f"{best} (a lower bound)",
                    "pick_predicted_rps": plan["pick"]["goodput_rps"],
                    "candidates": [dict(c, measured=measured.get(c["strategy"] or "")) for c in plan["candidates"]]}
             if pick in measured and best is not None:
@@ -422,6 +424,7 @@ def markdown(summary: dict[str, Any], files: list[dict[str, Any]]) -> list[str]:
               "bound."), ""]
     for trace, res in summary.items():
         lines += [f"## Azure-{trace}", ""]
+        runs_start = len(lines)  # the per-run tables go after the comparisons
         for setting, title in (("pair", "the pair"), ("starved", "the memory-starved pair")):
             tab = res[setting]["table"]
             if not tab:
@@ -444,6 +447,8 @@ def markdown(summary: dict[str, Any], files: list[dict[str, Any]]) -> list[str]:
             rows = [[s, f_rate(v["real"]), f_rate(v["sim"]), err_at_slo(v["sim"], v["real"])]
                     for s, v in res[setting]["rate_at_slo"].items()]
             lines += md_table(["strategy", "measured (bracket)", "simulated (bracket)", "sim err"], rows) + [""]
+        runs_part = lines[runs_start:]
+        del lines[runs_start:]
         c = res["comparisons"]
         lines += [f"### 1. {COMPARISONS['cronus-vs-pd']} (goal >= 1.5x)", ""]
         rows = []
@@ -502,6 +507,7 @@ def markdown(summary: dict[str, Any], files: list[dict[str, Any]]) -> list[str]:
                     for c_ in x["candidates"]]
             lines += md_table(["candidate", "strategy", "planner goodput req/s", "measured at SLO req/s",
                                "planner err"], rows) + [""]
+        lines += runs_part
     lines += ["## Sources", ""]
     lines += md_table(["file", "trace", "cluster", "commit", "complete", "device"],
                       [[f["file"], f["trace"], f["setting"], str(f["git_commit"]), str(f["complete"]),
@@ -542,12 +548,15 @@ def plots(summary: dict[str, Any], out_dir: Path = RES) -> list[str]:
                         marker="o", color=color, label=s, capsize=3)
             xs, ys, _, _ = series(tab, s, key, "sim")
             if xs:
-                ax.plot(xs, [v * scale for v in ys], ls="--", color=color, alpha=0.6)
+                ax.plot(xs, [v * scale for v in ys], ls="--", marker="x", color=color, alpha=0.6)
         ax.set_xlabel("request rate (req/s)")
         ax.grid(alpha=0.3)
 
-    def save(fig: Any, name: str, title: str) -> None:
-        fig.suptitle(title + "\n(solid: measured median, bars min-max over repeats; dashed: simulator)", fontsize=10)
+    curves_note = "solid: measured median, bars min-max over repeats; dashed: simulator"
+    bars_note = "bars: measured estimate, whiskers the bracket ('>=': no rate failed);\ndiamonds: simulator"
+
+    def save(fig: Any, name: str, title: str, note: str = curves_note) -> None:
+        fig.suptitle(f"{title}\n({note})", fontsize=10)
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=90)
         plt.close(fig)
@@ -641,7 +650,7 @@ def plots(summary: dict[str, Any], out_dir: Path = RES) -> list[str]:
                 extra["high alone + low alone"] = h + l_
                 extra["0.95 x (high + low)"] = 0.95 * (h + l_)
         bars(ax, trace, {"high-alone": "C7", "low-alone": "C7"}, extra)
-    save(fig, "gpu-cluster-hetero-efficiency.png", COMPARISONS["hetero-efficiency"])
+    save(fig, "gpu-cluster-hetero-efficiency.png", COMPARISONS["hetero-efficiency"], bars_note)
 
     fig, axes = plt.subplots(1, len(traces), figsize=(6 * len(traces), 4), squeeze=False)
     for ax, trace in zip(axes[0], traces, strict=True):
@@ -657,7 +666,7 @@ def plots(summary: dict[str, Any], out_dir: Path = RES) -> list[str]:
                 ax.plot(*zip(*pts, strict=True), "r*", ms=10, label="planner's goodput")
                 ax.legend(fontsize=7)
             ax.set_title(f"Azure-{trace}: planner picks {pl['pick']} (green)")
-    save(fig, "gpu-cluster-planner.png", COMPARISONS["planner"])
+    save(fig, "gpu-cluster-planner.png", COMPARISONS["planner"], bars_note + ";\nstars: the planner's goodput")
     return written
 
 

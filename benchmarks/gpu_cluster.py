@@ -47,9 +47,29 @@ sys.path.insert(0, str(ROOT))
 HI, LO = "gpu0:0", "gpu0:1"
 KEYS = ("mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p50_itl_ms", "p99_itl_ms",
         "output_throughput", "request_throughput", "request_goodput", "good_fraction", "completed")
-# for the deadline checks: a strategy's start-up (workers, weights, warm-up; 8-22 s in files a-i) and what a run
-# adds to its arrival span (drain, the simulator; see gpu_cluster_run.sh for the fit)
-STARTUP_S, RUN_OVERHEAD_S = 18.0, 4.0
+# Time model (fit to files a-i, see gpu_cluster_run.sh): the process (MPS daemon, imports) FILE_OVERHEAD_S, each
+# strategy's start-up and warm-up STARTUP_S (workers, weights; 8-22 s measured), each run its arrival span
+# (num_requests / rate) plus RUN_OVERHEAD_S (the drain after the last arrival, the simulator); a run cut at its cap
+# costs up to span + SLO bound + 5 s.
+FILE_OVERHEAD_S, STARTUP_S, RUN_OVERHEAD_S = 10.0, 15.0, 9.0
+
+
+def parse_rates_for(text: str) -> dict[str, list[float]]:
+    """``"hetis=4,8;low-alone=4,8,12"`` -> per-strategy rates (the others use ``--rates``)."""
+    out: dict[str, list[float]] = {}
+    for part in text.replace(" ", ";").split(";"):
+        if part:
+            name, _, rates = part.partition("=")
+            out[name] = sorted(float(r) for r in rates.split(",") if r)
+    return out
+
+
+def estimate_s(names: list[str], rates: dict[str, list[float]], repeats: int, num_requests: int,
+               bound_s: float | None) -> tuple[float, float]:
+    """(typical, worst case) wall seconds of a plan: every run unsaturated / every run cut at its cap."""
+    spans = [num_requests / r for n in names for r in rates[n] for _ in range(repeats)]
+    base = FILE_OVERHEAD_S + STARTUP_S * len(names)
+    return base + sum(spans) + RUN_OVERHEAD_S * len(spans), base + sum(spans) + (5.0 + (bound_s or 30.0)) * len(spans)
 
 
 def strategies(hi: str, lo: str, cronus_tbt_ms: float) -> dict[str, dict[str, Any]]:
@@ -208,6 +228,13 @@ def main() -> int:
     ap.add_argument("--smoke-cpu", action="store_true", help="cpu-pair + tiny model: check the script, no GPU")
     ap.add_argument("--deadline-s", type=float, default=540.0,
                     help="start no run (nor strategy) that would not end before this, by its arrival span")
+    ap.add_argument("--rates-for", default="",
+                    help='per-strategy rates replacing --rates for those named: "hetis=4,8;low-alone=4,8,12"')
+    ap.add_argument("--stop-after-fail", type=int, default=0,
+                    help="skip a strategy's higher rates after this many rates whose median good fraction was "
+                         "< 90%% (0: never)")
+    ap.add_argument("--estimate", action="store_true",
+                    help="print the plan's estimated wall time (typical, worst case) and exit; no GPU")
     ap.add_argument("--run-cap-s", type=float, default=None,
                     help="cut a run after this many seconds (default: arrival span + SLO bound + 5 s)")
     args = ap.parse_args()
@@ -224,6 +251,15 @@ def main() -> int:
 
     slo = parse_slo(args.slo)
     rates = sorted(float(r) for r in args.rates.split(",") if r)
+    rates_for = parse_rates_for(args.rates_for)
+    if args.estimate:
+        names = [s for s in args.strategies.split(",") if s]
+        per = {n: rates_for.get(n, rates) for n in names}
+        typ, worst = estimate_s(names, per, args.repeats, args.num_requests,
+                                slo_bound_s(slo, args.max_output))
+        print(f"estimate: {typ:.0f} s typical, {worst:.0f} s if every run were cut at its cap "
+              f"({sum(len(v) for v in per.values()) * args.repeats} runs, {len(names)} strategies)")
+        return 0
     trace = find_trace(args.trace)
     mps = None
     if args.smoke_cpu:
@@ -315,6 +351,7 @@ def main() -> int:
                         f"output <= {max_out}), Poisson arrivals, {args.num_requests} requests per rate",
             "num_requests": args.num_requests,
             "rates": rates,
+            "rates_for": rates_for,
             "repeats": args.repeats,
             "arrival_seeds": "int(10 * rate) + 1000 * repeat",
             "slo": args.slo,
@@ -332,7 +369,8 @@ def main() -> int:
 
     try:
         for name in names:
-            first_span = args.num_requests / rates[0]
+            my_rates = rates_for.get(name, rates)
+            first_span = args.num_requests / my_rates[0]
             if left() < STARTUP_S + first_span:
                 results.append({"strategy": name, "skipped": "device-time deadline reached"})
                 continue
@@ -358,7 +396,10 @@ def main() -> int:
                 run_real(engine, workload(trace, 8, 100.0, 128, 8, seed=99, scale=scale,
                                           fallback=FALLBACK[args.trace]), None, vocab_hi)  # warm-up
                 stop = None  # why the rest of this strategy's runs are skipped
-                for rate in rates:
+                num_failed = 0
+                for rate in my_rates:
+                    if stop is None and args.stop_after_fail and num_failed >= args.stop_after_fail:
+                        stop = f"failed the SLO at {num_failed} lower rate(s) (--stop-after-fail)"
                     for k in range(args.repeats):
                         span = args.num_requests / rate
                         if stop is None and left() < span + RUN_OVERHEAD_S:
@@ -418,6 +459,10 @@ def main() -> int:
                               f"tput ({100 * (err['output_throughput'] or 0):+.0f}%)"
                               f"{'  CUT' if real['cut'] else ''}  {t_end - t_run:.1f} s", flush=True)
                         write(False)
+                    fr = sorted(x["real"]["good_fraction"] or 0.0 for x in row["runs"]
+                                if x.get("rate") == rate and "real" in x)
+                    if fr and fr[len(fr) // 2] < 0.9:  # the median (upper for an even count)
+                        num_failed += 1
                 row["free_blocks_after"] = engine.free_blocks()
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {e}"
