@@ -36,6 +36,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,7 @@ def run_sim(cluster: Any, mc: Any, cfg: dict[str, Any], profiles: dict[str, Any]
 
     dep = build_deployment(cluster, mc, cfg, profiles)
     for name, plan in list(dep.plans.items()):  # the sizes the real workers ended up with
-        real = engine.deployment.plans.get(name)
+        real = None if engine is None else engine.deployment.plans.get(name)
         if real is not None:
             dep.plans[name] = dataclasses.replace(plan, num_kv_blocks=real.num_kv_blocks,
                                                   max_model_len=real.max_model_len)
@@ -237,6 +238,12 @@ def main() -> int:
                     help="print the plan's estimated wall time (typical, worst case) and exit; no GPU")
     ap.add_argument("--run-cap-s", type=float, default=None,
                     help="cut a run after this many seconds (default: arrival span + SLO bound + 5 s)")
+    ap.add_argument("--span-s", type=float, default=0.0,
+                    help="at least this many seconds of arrivals per run: requests = max(--num-requests, rate x "
+                         "span). Short bursts never saturate an engine (100 requests at 80 req/s all fit in one "
+                         "batch): throughput at SLO needs a sustained load")
+    ap.add_argument("--sim-only", action="store_true",
+                    help="the simulator alone for every strategy and rate (no GPU, no workers): to choose rates")
     args = ap.parse_args()
     t_start = time.monotonic()
     started_utc = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -275,6 +282,32 @@ def main() -> int:
         engine_kw: dict[str, Any] = {"max_model_len": 512, "num_kv_blocks": 256}
         max_in, max_out = min(args.max_input, 256), min(args.max_output, 32)
         device_desc = "CPU (cpu-pair: the second worker paced to 0.5x, emulated)"
+    elif args.sim_only:
+        from hetserve.planner.profile_set import load_profile_set
+
+        model_dir = Path(tempfile.mkdtemp()) / f"llama-3.1-8b-{args.layers}l"
+        model_dir.mkdir(parents=True)
+        raw = json.loads((ROOT / "examples/models/llama-3.1-8b/config.json").read_text())
+        raw["num_hidden_layers"] = args.layers
+        (model_dir / "config.json").write_text(json.dumps(raw, indent=1))
+        cluster = load_cluster(str(ROOT / args.cluster))
+        profiles = {n: p for n, (p, _) in load_profile_set(args.profiles.split(","), "--profiles", ROOT).items()}
+        mc = ModelConfig.from_path(model_dir)
+        table = strategies(HI, LO, args.cronus_tbt_ms)
+        for name in [s for s in args.strategies.split(",") if s]:
+            spec = table[name]
+            cfg = {"strategy": spec["strategy"], "dtype": "bfloat16",
+                   "max_model_len": args.max_input + args.max_output + 16, "instances": spec["instances"],
+                   **spec.get("params", {})}
+            for rate in rates_for.get(name, rates):
+                n = max(args.num_requests, int(rate * args.span_s + 0.5))
+                wl = workload(trace, n, rate, args.max_input, args.max_output, seed=arrival_seed(rate, 0), scale=1,
+                              fallback=FALLBACK[args.trace])
+                m = run_sim(cluster, mc, cfg, profiles, None, wl, slo)
+                print(f"{name:11s} {rate:6.1f} req/s n={n:4d}  good {m['good_fraction']:5.1%}  TTFT p50/p99 "
+                      f"{m['p50_ttft_ms']:8.1f}/{m['p99_ttft_ms']:8.1f} ms  ITL p99 {m['p99_itl_ms']:7.1f} ms  "
+                      f"{m['output_throughput']:7.0f} tok/s", flush=True)
+        return 0
     else:
         import torch
 
@@ -348,8 +381,10 @@ def main() -> int:
             "trace": args.trace,
             "trace_file": trace.name if trace else None,
             "workload": f"{trace.name if trace else FALLBACK[args.trace]} lengths (prompt <= {max_in}, "
-                        f"output <= {max_out}), Poisson arrivals, {args.num_requests} requests per rate",
+                        f"output <= {max_out}), Poisson arrivals, max({args.num_requests}, rate x {args.span_s:g} s) "
+                        "requests per rate",
             "num_requests": args.num_requests,
+            "span_s": args.span_s,
             "rates": rates,
             "rates_for": rates_for,
             "repeats": args.repeats,
@@ -370,7 +405,7 @@ def main() -> int:
     try:
         for name in names:
             my_rates = rates_for.get(name, rates)
-            first_span = args.num_requests / my_rates[0]
+            first_span = max(args.num_requests / my_rates[0], args.span_s)
             if left() < STARTUP_S + first_span:
                 results.append({"strategy": name, "skipped": "device-time deadline reached"})
                 continue
@@ -400,15 +435,16 @@ def main() -> int:
                 for rate in my_rates:
                     if stop is None and args.stop_after_fail and num_failed >= args.stop_after_fail:
                         stop = f"failed the SLO at {num_failed} lower rate(s) (--stop-after-fail)"
+                    n_req = max(args.num_requests, int(rate * args.span_s + 0.5))
                     for k in range(args.repeats):
-                        span = args.num_requests / rate
+                        span = n_req / rate
                         if stop is None and left() < span + RUN_OVERHEAD_S:
                             stop = "device-time deadline reached"
                         if stop is not None:
                             row["runs"].append({"rate": rate, "repeat": k, "skipped": stop})
                             continue
                         seed = arrival_seed(rate, k)
-                        wl = workload(trace, args.num_requests, rate, max_in, max_out, seed=seed, scale=scale,
+                        wl = workload(trace, n_req, rate, max_in, max_out, seed=seed, scale=scale,
                                       fallback=FALLBACK[args.trace])
                         cap = args.run_cap_s
                         if cap is None and bound is not None:
