@@ -36,9 +36,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hetserve.engine.attention import AttentionMetadata, get_attention_backend  # noqa: E402
-from hetserve.runtime.hetis_main import AttnWorkerClient  # noqa: E402
-from hetserve.runtime.hetis_messages import AttnSpec, AttnWorkerConf  # noqa: E402
+from hetserve.engine.attention import AttentionMetadata, get_attention_backend
+from hetserve.runtime.hetis_main import AttnWorkerClient
+from hetserve.runtime.hetis_messages import AttnSpec, AttnWorkerConf
 
 
 def git_commit() -> str:

@@ -27,6 +27,7 @@ import torch
 
 from hetserve.engine.attention import get_attention_backend
 from hetserve.engine.attention.base import AttentionMetadata
+from hetserve.runtime.hetis_mailbox import Mailbox
 from hetserve.runtime.hetis_messages import (
     Assigned,
     AssignHeads,
@@ -44,7 +45,6 @@ from hetserve.runtime.hetis_messages import (
     MailboxReady,
     StepMeta,
 )
-from hetserve.runtime.hetis_mailbox import Mailbox
 from hetserve.runtime.hetis_wire import WIRE_DTYPES, AttnLinkError, FrameSocket, metas
 
 

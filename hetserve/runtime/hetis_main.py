@@ -11,6 +11,13 @@ exit by themselves.
 Re-dispatch (between steps): the heads that change holder have their KV for the blocks in use copied, all
 layers, from the old holder to the new one (through this process), then every holder re-allocates its cache
 to its new head range, the heads that stay keeping their KV.
+
+Data path per layer (``HetisSpec.data_path``, env ``HETSERVE_HETIS_DATA_PATH``): by default each worker gets a
+mailbox (``hetis_mailbox.py``: CUDA IPC when both sides are on CUDA, else a host shm file) at launch; a layer's
+q / k / v are copied into it, fenced, and only a ``LayerMB`` header goes on the socket; the backend computes the
+kept heads before it waits for ``LayerDone`` and reads the output from the mailbox. A step too large for the
+mailbox grows it (re-announced); where none can be opened (or above ``MAILBOX_MAX_BYTES``) the tensors go as
+socket frames, as before. ``HetisInfo.data_paths`` / ``mailbox_layers`` / ``frame_layers`` say which was used.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 
 from hetserve.engine.attention.base import AttentionMetadata
 from hetserve.engine.attention.head_split import HeadSplitBackend, RemoteHeads, head_ranges
+from hetserve.runtime.hetis_mailbox import Mailbox, backings, region_bytes
 from hetserve.runtime.hetis_messages import (
     Assigned,
     AssignHeads,
@@ -48,7 +56,6 @@ from hetserve.runtime.hetis_messages import (
     Redispatch,
     StepMeta,
 )
-from hetserve.runtime.hetis_mailbox import Mailbox, backings, region_bytes
 from hetserve.runtime.hetis_wire import WIRE_DTYPES, AttnLinkError, FrameSocket, metas
 
 DATA_PATHS = ("auto", "mailbox", "frames")
@@ -122,7 +129,7 @@ class AttnWorkerClient(RemoteHeads):
         if mode != "frames":
             s = self.spec
             nbytes = region_bytes(tokens, s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim,
-                                        WIRE_DTYPES[s.dtype].itemsize)
+                                  WIRE_DTYPES[s.dtype].itemsize)
             errors = self._open_mailbox(nbytes)
             if self.mailbox is None and mode == "mailbox":
                 raise AttnLinkError(f"no mailbox with {self.link.peer}: {'; '.join(errors)}")

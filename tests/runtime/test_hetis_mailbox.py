@@ -163,7 +163,8 @@ def _drive(c: AttnWorkerClient, device: str = "cpu", steps=([5, 9], [1, 1], [20,
             b = a + c.num_heads
             c.send_layer(layer, q[:, a * g : b * g], k[:, a:b], v[:, a:b], 0.35, None)
             got = c.recv_layer().to(device)
-            assert (got - want[:, a * g : b * g]).abs().max().item() < 1e-5
+            tol = 1e-5 if device == "cpu" and c.backend == "torch_ref" else 1e-2  # Triton on a GPU may use tf32
+            assert (got - want[:, a * g : b * g]).abs().max().item() < tol
         lens = [x + y for x, y in zip(lens, new)]
 
 
@@ -308,3 +309,24 @@ def test_cuda_main_mailbox(worker_device: str, path: str) -> None:
     finally:
         c.stop()
     assert live_files() == []
+
+
+def test_benchmark_script_smoke(tmp_path) -> None:
+    """``benchmarks/hetis_path.py`` end to end at toy shapes: both paths, a JSON with command, commit, device."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "hp.json"
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "hetis_path.py"), "--device", "cpu", "--heads", "8",
+                        "--kv-heads", "4", "--head-dim", "16", "--offload", "2", "--layers", "1", "--context", "8",
+                        "--batches", "1,3", "--repeats", "2", "--warmup", "1", "--out", str(out)],
+                       check=False, capture_output=True, text=True, timeout=120, cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert d["command"] and d["git_commit"] and d["device"] and d["config"]["offloaded_kv_heads"] == 2
+    assert [(s["batch"], s["rt_speedup"] > 0) for s in d["summary"]] == [(1, True), (3, True)]
+    paths = {r["path"]: r["data_path"] for r in d["results"]}
+    assert paths == {"frames": "frames", "mailbox": "shm"}
