@@ -352,6 +352,10 @@ class ClusterEngine:
         req.kv_transfer = KVTransferParams(num_remote_tokens=n_remote, remote_instance=src)
         self._pending_src[rid] = src
         self._admit(dst, req)
+        # start the transfer now: the sender is between steps (its next Execute goes after the SendKV), and
+        # the receiver takes the bytes while its own step runs (simulator: the same call)
+        for load in self.instances[dst].scheduler.start_kv_loads():
+            self.handoffs.start(load.req_id, dst, load.block_ids, load.num_tokens)
 
     # ---- faults ----------------------------------------------------------------------------------
     def _check_health(self) -> None:

@@ -257,6 +257,10 @@ class Simulator:
         if not self._admit(dst, req, now):
             del self._pending_src[rid]
             self.instances[src].scheduler.release_remote(rid)
+            return
+        # a busy receiver reserves blocks and starts the transfer at once, as the runtime does
+        for load in self.instances[dst].scheduler.start_kv_loads():
+            self._start_transfer(load.req_id, dst, load.num_tokens, now)
 
     def _start_transfer(self, rid: str, dst: str, num_tokens: int, now: float) -> None:
         src = self._pending_src.pop(rid)

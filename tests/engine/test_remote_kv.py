@@ -7,7 +7,7 @@ import random
 import pytest
 
 from hetserve.core.config import CacheConfig, SchedulerConfig
-from hetserve.core.request import KVTransferParams, Request
+from hetserve.core.request import KVTransferParams, Request, RequestStatus
 from hetserve.core.sampling_params import SamplingParams
 from hetserve.engine.core import EngineCore
 from hetserve.engine.sched.scheduler import Scheduler
@@ -89,3 +89,49 @@ def test_abort_while_receiving_frees_blocks():
     D.finish_requests(["r"], RequestStatus.FINISHED_ABORTED)
     D.kv.check_invariants()
     assert D.kv.pool.num_free_blocks == D.kv.pool.num_usable_blocks and not D.has_unfinished()
+
+
+def test_start_kv_loads_between_steps_keeps_fcfs_seqs_and_a_block_per_runner() -> None:
+    """``start_kv_loads`` (called at hand-off time, a step possibly in flight) admits only what ``schedule()``
+    would admit first: remote-KV requests at the head of the queue, within max_num_seqs, leaving one free block
+    per running request; a request that needs compute stops it. The reserved blocks are the request's own."""
+    D, dex, dcore = instance(12, 4)  # blocks of 4 tokens
+    D.add_request(Request("run", list(range(7)), SamplingParams(max_tokens=20)))
+    dcore.step()  # "run" is running on 2 blocks
+    assert [r.request_id for r in D.running] == ["run"]
+    free0 = D.kv.pool.num_free_blocks
+    assert free0 == D.kv.pool.num_usable_blocks - 2
+
+    def remote(rid: str, n: int) -> Request:
+        return Request(rid, list(range(n)), SamplingParams(max_tokens=4),
+                       kv_transfer=KVTransferParams(num_remote_tokens=n))
+
+    D.add_request(remote("a", 16))  # 4 blocks
+    D.add_request(remote("b", 12))  # 3 blocks
+    D.add_request(Request("c", list(range(5)), SamplingParams(max_tokens=2)))  # needs compute: stops the loads
+    D.add_request(remote("d", 4))  # 1 block
+    loads = D.start_kv_loads()
+    assert [ld.req_id for ld in loads] == ["a", "b"]
+    assert [(len(ld.block_ids), ld.num_tokens) for ld in loads] == [(4, 16), (3, 12)]
+    assert loads[0].block_ids == D.kv.get_block_ids("a") and not set(loads[0].block_ids) & set(loads[1].block_ids)
+    assert set(D.receiving) == {"a", "b"} and [r.request_id for r in D.waiting] == ["c", "d"]
+    assert D.kv.pool.num_free_blocks == free0 - 7
+    assert D.start_kv_loads() == []  # "c" heads the queue
+    D.kv.check_invariants()
+    D.finish_requests(["c"], RequestStatus.FINISHED_ABORTED)
+    # "d" needs its block plus one kept for "run" (2 of the 2 free): admitted; then "e" (1 + 1 of 1) is not
+    assert D.kv.pool.num_free_blocks == 2, "the arithmetic below assumes 11 usable blocks"
+    assert [ld.req_id for ld in D.start_kv_loads()] == ["d"]
+    D.add_request(remote("e", 4))
+    assert D.start_kv_loads() == [] and D.kv.pool.num_free_blocks == 1  # the running request's next block
+    D.kv.check_invariants()
+
+
+def test_start_kv_loads_respects_max_num_seqs() -> None:
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=2),
+                  CacheConfig(block_size=4, num_blocks=64), 64, 512)
+    for i in range(3):
+        s.add_request(Request(f"r{i}", list(range(8)), SamplingParams(max_tokens=2),
+                              kv_transfer=KVTransferParams(num_remote_tokens=8)))
+    assert [ld.req_id for ld in s.start_kv_loads()] == ["r0", "r1"]
+    assert len(s.receiving) == 2 and [r.request_id for r in s.waiting] == ["r2"]

@@ -130,6 +130,37 @@ class Scheduler:
             n = min(n, self.config.long_prefill_token_threshold)
         return n
 
+    def _start_receiving(self, req: Request, num_tokens: int) -> KVLoad | None:
+        """Blocks for ``req``'s remote KV (the head of the waiting queue); None when they do not fit."""
+        if self.kv.allocate_slots(req, num_tokens) is None:
+            return None
+        self.waiting.popleft()
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.receiving[req.request_id] = req
+        return KVLoad(req.request_id, self.kv.get_block_ids(req.request_id), num_tokens)
+
+    def start_kv_loads(self) -> list[KVLoad]:
+        """Reserve blocks now, between two ``schedule()`` calls (a step may be in flight), for the requests at the
+        head of the queue whose KV another instance computed: their transfers then start at hand-off time
+        instead of at this instance's next step boundary (the sender is between steps right then, so its copy
+        does not wait behind its next step either). What ``schedule()`` would admit first still goes first:
+        it stops at a request that needs compute, keeps ``max_num_seqs``, and leaves one free block per running
+        request for their next step."""
+        loads: list[KVLoad] = []
+        while self.waiting and len(self.running) + len(self.receiving) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            kt = req.kv_transfer
+            if kt is None or kt.num_remote_tokens <= 0:
+                break
+            need = -(-kt.num_remote_tokens // self.block_size)
+            if not self.kv.can_fit(need + len(self.running)):
+                break
+            load = self._start_receiving(req, kt.num_remote_tokens)
+            if load is None:
+                break
+            loads.append(load)
+        return loads
+
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
@@ -177,12 +208,10 @@ class Scheduler:
             kt = req.kv_transfer
             if kt is not None and kt.num_remote_tokens > 0:
                 # reserve blocks for KV that another instance computed; no compute this step
-                if self.kv.allocate_slots(req, kt.num_remote_tokens) is None:
+                load = self._start_receiving(req, kt.num_remote_tokens)
+                if load is None:
                     break
-                self.waiting.popleft()
-                req.status = RequestStatus.WAITING_FOR_REMOTE_KV
-                self.receiving[req.request_id] = req
-                kv_loads.append(KVLoad(req.request_id, self.kv.get_block_ids(req.request_id), kt.num_remote_tokens))
+                kv_loads.append(load)
                 continue
             if req.num_computed_tokens > 0:
                 hit_blocks, num_hit = [], req.num_computed_tokens  # KV already here (it arrived from elsewhere)
