@@ -67,9 +67,17 @@ def file_meta(d: dict[str, Any], name: str) -> tuple[str, str]:
     return trace, "starved" if starved else "pair"
 
 
-def default_files() -> list[Path]:
-    return [p for p in sorted(RES.glob("gpu-cluster-*.json"))
-            if p.name != "gpu-cluster-summary.json" and "smoke" not in p.name]
+def default_files(include_bursts: bool = False) -> list[Path]:
+    """The result files; without ``include_bursts`` only sustained-load ones (``span_s`` > 0): a run of 100
+    requests at 48-96 req/s is a burst that fits in one batch and never shows an engine's limit."""
+    out = []
+    for p in sorted(RES.glob("gpu-cluster-*.json")):
+        if p.name == "gpu-cluster-summary.json" or "smoke" in p.name:
+            continue
+        if not include_bursts and not (json.loads(p.read_text()).get("span_s") or 0) > 0:
+            continue
+        out.append(p)
+    return out
 
 
 def load(paths: list[Path]) -> tuple[dict[tuple[str, str, str, float], list[dict[str, Any]]], list[dict[str, Any]]]:
@@ -683,13 +691,16 @@ def _clean(x: Any) -> Any:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("files", nargs="*", help="result files (default: benchmarks/results/gpu-cluster-*.json)")
+    ap.add_argument("files", nargs="*", help="result files (default: benchmarks/results/gpu-cluster-*.json run at a "
+                    "sustained load, i.e. with span_s > 0)")
+    ap.add_argument("--include-bursts", action="store_true",
+                    help="also the 100-request burst files of session 2 (a-i) and the first call")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--out-dir", default=str(RES), help="where the summary and plots go (default: results/)")
     args = ap.parse_args()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [Path(f) for f in args.files] or default_files()
+    paths = [Path(f) for f in args.files] or default_files(args.include_bursts)
     groups, files = load(paths)
     if not groups:
         print("no results", file=sys.stderr)
