@@ -193,6 +193,7 @@ def run_sim(cluster: Any, mc: Any, cfg: dict[str, Any], profiles: dict[str, Any]
             slo: Any) -> dict[str, Any]:
     import dataclasses
 
+    from hetserve.sim.contention import shared_gpu_contention
     from hetserve.sim.simulator import Simulator
     from hetserve.strategies.build import build_deployment
 
@@ -202,7 +203,7 @@ def run_sim(cluster: Any, mc: Any, cfg: dict[str, Any], profiles: dict[str, Any]
         if real is not None:
             dep.plans[name] = dataclasses.replace(plan, num_kv_blocks=real.num_kv_blocks,
                                                   max_model_len=real.max_model_len)
-    m = Simulator(dep).run(wl).metrics(slo)
+    m = Simulator(dep, contention=shared_gpu_contention(cluster, dep)).run(wl).metrics(slo)
     m["good_fraction"] = (m["request_goodput"] or 0) * m["duration"] / max(1, len(wl))
     return m
 

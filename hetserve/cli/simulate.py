@@ -82,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if not workload:
         raise ValidationError("--workload", "no requests")
-    sim = Simulator(rc.deployment)
+    from hetserve.sim.contention import shared_gpu_contention
+
+    sim = Simulator(rc.deployment, contention=shared_gpu_contention(rc.cluster, rc.deployment))
     t0 = time.perf_counter()
     res = sim.run(workload)
     wall = time.perf_counter() - t0

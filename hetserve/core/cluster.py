@@ -102,6 +102,10 @@ class PartitionSpec:
     amount: float  # num_sms (green_context), thread_percentage (mps) or speed (paced_cpu)
     memory_bytes: int | None
     spec: DeviceSpec
+    # partitions of one GPU share its HBM and L2: how much slower this one's memory-bound (decode) and
+    # compute-bound (prefill) steps run while another partition is busy (1: not modelled). Measured, not derived
+    shared_slowdown_memory: float = 1.0
+    shared_slowdown_compute: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,9 @@ class ClusterConfig:
                 "partitions": [
                     {"name": p.name, amount_key: p.amount}
                     | ({"memory_bytes": p.memory_bytes} if p.memory_bytes is not None else {})
+                    | ({"shared_slowdown": {"memory": p.shared_slowdown_memory,
+                                            "compute": p.shared_slowdown_compute}}
+                       if (p.shared_slowdown_memory, p.shared_slowdown_compute) != (1.0, 1.0) else {})
                     for p in self.emulation.partitions
                 ],
             }
@@ -376,6 +383,20 @@ def _parse_spec(d: dict[str, Any], path: str, partitions: dict[str, PartitionSpe
         raise ValidationError(_join(path, "type"), f"unknown device type {t!r}; known: {', '.join(known)}") from None
 
 
+def _parse_slowdown(obj: Any, path: str) -> tuple[float, float]:
+    """``shared_slowdown: {memory: x, compute: y}`` (each >= 1; a missing one is 1)."""
+    if obj is None:
+        return 1.0, 1.0
+    d = _check_keys(obj, path, ("memory", "compute"), ())
+    out = []
+    for k in ("memory", "compute"):
+        v = _number(d, k, path) if k in d else 1.0
+        if v < 1:
+            raise ValidationError(_join(path, k), f"is a slowdown factor, must be >= 1, got {v}")
+        out.append(float(v))
+    return out[0], out[1]
+
+
 def _parse_emulation(obj: Any, path: str) -> EmulationSpec | None:
     if obj is None:
         return None
@@ -393,7 +414,9 @@ def _parse_emulation(obj: Any, path: str) -> EmulationSpec | None:
     total_sms = 0
     for i, p in enumerate(parts_obj):
         pp = f"{path}.partitions[{i}]"
-        pd = _check_keys(p, pp, ("name", amount_key, "memory_gb", "memory_bytes"), ("name", amount_key))
+        pd = _check_keys(p, pp, ("name", amount_key, "memory_gb", "memory_bytes", "shared_slowdown"),
+                         ("name", amount_key))
+        slow = _parse_slowdown(pd.get("shared_slowdown"), _join(pp, "shared_slowdown"))
         name = str(pd["name"])
         if name in CATALOG or name in (q.name for q in parts):
             raise ValidationError(_join(pp, "name"), f"{name!r} is already a device type; pick a new name")
@@ -426,7 +449,7 @@ def _parse_emulation(obj: Any, path: str) -> EmulationSpec | None:
             spec = of.paced(amount, name=name, emulated_by=desc)
             if mem is not None:
                 spec = dataclasses.replace(spec, memory_bytes=mem)
-        parts.append(PartitionSpec(name, amount, mem, spec))
+        parts.append(PartitionSpec(name, amount, mem, spec, *slow))
     if kind == "green_context" and total_sms > of.num_sms:
         raise ValidationError(
             _join(path, "partitions"), f"green contexts are disjoint: {total_sms} SMs > {of.name}'s {of.num_sms}"

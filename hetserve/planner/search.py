@@ -118,6 +118,7 @@ def _run_once(
     profiles: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """One simulation at ``rate``; SLO figures over the requests that arrive after ``warmup_s``."""
+    from hetserve.sim.contention import shared_gpu_contention
     from hetserve.sim.simulator import Simulator, ttft_lower_bounds_s
     from hetserve.strategies.build import build_deployment
 
@@ -130,7 +131,7 @@ def _run_once(
     max_bad = int((1 - GOOD_FRACTION) * m) + 1
     ttft = slo.ttft_ms / 1000 if slo.ttft_ms is not None else None
     tpot = slo.tpot_ms / 1000 if slo.tpot_ms is not None else None
-    sim = Simulator(dep)
+    sim = Simulator(dep, contention=shared_gpu_contention(cluster, dep))
     res = sim.run(wl, stop_after_bad=(ttft, tpot, max_bad), count_bad_from_s=warmup_s)
     recs = [res.records[i] for i in measured]
     ok = [r for r in recs if r.success]

@@ -19,6 +19,7 @@ from hetserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from hetserve.core.request import KVTransferParams, Request, RequestStatus
 from hetserve.core.sampling_params import SamplingParams
 from hetserve.engine.sched.scheduler import Scheduler
+from hetserve.sim.contention import Contention
 from hetserve.sim.workload import SimRequest
 from hetserve.strategies.base import Deployment, InstancePlan, InstanceView
 
@@ -115,9 +116,13 @@ class SimResult:
 
 
 class Simulator:
-    def __init__(self, deployment: Deployment, *, max_sim_time_s: float | None = None) -> None:
+    def __init__(self, deployment: Deployment, *, max_sim_time_s: float | None = None,
+                 contention: dict[str, Contention] | None = None) -> None:
+        """``contention``: instances on partitions of one GPU (see ``sim/contention.py``; from
+        ``shared_gpu_contention(cluster, deployment)``); none by default."""
         self.deployment = deployment
         self.max_sim_time_s = max_sim_time_s
+        self.contention = contention or {}
         self.instances = {name: _Instance(p) for name, p in deployment.plans.items()}
         self.views: dict[str, InstanceView] = {n: _CachedView(i.plan, i.scheduler) for n, i in self.instances.items()}
         self._heap: list[tuple[float, int, Callable[[float], None]]] = []
@@ -181,6 +186,13 @@ class Simulator:
                     inst.executor.execute(so)
                 return
             times = self.deployment.stage_times_s(name, so)
+            c = self.contention.get(name)
+            if c is not None and ((c.spans and inst.in_flight > 0) or any(
+                o != name and oc.gpu == c.gpu and self.instances[o].in_flight > 0 for o, oc in self.contention.items()
+            )):
+                # another partition of this GPU is busy: its HBM and L2 are shared
+                f = c.memory if so.total_num_scheduled_tokens <= 2 * len(so.scheduled) else c.compute
+                times = [t * f for t in times]
             if inst.in_flight == 0 and inst.wake_s is not None and now > inst.idle_since_s:
                 times = [times[0] + inst.wake_s(now - inst.idle_since_s), *times[1:]]
             t = now
