@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hetserve.profiling.profiler import ProfileGrid, ProfileOptions, Profiler, canonical_torch_dtype
+from hetserve.profiling.grid import ProfileGrid, ProfileOptions, canonical_torch_dtype
+from hetserve.profiling.profiler import Profiler
 from hetserve.profiling.synthetic import NoAttention, build_metadata, synthetic_step, truncated_config
 from hetserve.profiling.timing import Timer
 
