@@ -104,6 +104,12 @@ class BatchShape:
         return cls(tuple(chunks), num_decode, decode_ctx, num_sampled, num_new, new_tokens)
 
 
+# the host's cost of launching one decoder layer's kernels eagerly (see CostModel.__init__), and the largest
+# decode batch the runtime captures in a CUDA graph (EngineConfig.device.cuda_graph_max_batch's default)
+EAGER_FLOOR_S_PER_LAYER = 0.41e-3
+GRAPH_MAX_BATCH = 256
+
+
 class CostModel:
     """Times and memory of ``model`` (or the stage ``layers`` of it) on ``device`` with ``tp``-way tensor parallelism.
 
@@ -211,6 +217,17 @@ class CostModel:
         self.new_seq_overhead_s = profile.new_seq_overhead_s if profile is not None else 0.0
         self.new_seq_overhead_per_token_s = profile.new_seq_overhead_per_token_s if profile is not None else 0.0
         self._profile_scale = (profile.tp / tp) if profile is not None else 1.0
+        # A profile timed through CUDA graphs describes the runtime's graph steps only: decode-only batches of up
+        # to ``graph_max_batch`` sequences on a runner that holds the whole model (no PP stage, no TP rank, no
+        # Hetis main). Every other step runs eagerly, where launching each layer's kernels from Python takes
+        # ``eager_floor_s_per_layer`` however little the GPU has to do (H100, torch 2.11: a batch-4 decode of
+        # Llama-3.1-8B took 13 ms eager vs 7 ms graphed, 0.41 ms a layer). Plans set ``graph_max_batch`` to 0
+        # where the runtime never captures graphs.
+        graphed = profile is not None and (profile.meta.get("timing") or {}).get("dense_s_per_layer") == "graph"
+        self.eager_floor_s_per_layer = float(profile.meta.get("eager_floor_s_per_layer", EAGER_FLOOR_S_PER_LAYER)) \
+            if graphed and profile is not None else 0.0
+        whole = self.num_layers == num_layers_total and tp == 1
+        self.graph_max_batch = GRAPH_MAX_BATCH if whole else 0
 
     def _check_profile(self, p: DeviceProfile) -> None:
         if not p.matches(self.model):
@@ -306,17 +323,28 @@ class CostModel:
         """Seconds per component for the whole stage: dense, attention, allreduce, lm_head, embedding, overhead."""
         T = batch.num_tokens
         if T == 0:
-            return {"dense": 0.0, "attention": 0.0, "allreduce": 0.0, "lm_head": 0.0, "embedding": 0.0, "overhead": 0.0}
+            return {"dense": 0.0, "attention": 0.0, "allreduce": 0.0, "eager_launch": 0.0, "lm_head": 0.0,
+                    "embedding": 0.0, "overhead": 0.0}
         L = self.num_layers
         rows = batch.num_reqs if batch.num_sampled is None else batch.num_sampled
-        return {
+        out = {
             "dense": L * self._dense_layer_s(T),
             "attention": L * self._attn_layer_s(batch, num_kv_heads),
             "allreduce": L * 2 * self.ring_time_s(T * self._allreduce_bytes_per_token),
-            "lm_head": self._lm_head_s(rows) if self.include_lm_head else 0.0,
-            "embedding": T * self._embed_bytes_per_token * self._inv_mem_bw if self.include_embedding else 0.0,
-            "overhead": self._overhead_s(batch),
         }
+        layers = out["dense"] + out["attention"] + out["allreduce"]
+        out["eager_launch"] = self._eager_layers_s(batch, layers) - layers
+        out["lm_head"] = self._lm_head_s(rows) if self.include_lm_head else 0.0
+        out["embedding"] = T * self._embed_bytes_per_token * self._inv_mem_bw if self.include_embedding else 0.0
+        out["overhead"] = self._overhead_s(batch)
+        return out
+
+    def _eager_layers_s(self, batch: BatchShape, layers_s: float) -> float:
+        """The decoder layers' seconds as the runtime spends them: graphed, or floored by eager launches."""
+        graph_step = not batch.prefill_chunks and batch.num_reqs <= self.graph_max_batch
+        if self.eager_floor_s_per_layer and not graph_step:
+            return max(layers_s, self.num_layers * self.eager_floor_s_per_layer)
+        return layers_s
 
     def _overhead_s(self, batch: BatchShape) -> float:
         return (
@@ -342,7 +370,7 @@ class CostModel:
         t = self._dense_layer_s(T) + self._attn_layer_s(batch, num_kv_heads)
         if self.tp > 1:
             t += 2 * self.ring_time_s(T * self._allreduce_bytes_per_token)
-        t *= self.num_layers
+        t = self._eager_layers_s(batch, t * self.num_layers)
         if self.include_lm_head:
             t += self._lm_head_s(batch.num_reqs if batch.num_sampled is None else batch.num_sampled)
         if self.include_embedding:

@@ -328,3 +328,32 @@ def test_imports_without_torch() -> None:
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert float(r.stdout) > 0
+
+
+def test_graph_timed_profile_floors_the_steps_the_runtime_runs_eagerly() -> None:
+    """A profile timed through CUDA graphs holds for decode-only batches of a whole-model runner; a step with a
+    prefill chunk, a batch past the largest graph, a pipeline stage or a Hetis main runs eagerly and costs at
+    least the launch floor per layer (by hand: max(graphed layers, L x floor))."""
+    from hetserve.planner.costmodel import EAGER_FLOOR_S_PER_LAYER, GRAPH_MAX_BATCH
+
+    graphed = _toy_profile(meta={"timing": {"dense_s_per_layer": "graph"}})
+    cm = CostModel(TOY, DEV, profile=graphed)
+    plain = CostModel(TOY, DEV, profile=_toy_profile())  # eager-timed (a CPU profile): no floor
+    floor = TOY.num_hidden_layers * EAGER_FLOOR_S_PER_LAYER
+    decode = BatchShape((), 3, 30)
+    assert cm.step_time_s(decode) == pytest.approx(plain.step_time_s(decode), rel=1e-12)  # a graph step
+    for b in (MIXED, BatchShape((), GRAPH_MAX_BATCH + 1, 30 * (GRAPH_MAX_BATCH + 1))):
+        bd = plain.breakdown(b)
+        layers = bd["dense"] + bd["attention"] + bd["allreduce"]
+        assert layers < floor  # the toy's layers are tiny: the launch floor decides
+        assert cm.step_time_s(b) == pytest.approx(plain.step_time_s(b) - layers + floor, rel=1e-12)
+        assert sum(cm.breakdown(b).values()) == pytest.approx(cm.step_time_s(b), rel=1e-12)
+        assert cm.breakdown(b)["eager_launch"] == pytest.approx(floor - layers, rel=1e-12)
+    # a pipeline stage never runs graphs, even for a decode batch
+    stage = CostModel(TOY, DEV, profile=graphed, layers=(0, 1))
+    assert stage.graph_max_batch == 0
+    assert stage.step_time_s(decode) >= EAGER_FLOOR_S_PER_LAYER
+    # a measured floor in the profile wins over the default; GPU time above the floor is not floored
+    slow = CostModel(TOY, DEV, profile=_toy_profile(meta={"timing": {"dense_s_per_layer": "graph"},
+                                                          "eager_floor_s_per_layer": 1e-9}))
+    assert slow.step_time_s(MIXED) == pytest.approx(plain.step_time_s(MIXED), rel=1e-12)
