@@ -23,15 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-import gpu_cluster as g  # noqa: E402
+import gpu_cluster as g
 
-from hetserve.bench.metrics import parse_slo  # noqa: E402
-from hetserve.core.cluster import load_cluster  # noqa: E402
-from hetserve.core.model_config import ModelConfig  # noqa: E402
-from hetserve.planner.profile_set import load_profile_set  # noqa: E402
-from hetserve.sim.contention import shared_gpu_contention  # noqa: E402
-from hetserve.sim.simulator import Simulator  # noqa: E402
-from hetserve.strategies.build import build_deployment  # noqa: E402
+from hetserve.bench.metrics import parse_slo
+from hetserve.core.cluster import load_cluster
+from hetserve.core.model_config import ModelConfig
+from hetserve.planner.profile_set import load_profile_set
+from hetserve.sim.contention import shared_gpu_contention
+from hetserve.sim.simulator import Simulator
+from hetserve.strategies.build import build_deployment
 
 PROFILES = ("H100-MPS75=profiles/h100-mps75-llama-3.1-8b.json,H100-MPS25=profiles/h100-mps25-llama-3.1-8b.json")
 

@@ -21,9 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hetserve.runtime.kv_convert import convert  # noqa: E402
-from hetserve.runtime.kv_layout import KVDescriptor, wire_descriptor  # noqa: E402
-from hetserve.runtime.kv_transfer import extract_blocks, insert_blocks  # noqa: E402
+from hetserve.runtime.kv_convert import convert
+from hetserve.runtime.kv_layout import KVDescriptor, wire_descriptor
+from hetserve.runtime.kv_transfer import extract_blocks, insert_blocks
 
 
 def timed(fn, dev: torch.device, repeats: int) -> dict[str, float]:
@@ -62,16 +62,19 @@ def main() -> None:
         for case, dst in (("same", desc), ("convert", recv)):
             wire = wire_descriptor(desc, dst)
             r: dict[str, object] = {"tokens": n, "case": case, "kib": n * L * 2 * H * D * 2 // 1024}
-            r["ids_to_device"] = timed(lambda: torch.tensor(ids, dtype=torch.int64, device=dev), dev, args.repeats)
-            r["extract"] = timed(lambda: extract_blocks(src_cache, ids, n, desc), dev, args.repeats)
+            r["ids_to_device"] = timed(lambda ids=ids: torch.tensor(ids, dtype=torch.int64, device=dev), dev,
+                                       args.repeats)
+            r["extract"] = timed(lambda ids=ids, n=n: extract_blocks(src_cache, ids, n, desc), dev, args.repeats)
             src = extract_blocks(src_cache, ids, n, desc)
-            r["convert_send"] = timed(lambda: convert(src, desc, wire, n, heads=desc.head_range), dev, args.repeats)
+            r["convert_send"] = timed(lambda src=src, wire=wire, n=n: convert(src, desc, wire, n, heads=desc.head_range),
+                                      dev, args.repeats)
             p = convert(src, desc, wire, n, heads=desc.head_range)
             r["event_record"] = timed(lambda: torch.cuda.Event().record() if dev.type == "cuda" else None, dev,
                                       args.repeats)
-            r["convert_recv"] = timed(lambda: convert(p, wire, desc, n), dev, args.repeats)
+            r["convert_recv"] = timed(lambda p=p, wire=wire, n=n: convert(p, wire, desc, n), dev, args.repeats)
             back = convert(p, wire, desc, n)
-            r["insert"] = timed(lambda: insert_blocks(dst_cache, ids, back, desc), dev, args.repeats)
+            r["insert"] = timed(lambda ids=ids, back=back: insert_blocks(dst_cache, ids, back, desc), dev,
+                                args.repeats)
             r["sync_only"] = timed(lambda: None, dev, args.repeats)
             rows.append(r)
             print(n, case, {k: round(v["synced_ms"], 3) if isinstance(v, dict) else v for k, v in r.items()},

@@ -33,6 +33,7 @@ import torch
 
 from hetserve.runtime.hetis_messages import MailboxOpen
 from hetserve.runtime.hetis_wire import WIRE_DTYPES
+from hetserve.runtime.shm_files import sweep_dead_owners
 
 SHM_DIR = "/dev/shm"
 PREFIX = "hetis-mb"
@@ -75,21 +76,7 @@ def _path_ok(path: str) -> bool:
 
 def sweep_stale() -> int:
     """Unlink mailbox files whose creating process is gone; returns how many."""
-    n = 0
-    with contextlib.suppress(OSError):
-        for entry in os.listdir(SHM_DIR):
-            m = re.fullmatch(rf"{PREFIX}-(\d+)-[0-9a-f]+", entry)
-            if m is None:
-                continue
-            try:
-                os.kill(int(m.group(1)), 0)
-            except ProcessLookupError:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(SHM_DIR, entry))
-                    n += 1
-            except PermissionError:
-                pass
-    return n
+    return sweep_dead_owners(SHM_DIR, PREFIX)
 
 
 def live_files(pid: int | None = None) -> list[str]:

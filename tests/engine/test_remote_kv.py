@@ -95,7 +95,7 @@ def test_start_kv_loads_between_steps_keeps_fcfs_seqs_and_a_block_per_runner() -
     """``start_kv_loads`` (called at hand-off time, a step possibly in flight) admits only what ``schedule()``
     would admit first: remote-KV requests at the head of the queue, within max_num_seqs, leaving one free block
     per running request; a request that needs compute stops it. The reserved blocks are the request's own."""
-    D, dex, dcore = instance(12, 4)  # blocks of 4 tokens
+    D, _, dcore = instance(12, 4)  # blocks of 4 tokens
     D.add_request(Request("run", list(range(7)), SamplingParams(max_tokens=20)))
     dcore.step()  # "run" is running on 2 blocks
     assert [r.request_id for r in D.running] == ["run"]

@@ -12,8 +12,8 @@ import torch
 
 from hetserve.core.errors import ValidationError
 from hetserve.runtime.kv_convert import (
-    KVPayload,
     TORCH_DTYPES,
+    KVPayload,
     block_major_to_layer_major,
     cast_kv,
     convert,

@@ -35,6 +35,7 @@ from typing import Any
 import zmq
 
 from hetserve.runtime.messages import Envelope, MessageDecodeError
+from hetserve.runtime.shm_files import sweep_dead_owners
 from hetserve.runtime.transport.base import Buffer, as_bytes_view, buffer_nbytes
 from hetserve.runtime.transport.tcp import ZmqTransport
 
@@ -60,20 +61,7 @@ def _segment_path(name: str) -> str:
 
 def sweep_stale_segments() -> int:
     """Unlink segments left by processes that died mid-send; returns how many."""
-    n = 0
-    for entry in os.listdir(SHM_DIR):
-        m = re.fullmatch(rf"{_PREFIX}-(\d+)-[0-9a-f]+", entry)
-        if m is None:
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-        except ProcessLookupError:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(SHM_DIR, entry))
-                n += 1
-        except PermissionError:
-            pass
-    return n
+    return sweep_dead_owners(SHM_DIR, _PREFIX)
 
 
 def live_segments() -> list[str]:
