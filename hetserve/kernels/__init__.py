@@ -87,6 +87,44 @@ def _patch_interpreter() -> None:
     _interpreter_patched = True
 
 
+def _language_objects() -> tuple[Any, ...]:
+    """What Triton's interpreter patches when it runs a kernel: the language modules and tensor classes."""
+    core = tl.core
+    return tuple(o for o in (tl, core, tl.tensor, tl.math, getattr(core, "tensor_descriptor_base", None))
+                 if o is not None)
+
+
+class _LeavesLanguageAsFound:
+    """An interpreted kernel whose launches leave ``triton.language`` as they found it. Triton 3.6's interpreter
+    patches the language for a device-function call (``tl.sum``, ``tl.max``, ...) and never restores it, after
+    which every kernel compiled in the same process fails ("'ir.value' object has no attribute 'dtype'"): a
+    GPU test run after a CPU one, or a process that interprets and compiles."""
+
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        launch = self._fn[grid]
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            saved = [(o, dict(vars(o))) for o in _language_objects()]
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                for obj, before in saved:
+                    now = vars(obj)
+                    for name in [n for n in now if n not in before]:
+                        delattr(obj, name)
+                    for name, value in before.items():
+                        if now.get(name, value) is not value:
+                            setattr(obj, name, value)
+
+        return run
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fn, name)
+
+
 class DualKernel:
     """A Triton kernel body, compiled (``triton.jit``) for CUDA tensors, interpreted for CPU tensors."""
 
@@ -113,7 +151,7 @@ class DualKernel:
                 copy.__annotations__ = dict(fn.__annotations__)
                 copy.__module__ = fn.__module__
                 copy.__qualname__ = fn.__qualname__
-                self._interpreted = InterpretedFunction(copy)
+                self._interpreted = _LeavesLanguageAsFound(InterpretedFunction(copy))
             return self._interpreted
         if self._compiled is None:
             self._compiled = triton.jit(self.fn, **self.jit_options)
