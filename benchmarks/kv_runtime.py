@@ -140,6 +140,11 @@ def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int
                 "recv_convert_s": statistics.median(r[1].convert_s for r in runs),
                 "conversion_share": conv / sent.declared_s, "handoff_s": handoff_s,
                 "handoff_median_s": statistics.median(r[2] for r in runs), "repeats": len(runs),
+                # host seconds per stage, medians over the repeats: where a hand-off's fixed cost goes
+                "send_stages_s": {k: statistics.median(r[0].stages.get(k, 0.0) for r in runs)
+                                  for k in runs[0][0].stages},
+                "recv_stages_s": {k: statistics.median(r[1].stages.get(k, 0.0) for r in runs)
+                                  for k in runs[0][1].stages},
             })
             r = rows[-1]
             print(f"{case:8s} {kib:6d} KiB  achieved {r['achieved_fraction']:6.1%} of {link_name}  "

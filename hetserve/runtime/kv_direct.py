@@ -89,6 +89,7 @@ class _Out:
     layer_bytes: list[int] = field(default_factory=list)
     ready: Any = None
     last: bool = False  # the send's last piece (a one-shot hand-off's only one)
+    stages: dict[str, float] = field(default_factory=dict)
 
     def layers(self, lo: int, hi: int) -> list[Any]:
         """The buffers of local layers ``[lo, hi)``: one slice of ``packed``, or one buffer per layer."""
@@ -174,8 +175,10 @@ class DirectKV:
         local = dataclasses.replace(self.desc, num_layers=len(layers))
         caches = [self.runner.kv_caches[i] for i in layers]
         src = extract_blocks(caches, ids, n, local)
+        t1 = time.perf_counter()
         p = convert(src, local, dataclasses.replace(cmd.wire, num_layers=len(layers)), n, heads=self.desc.head_range,
                     consume=True)  # the extracted copy is ours: no second copy when the formats already match
+        t2 = time.perf_counter()
         device = self._device_buffers(cmd)
         whole = stacked_view(p.tensors) if len(p.tensors) > 1 else None
         packed, ready = None, None
@@ -197,7 +200,10 @@ class DirectKV:
         start = self.runner.parallel.layer_start + layers[0]
         out = _Out(start, p.head_start, p.desc, [list(t.shape) for t in p.tensors], bufs, packed,
                    [t.numel() * t.element_size() for t in p.tensors], ready, last)
-        self._jobs.put(("piece", cmd, out, time.perf_counter() - t0))
+        t3 = time.perf_counter()
+        # host seconds per stage (a GPU stage's kernels may still run after its host part returns)
+        out.stages = {"extract": t1 - t0, "convert": t2 - t1, "pack": t3 - t2}
+        self._jobs.put(("piece", cmd, out, t3 - t0))
 
     # layer-wise: the layer hooks send each layer's KV as soon as the step wrote it
     def install_layer_hooks(self) -> int:
@@ -241,6 +247,8 @@ class DirectKV:
                     if not st["failed"]:
                         self._send_piece(cmd, job[2], st)
                     st["conv"] += job[3]
+                    for k, v in job[2].stages.items():
+                        st.setdefault("stages", {})[k] = st.get("stages", {}).get(k, 0.0) + v
                 else:
                     del self._sending[key]
                     self._commit_job(cmd, st)
@@ -261,8 +269,10 @@ class DirectKV:
         return LinkSpec("declared", "ethernet", cmd.link_bandwidth, cmd.link_latency_s)
 
     def _send_piece(self, cmd: SendKV, out: _Out, st: dict[str, Any]) -> None:
+        tw = time.perf_counter()
         if out.ready is not None:
             out.ready.synchronize()  # the conversion is done (the transport's copy does not wait for our stream)
+        out.stages["wait_ready"] = time.perf_counter() - tw
         if st["t0"] is None:
             if self.stall_s > 0:
                 time.sleep(self.stall_s)  # test hook: a stalled link
@@ -284,8 +294,10 @@ class DirectKV:
                             shapes=out.shapes[lo - oa:hi - oa], token_start=cmd.token_start, final=final,
                             not_before_s=not_before)
             try:
+                ts = time.perf_counter()
                 with buffers_ready():  # ``out.ready`` was waited for above
                     self._endpoint(tg.kind).send(tg.address, piece, out.layers(lo - oa, hi - oa), deadline_s)
+                out.stages["transport"] = out.stages.get("transport", 0.0) + time.perf_counter() - ts
             except TransportError as e:
                 st["failed"] = f"{type(e).__name__}: {e}"
                 return
@@ -325,7 +337,8 @@ class DirectKV:
         self.reply(KVSent(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=not st["failed"], error=st["failed"],
                           num_bytes=st["bytes"], convert_s=st["conv"], wall_s=time.monotonic() - t0,
                           declared_s=0.0 if link is None else link.transfer_time_s(st["bytes"]),
-                          hooked_layers=self._hooked.pop((cmd.transfer_id, cmd.seq), 0), t0_mono=t0))
+                          hooked_layers=self._hooked.pop((cmd.transfer_id, cmd.seq), 0), t0_mono=t0,
+                          stages=st.get("stages", {})))
 
     def _endpoint(self, kind: str) -> Transport:
         ep = self.endpoints.get(kind)
@@ -461,13 +474,16 @@ class DirectKV:
                 insert_kv(self.runner, self.desc, InsertKV(seq=e.seq, transfer_id=tid, block_ids=e.block_ids[a // bs:],
                                                            num_tokens=n - a, wire=e.wire, shards=shards))
                 covered = max(covered, n)
+            t1 = time.perf_counter()
             if self.runner.device.type == "cuda":
                 torch.cuda.synchronize(self.runner.device)
+            stages = {"insert": t1 - t0, "sync": time.perf_counter() - t1}
         except Exception as ex:  # noqa: BLE001 - a malformed transfer fails, not the worker
             return KVIn(seq=e.seq, transfer_id=tid, ok=False, error=f"{type(ex).__name__}: {ex}",
                         num_bytes=e.num_bytes)
         return KVIn(seq=e.seq, transfer_id=tid, ok=True, num_bytes=e.num_bytes,
-                    convert_s=time.perf_counter() - t0, wall_s=time.monotonic() - e.start_s, ready_mono=ready)
+                    convert_s=time.perf_counter() - t0, wall_s=time.monotonic() - e.start_s, ready_mono=ready,
+                    stages=stages)
 
     def close(self) -> None:
         self._jobs.put(None)

@@ -254,6 +254,7 @@ class KVHandoffs:
             for k, v in (("send_convert_s", reply.convert_s), ("wall_s", reply.wall_s),
                          ("declared_s", reply.declared_s)):
                 rec[k] = max(float(rec[k]), v)  # type: ignore[arg-type]
+            _merge_stages(rec, "send_stages", reply.stages)
             if reply.t0_mono and (not rec["t0_mono"] or reply.t0_mono < float(rec["t0_mono"])):  # type: ignore[arg-type]
                 rec["t0_mono"] = reply.t0_mono
             _delivered(rec)
@@ -322,6 +323,7 @@ class KVHandoffs:
             rec["recv_convert_s"] = max(float(rec["recv_convert_s"]), reply.convert_s)  # type: ignore[arg-type]
             rec["recv_wall_s"] = max(float(rec["recv_wall_s"]), reply.wall_s)  # type: ignore[arg-type]
             rec["ready_mono"] = max(float(rec["ready_mono"]), reply.ready_mono)  # type: ignore[arg-type]
+            _merge_stages(rec, "recv_stages", reply.stages)
             _delivered(rec)
         t = self.transfers.get(reply.transfer_id)
         if t is None:
@@ -398,3 +400,11 @@ def _delivered(rec: dict[str, object]) -> None:
     t0, ready = float(rec["t0_mono"]), float(rec["ready_mono"])  # type: ignore[arg-type]
     if t0 and ready:
         rec["delivered_s"] = ready - t0
+
+
+def _merge_stages(rec: dict[str, object], key: str, stages: dict[str, float]) -> None:
+    """Per stage the slowest worker's host seconds (the workers of an instance run side by side)."""
+    cur = rec.setdefault(key, {})
+    assert isinstance(cur, dict)
+    for k, v in stages.items():
+        cur[k] = max(float(cur.get(k, 0.0)), v)

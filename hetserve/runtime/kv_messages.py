@@ -71,6 +71,8 @@ class KVSent(_Cmd, tag="kv_sent"):
     declared_s: float = 0.0
     hooked_layers: int = 0  # layers sent from inside a step (layer-wise streaming)
     t0_mono: float = 0.0  # the first byte's ``time.monotonic()`` (one host: comparable with KVIn.ready_mono)
+    # host seconds per stage: extract, convert, pack (command order), wait_ready, transport (the sender thread)
+    stages: dict[str, float] = {}
 
 
 __all__ = ["CancelKV", "ExpectKV", "KVSent", "KVTarget", "SendKV"]

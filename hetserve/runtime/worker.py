@@ -165,6 +165,7 @@ class KVIn(_Cmd, tag="kv_in"):
     convert_s: float = 0.0
     wall_s: float = 0.0
     ready_mono: float = 0.0  # when every sender's KV was usable (``time.monotonic()``), before the insert
+    stages: dict[str, float] = {}  # direct hand-offs: host seconds of the insert and of the device sync after it
 
 
 class Pong(_Cmd, tag="pong"):
