@@ -10,6 +10,7 @@ import pytest
 
 from hetserve.core.cluster import load_cluster
 from hetserve.core.devices import LinkSpec, get_device
+from hetserve.core.errors import ValidationError
 from hetserve.core.model_config import ModelConfig
 from hetserve.core.request import Request
 from hetserve.core.sampling_params import SamplingParams
@@ -223,3 +224,47 @@ def test_pd_routes_to_the_least_loaded_prefill_and_hands_off_the_prompt() -> Non
     # a slower link costs more transfer time, and a different TP degree adds a conversion pass
     fast = dep.transfer_time_s("p2", "d", 1000)
     assert fast > 0
+
+
+def test_adaptive_split_ties_go_where_asked() -> None:
+    """Among the k within the slack of the best predicted TTFT: ``head`` takes the largest, ``main`` the smallest,
+    ``auto`` the smallest while the main has no prefill backlog and the largest once it has one."""
+    L = 1200
+
+    def pick(ties: str, busy_main: bool) -> tuple[int, list[int]]:
+        dep = _cronus({"kind": "adaptive", "tbt_slo_ms": 60, "ties": ties, "offload_slack": 5.0})
+        sim = Simulator(dep)
+        if busy_main:
+            for i in range(8):
+                sim.instances["main"].scheduler.add_request(_req(f"m{i}", 3000))
+        policy = dep.policy
+        assert isinstance(policy, AdaptiveSplit)
+        k = policy.choose_k(L, sim.views, 0.0, "head", "main", dep)
+        # the same candidates and predictions by hand: which k are within the slack
+        hv, mv = sim.views["head"], sim.views["main"]
+        rate, step_s = policy.main_spare(mv)
+        main_free = mv.pending_prefill_tokens() / rate
+
+        def ttft(x: int) -> float:
+            if x == 0:
+                return main_free + L / rate + step_s
+            ready = hv.plan.cost.prefill_time_s(min(x, hv.plan.max_num_batched_tokens))
+            ready += max(0, x - hv.plan.max_num_batched_tokens) * dep.head_rate["head"]
+            if x == L:
+                return ready
+            return max(ready + dep.transfer_time_s("head", "main", x), main_free) + (L - x) / rate + step_s
+
+        cands = policy._candidates(L)
+        best = min(ttft(x) for x in cands)
+        return k, [x for x in cands if ttft(x) <= best * 6.0]
+
+    for busy in (False, True):
+        k_head, within = pick("head", busy)
+        assert min(within) < max(within), "the slack must leave a real choice for the test to mean anything"
+        assert k_head == max(within)
+        k_main, within = pick("main", busy)
+        assert k_main == min(within)
+        k_auto, within = pick("auto", busy)
+        assert k_auto == (max(within) if busy else min(within))
+    with pytest.raises(ValidationError, match="split_policy.ties"):
+        _cronus({"kind": "adaptive", "ties": "sideways"})
