@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,7 @@ import torch
 
 from hetserve.runtime.hetis_messages import MailboxOpen
 from hetserve.runtime.hetis_wire import WIRE_DTYPES
-from hetserve.runtime.shm_files import sweep_dead_owners
+from hetserve.runtime.shm_files import new_owned_file, sweep_dead_owners
 
 SHM_DIR = "/dev/shm"
 PREFIX = "hetis-mb"
@@ -116,17 +115,9 @@ def _import_cuda(m: MailboxOpen) -> torch.Tensor:
 
 def _create_shm(nbytes: int) -> tuple[str, torch.Tensor]:
     sweep_stale()
-    path = os.path.join(SHM_DIR, f"{PREFIX}-{os.getpid()}-{uuid.uuid4().hex}")
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-    try:
+    with new_owned_file(SHM_DIR, PREFIX) as (path, fd):
         os.ftruncate(fd, nbytes)
         buf = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        raise
-    finally:
-        os.close(fd)
     return path, buf
 
 

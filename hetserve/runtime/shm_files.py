@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import uuid
+from collections.abc import Iterator
 
 
 def sweep_dead_owners(directory: str, prefix: str) -> int:
@@ -26,3 +28,19 @@ def sweep_dead_owners(directory: str, prefix: str) -> int:
             except PermissionError:
                 pass
     return n
+
+
+@contextlib.contextmanager
+def new_owned_file(directory: str, prefix: str) -> Iterator[tuple[str, int]]:
+    """A fresh 0600 file ``<prefix>-<this pid>-<hex>`` in ``directory``, open read-write: yields (path, fd). The fd
+    is closed after the block; the file is unlinked if the block raises (what a sweep would otherwise find)."""
+    path = os.path.join(directory, f"{prefix}-{os.getpid()}-{uuid.uuid4().hex}")
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        yield path, fd
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    finally:
+        os.close(fd)

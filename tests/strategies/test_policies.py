@@ -78,15 +78,9 @@ def test_adaptive_split_adapts_to_queues() -> None:
     assert both < busy_main
 
 
-def test_adaptive_split_picks_near_the_best_predicted_ttft() -> None:
-    """Against brute force over every k (step 1) of the same prediction: within the offload slack."""
-    dep = _cronus({"kind": "adaptive", "tbt_slo_ms": 60, "granularity": 16})
-    sim = Simulator(dep)
-    for i in range(6):
-        sim.instances["main"].scheduler.add_request(_req(f"m{i}", 3000))
+def _predicted_ttft(dep: Any, sim: Simulator, L: int) -> Any:
+    """The adaptive policy's TTFT prediction for split k of an L-token prompt, written out by hand."""
     policy = dep.policy
-    L = 1500
-    k = policy.choose_k(L, sim.views, 0.0, "head", "main", dep)
     hv, mv = sim.views["head"], sim.views["main"]
     rate, step_s = policy.main_spare(mv)
     main_free = mv.pending_prefill_tokens() / rate
@@ -98,9 +92,21 @@ def test_adaptive_split_picks_near_the_best_predicted_ttft() -> None:
         ready += max(0, k - hv.plan.max_num_batched_tokens) * dep.head_rate["head"]
         if k == L:
             return ready
-        ready += dep.transfer_time_s("head", "main", k)
-        return max(ready, main_free) + (L - k) / rate + step_s
+        return max(ready + dep.transfer_time_s("head", "main", k), main_free) + (L - k) / rate + step_s
 
+    return ttft
+
+
+def test_adaptive_split_picks_near_the_best_predicted_ttft() -> None:
+    """Against brute force over every k (step 1) of the same prediction: within the offload slack."""
+    dep = _cronus({"kind": "adaptive", "tbt_slo_ms": 60, "granularity": 16})
+    sim = Simulator(dep)
+    for i in range(6):
+        sim.instances["main"].scheduler.add_request(_req(f"m{i}", 3000))
+    policy = dep.policy
+    L = 1500
+    k = policy.choose_k(L, sim.views, 0.0, "head", "main", dep)
+    ttft = _predicted_ttft(dep, sim, L)
     best = min(ttft(x) for x in range(L + 1))
     assert ttft(k) <= best * (1 + policy.offload_slack) * 1.05
 
@@ -240,20 +246,7 @@ def test_adaptive_split_ties_go_where_asked() -> None:
         policy = dep.policy
         assert isinstance(policy, AdaptiveSplit)
         k = policy.choose_k(L, sim.views, 0.0, "head", "main", dep)
-        # the same candidates and predictions by hand: which k are within the slack
-        hv, mv = sim.views["head"], sim.views["main"]
-        rate, step_s = policy.main_spare(mv)
-        main_free = mv.pending_prefill_tokens() / rate
-
-        def ttft(x: int) -> float:
-            if x == 0:
-                return main_free + L / rate + step_s
-            ready = hv.plan.cost.prefill_time_s(min(x, hv.plan.max_num_batched_tokens))
-            ready += max(0, x - hv.plan.max_num_batched_tokens) * dep.head_rate["head"]
-            if x == L:
-                return ready
-            return max(ready + dep.transfer_time_s("head", "main", x), main_free) + (L - x) / rate + step_s
-
+        ttft = _predicted_ttft(dep, sim, L)  # the same predictions by hand: which candidates are within the slack
         cands = policy._candidates(L)
         best = min(ttft(x) for x in cands)
         return k, [x for x in cands if ttft(x) <= best * 6.0]

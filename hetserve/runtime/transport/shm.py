@@ -35,7 +35,7 @@ from typing import Any
 import zmq
 
 from hetserve.runtime.messages import Envelope, MessageDecodeError
-from hetserve.runtime.shm_files import sweep_dead_owners
+from hetserve.runtime.shm_files import new_owned_file, sweep_dead_owners
 from hetserve.runtime.transport.base import Buffer, as_bytes_view, buffer_nbytes
 from hetserve.runtime.transport.tcp import ZmqTransport
 
@@ -212,21 +212,12 @@ def _write_segment(views: list[memoryview]) -> tuple[str, list[tuple[int, int]]]
     for v in views:
         spans.append((offset, v.nbytes))
         offset += -(-v.nbytes // _ALIGN) * _ALIGN
-    name = f"{_PREFIX}-{os.getpid()}-{uuid.uuid4().hex}"
-    path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-    try:
+    with new_owned_file(SHM_DIR, _PREFIX) as (path, fd):
         os.ftruncate(fd, max(offset, 1))
         with mmap.mmap(fd, max(offset, 1), flags=mmap.MAP_SHARED | _POPULATE) as mm:
             for (off, n), v in zip(spans, views, strict=True):
                 mm[off : off + n] = v
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        raise
-    finally:
-        os.close(fd)
-    return name, spans
+    return os.path.basename(path), spans
 
 
 def _export_cuda(t: Any) -> dict[str, Any]:
