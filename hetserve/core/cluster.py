@@ -44,19 +44,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hetserve.core.cluster_fields import (
+    CUSTOM_KEYS,
+    ENTRY_KEYS,
+    check_keys,
+    join_path,
+    number,
+    parse_custom_device,
+    parse_link,
+)
 from hetserve.core.devices import (
     CATALOG,
-    LINK_KINDS,
     LINKS,
     LOCAL_LINK,
-    TFLOPS,
     DeviceSpec,
-    GBps,
     GiB,
     LinkSpec,
     cpu_host_spec,
     get_device,
-    get_link,
 )
 from hetserve.core.errors import ValidationError
 
@@ -255,144 +260,38 @@ def _link_obj(link: LinkSpec) -> str | dict[str, Any]:
 # ---------------------------------------------------------------- parsing
 
 
-def _check_keys(obj: Any, path: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        raise ValidationError(path or "cluster", f"must be a mapping, got {type(obj).__name__}")
-    for k in obj:
-        if k not in allowed:
-            raise ValidationError(_join(path, str(k)), f"unknown key; allowed: {', '.join(allowed)}")
-    for k in required:
-        if obj.get(k) is None:
-            raise ValidationError(_join(path, k), "required")
-    return obj
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _number(obj: dict[str, Any], key: str, path: str, *, positive: bool = True, integer: bool = False) -> Any:
-    v = obj[key]
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or (positive and not v > 0) or (not positive and v < 0):
-        kind = "integer" if integer else "number"
-        raise ValidationError(
-            _join(path, key), f"must be a {'positive' if positive else 'non-negative'} {kind}, got {v!r}"
-        )
-    return v
-
-
-def _parse_link(obj: Any, path: str) -> LinkSpec:
-    if isinstance(obj, str):
-        try:
-            return get_link(obj)
-        except ValidationError as e:
-            raise ValidationError(path, e.message) from None
-    if isinstance(obj, dict) and "bandwidth_gbps" in obj:
-        raise ValidationError(
-            _join(path, "bandwidth_gbps"), "ambiguous unit; write bandwidth_gb_per_s (GB/s) or bandwidth_gbit_per_s"
-        )
-    allowed = _LINK_KEYS
-    d = _check_keys(obj, path, allowed, ("name", "kind"))
-    if d["kind"] not in LINK_KINDS:
-        raise ValidationError(_join(path, "kind"), f"{d['kind']!r} is not one of {', '.join(LINK_KINDS)}")
-    bw_keys = [k for k in ("bandwidth_gb_per_s", "bandwidth_gbit_per_s", "bandwidth_bytes_per_s") if k in d]
-    if len(bw_keys) != 1:
-        raise ValidationError(
-            _join(path, "bandwidth_gb_per_s"),
-            "give exactly one of bandwidth_gb_per_s, bandwidth_gbit_per_s, bandwidth_bytes_per_s",
-        )
-    bw = float(_number(d, bw_keys[0], path))
-    bw *= {"bandwidth_gb_per_s": GBps, "bandwidth_gbit_per_s": GBps / 8, "bandwidth_bytes_per_s": 1.0}[bw_keys[0]]
-    lat = 0.0
-    if "latency_s" in d:
-        lat = float(_number(d, "latency_s", path, positive=False))
-    elif "latency_us" in d:
-        lat = float(_number(d, "latency_us", path, positive=False)) * 1e-6
-    return LinkSpec(str(d["name"]), d["kind"], bw, lat, str(d.get("notes", "")))
-
-
-_LINK_KEYS = tuple(
-    "name kind bandwidth_gb_per_s bandwidth_gbit_per_s bandwidth_bytes_per_s latency_us latency_s notes".split()
-)
-_CUSTOM_KEYS = tuple(
-    "type name memory_gb memory_bytes tflops_bf16 tflops_fp16 tflops_fp8 tflops_fp32 hbm_gbps hbm_bytes_per_s num_sms "
-    "vendor price_per_hour host_link kv_layout kv_block_size gemm_efficiency hbm_efficiency spec".split()
-)
-_CUSTOM_PASSTHROUGH = tuple(
-    "vendor price_per_hour host_link kv_layout kv_block_size gemm_efficiency hbm_efficiency num_sms".split()
-)
-_TFLOPS_KEYS = {"tflops_bf16": "bfloat16", "tflops_fp16": "float16", "tflops_fp8": "fp8", "tflops_fp32": "float32"}
-_ENTRY_KEYS = ("count", "memory_cap_gb", "memory_cap_bytes")
-
-
-def _parse_custom(d: dict[str, Any], path: str) -> DeviceSpec:
-    if "spec" in d:
-        if not isinstance(d["spec"], dict):
-            raise ValidationError(_join(path, "spec"), "must be a mapping of DeviceSpec fields")
-        try:
-            return DeviceSpec.from_dict(d["spec"])
-        except ValidationError as e:
-            raise ValidationError(_join(path, f"spec.{e.field}"), e.message) from None
-        except TypeError as e:
-            raise ValidationError(_join(path, "spec"), str(e)) from None
-    for k in ("name", "tflops_bf16"):
-        if d.get(k) is None:
-            raise ValidationError(_join(path, k), "required for type: custom")
-    if "memory_gb" not in d and "memory_bytes" not in d:
-        raise ValidationError(_join(path, "memory_gb"), "required for type: custom (or memory_bytes)")
-    if "hbm_gbps" not in d and "hbm_bytes_per_s" not in d:
-        raise ValidationError(_join(path, "hbm_gbps"), "required for type: custom (GB/s; or hbm_bytes_per_s)")
-    mem = (
-        int(_number(d, "memory_gb", path) * GiB) if "memory_gb" in d else _number(d, "memory_bytes", path, integer=True)
-    )
-    hbm = float(_number(d, "hbm_gbps", path)) * GBps if "hbm_gbps" in d else float(_number(d, "hbm_bytes_per_s", path))
-    flops = {dt: float(_number(d, k, path)) * TFLOPS for k, dt in _TFLOPS_KEYS.items() if k in d}
-    kw: dict[str, Any] = {k: d[k] for k in _CUSTOM_PASSTHROUGH if k in d}
-    kw.setdefault("vendor", "custom")
-    kw.setdefault("num_sms", 1)
-    if "host_link" in kw:
-        _parse_link(kw["host_link"], _join(path, "host_link"))
-    try:
-        return DeviceSpec(name=str(d["name"]), memory_bytes=mem, peak_flops=flops, hbm_bytes_per_s=hbm, **kw)
-    except ValidationError as e:
-        raise ValidationError(_join(path, e.field), e.message) from None
-    except TypeError as e:
-        raise ValidationError(path, str(e)) from None
-
-
 def _parse_spec(d: dict[str, Any], path: str, partitions: dict[str, PartitionSpec]) -> DeviceSpec:
     t = d["type"]
     if t == "custom":
-        _check_keys(d, path, _CUSTOM_KEYS + _ENTRY_KEYS)
-        return _parse_custom(d, path)
+        check_keys(d, path, CUSTOM_KEYS + ENTRY_KEYS)
+        return parse_custom_device(d, path)
     if t == "cpu":
-        _check_keys(d, path, ("type", "cores", "memory_gb", "name") + _ENTRY_KEYS, ("cores", "memory_gb"))
-        cores = _number(d, "cores", path, integer=True)
-        mem = int(_number(d, "memory_gb", path) * GiB)
+        check_keys(d, path, ("type", "cores", "memory_gb", "name") + ENTRY_KEYS, ("cores", "memory_gb"))
+        cores = number(d, "cores", path, integer=True)
+        mem = int(number(d, "memory_gb", path) * GiB)
         return cpu_host_spec(cores, mem, name=str(d.get("name", f"cpu-{cores}c")))
-    _check_keys(d, path, ("type",) + _ENTRY_KEYS)
+    check_keys(d, path, ("type",) + ENTRY_KEYS)
     if not isinstance(t, str):
-        raise ValidationError(_join(path, "type"), f"must be a string, got {t!r}")
+        raise ValidationError(join_path(path, "type"), f"must be a string, got {t!r}")
     if t in partitions:
         return partitions[t].spec
     try:
         return get_device(t)
     except ValidationError:
         known = list(partitions) + list(CATALOG) + ["cpu", "custom"]
-        raise ValidationError(_join(path, "type"), f"unknown device type {t!r}; known: {', '.join(known)}") from None
+        raise ValidationError(join_path(path, "type"), f"unknown device type {t!r}; known: {', '.join(known)}") from None
 
 
 def _parse_slowdown(obj: Any, path: str) -> tuple[float, float]:
     """``shared_slowdown: {memory: x, compute: y}`` (each >= 1; a missing one is 1)."""
     if obj is None:
         return 1.0, 1.0
-    d = _check_keys(obj, path, ("memory", "compute"), ())
+    d = check_keys(obj, path, ("memory", "compute"), ())
     out = []
     for k in ("memory", "compute"):
-        v = _number(d, k, path) if k in d else 1.0
+        v = number(d, k, path) if k in d else 1.0
         if v < 1:
-            raise ValidationError(_join(path, k), f"is a slowdown factor, must be >= 1, got {v}")
+            raise ValidationError(join_path(path, k), f"is a slowdown factor, must be >= 1, got {v}")
         out.append(float(v))
     return out[0], out[1]
 
@@ -400,51 +299,51 @@ def _parse_slowdown(obj: Any, path: str) -> tuple[float, float]:
 def _parse_emulation(obj: Any, path: str) -> EmulationSpec | None:
     if obj is None:
         return None
-    d = _check_keys(obj, path, ("kind", "of", "partitions"), ("kind", "of", "partitions"))
+    d = check_keys(obj, path, ("kind", "of", "partitions"), ("kind", "of", "partitions"))
     kind = d["kind"]
     if kind not in EMULATION_KINDS:
-        raise ValidationError(_join(path, "kind"), f"{kind!r} is not one of {', '.join(EMULATION_KINDS)}")
+        raise ValidationError(join_path(path, "kind"), f"{kind!r} is not one of {', '.join(EMULATION_KINDS)}")
     of_obj = d["of"]
-    of = _parse_spec({"type": of_obj} if isinstance(of_obj, str) else of_obj, _join(path, "of"), {})
+    of = _parse_spec({"type": of_obj} if isinstance(of_obj, str) else of_obj, join_path(path, "of"), {})
     amount_key = _PARTITION_AMOUNT[kind]
     parts_obj = d["partitions"]
     if not isinstance(parts_obj, list) or not parts_obj:
-        raise ValidationError(_join(path, "partitions"), "must be a non-empty list")
+        raise ValidationError(join_path(path, "partitions"), "must be a non-empty list")
     parts: list[PartitionSpec] = []
     total_sms = 0
     for i, p in enumerate(parts_obj):
         pp = f"{path}.partitions[{i}]"
-        pd = _check_keys(p, pp, ("name", amount_key, "memory_gb", "memory_bytes", "shared_slowdown"),
+        pd = check_keys(p, pp, ("name", amount_key, "memory_gb", "memory_bytes", "shared_slowdown"),
                          ("name", amount_key))
-        slow = _parse_slowdown(pd.get("shared_slowdown"), _join(pp, "shared_slowdown"))
+        slow = _parse_slowdown(pd.get("shared_slowdown"), join_path(pp, "shared_slowdown"))
         name = str(pd["name"])
         if name in CATALOG or name in (q.name for q in parts):
-            raise ValidationError(_join(pp, "name"), f"{name!r} is already a device type; pick a new name")
+            raise ValidationError(join_path(pp, "name"), f"{name!r} is already a device type; pick a new name")
         mem: int | None = None
         if "memory_gb" in pd:
-            mem = int(_number(pd, "memory_gb", pp) * GiB)
+            mem = int(number(pd, "memory_gb", pp) * GiB)
         elif "memory_bytes" in pd:
-            mem = _number(pd, "memory_bytes", pp, integer=True)
+            mem = number(pd, "memory_bytes", pp, integer=True)
         if mem is not None and mem > of.memory_bytes:
-            raise ValidationError(_join(pp, "memory_gb"), f"exceeds {of.name}'s {of.memory_bytes / GiB:g} GiB")
+            raise ValidationError(join_path(pp, "memory_gb"), f"exceeds {of.name}'s {of.memory_bytes / GiB:g} GiB")
         if kind == "green_context":
-            n = _number(pd, amount_key, pp, integer=True)
+            n = number(pd, amount_key, pp, integer=True)
             if n > of.num_sms:
-                raise ValidationError(_join(pp, amount_key), f"{n} > {of.name}'s {of.num_sms} SMs")
+                raise ValidationError(join_path(pp, amount_key), f"{n} > {of.name}'s {of.num_sms} SMs")
             total_sms += n
             desc = f"green_context: {n} of {of.num_sms} SMs of {of.name}"
             spec = of.scaled(n / of.num_sms, mem, name=name, emulated_by=desc)
             amount: float = n
         elif kind == "mps":
-            amount = _number(pd, amount_key, pp)
+            amount = number(pd, amount_key, pp)
             if amount > 100:
-                raise ValidationError(_join(pp, amount_key), f"must be in (0, 100], got {amount}")
+                raise ValidationError(join_path(pp, amount_key), f"must be in (0, 100], got {amount}")
             desc = f"mps: {amount:g}% of {of.name}'s threads"
             spec = of.scaled(amount / 100, mem, name=name, emulated_by=desc)
         else:
-            amount = _number(pd, amount_key, pp)
+            amount = number(pd, amount_key, pp)
             if amount > 1:
-                raise ValidationError(_join(pp, amount_key), f"must be in (0, 1], got {amount}")
+                raise ValidationError(join_path(pp, amount_key), f"must be in (0, 1], got {amount}")
             desc = f"paced_cpu: {of.name} paced to {amount:g}x"
             spec = of.paced(amount, name=name, emulated_by=desc)
             if mem is not None:
@@ -452,7 +351,7 @@ def _parse_emulation(obj: Any, path: str) -> EmulationSpec | None:
         parts.append(PartitionSpec(name, amount, mem, spec, *slow))
     if kind == "green_context" and total_sms > of.num_sms:
         raise ValidationError(
-            _join(path, "partitions"), f"green contexts are disjoint: {total_sms} SMs > {of.name}'s {of.num_sms}"
+            join_path(path, "partitions"), f"green contexts are disjoint: {total_sms} SMs > {of.name}'s {of.num_sms}"
         )
     return EmulationSpec(kind, of, tuple(parts))
 
@@ -477,7 +376,7 @@ def _check_partition_use(emu: EmulationSpec, devices: list[ClusterDevice]) -> No
 
 
 def parse_cluster(obj: Any) -> ClusterConfig:
-    d = _check_keys(obj, "", ("name", "nodes", "inter_node_link", "links", "emulation", "placement"), ("nodes",))
+    d = check_keys(obj, "", ("name", "nodes", "inter_node_link", "links", "emulation", "placement"), ("nodes",))
     placement = str(d.get("placement") or "local")
     if placement not in PLACEMENTS:
         raise ValidationError("placement", f"unknown placement {placement!r}; known: {', '.join(PLACEMENTS)}")
@@ -490,49 +389,49 @@ def parse_cluster(obj: Any) -> ClusterConfig:
     nodes: list[NodeSpec] = []
     for ni, nobj in enumerate(nodes_obj):
         npath = f"nodes[{ni}]"
-        nd = _check_keys(nobj, npath, ("name", "devices", "intra_link"), ("name", "devices"))
+        nd = check_keys(nobj, npath, ("name", "devices", "intra_link"), ("name", "devices"))
         nname = str(nd["name"])
         if ":" in nname or not nname:
             raise ValidationError(
-                _join(npath, "name"), f"must be non-empty without ':' (ids are node:index), got {nname!r}"
+                join_path(npath, "name"), f"must be non-empty without ':' (ids are node:index), got {nname!r}"
             )
         if any(n.name == nname for n in nodes):
-            raise ValidationError(_join(npath, "name"), f"duplicate node name {nname!r}")
+            raise ValidationError(join_path(npath, "name"), f"duplicate node name {nname!r}")
         if not isinstance(nd["devices"], list) or not nd["devices"]:
-            raise ValidationError(_join(npath, "devices"), "must be a non-empty list of {type, count}")
+            raise ValidationError(join_path(npath, "devices"), "must be a non-empty list of {type, count}")
         ids: list[str] = []
         host_links: list[LinkSpec] = []
         for di, dobj in enumerate(nd["devices"]):
             dpath = f"{npath}.devices[{di}]"
-            dd = _check_keys(dobj, dpath, _CUSTOM_KEYS + _ENTRY_KEYS + ("cores",), ("type",))
+            dd = check_keys(dobj, dpath, CUSTOM_KEYS + ENTRY_KEYS + ("cores",), ("type",))
             spec = _parse_spec(dd, dpath, partitions)
-            count = _number(dd, "count", dpath, integer=True) if "count" in dd else 1
+            count = number(dd, "count", dpath, integer=True) if "count" in dd else 1
             cap: int | None = None
             if "memory_cap_gb" in dd:
-                cap = int(_number(dd, "memory_cap_gb", dpath) * GiB)
+                cap = int(number(dd, "memory_cap_gb", dpath) * GiB)
             elif "memory_cap_bytes" in dd:
-                cap = None if dd["memory_cap_bytes"] is None else _number(dd, "memory_cap_bytes", dpath, integer=True)
+                cap = None if dd["memory_cap_bytes"] is None else number(dd, "memory_cap_bytes", dpath, integer=True)
             part = partitions.get(dd["type"]) if isinstance(dd["type"], str) else None
             emu = part.spec.emulated_by if part is not None else None
             if part is not None and cap is None and "memory_cap_bytes" not in dd:
                 cap = part.memory_bytes
             if cap is not None and cap > spec.memory_bytes:
                 raise ValidationError(
-                    _join(dpath, "memory_cap_gb"), f"exceeds {spec.name}'s {spec.memory_bytes / GiB:g} GiB"
+                    join_path(dpath, "memory_cap_gb"), f"exceeds {spec.name}'s {spec.memory_bytes / GiB:g} GiB"
                 )
-            host_links.append(_parse_link(spec.host_link, _join(dpath, "host_link")))
+            host_links.append(parse_link(spec.host_link, join_path(dpath, "host_link")))
             for _ in range(count):
                 did = f"{nname}:{len(ids)}"
                 ids.append(did)
                 devices.append(ClusterDevice(did, spec, nname, emu, cap))
         if nd.get("intra_link") is not None:
-            intra = _parse_link(nd["intra_link"], _join(npath, "intra_link"))
+            intra = parse_link(nd["intra_link"], join_path(npath, "intra_link"))
         else:
             intra = min(host_links, key=lambda lk: lk.bandwidth_bytes_per_s)
         nodes.append(NodeSpec(nname, tuple(ids), intra))
     if emulation is not None and emulation.kind in ("green_context", "mps"):
         _check_partition_use(emulation, devices)
-    inter = _parse_link(d.get("inter_node_link") or DEFAULT_INTER_NODE_LINK, "inter_node_link")
+    inter = parse_link(d.get("inter_node_link") or DEFAULT_INTER_NODE_LINK, "inter_node_link")
     names = {n.name for n in nodes} | {dv.id for dv in devices}
     overrides: list[LinkOverride] = []
     links_obj = d.get("links") or []
@@ -540,16 +439,16 @@ def parse_cluster(obj: Any) -> ClusterConfig:
         raise ValidationError("links", "must be a list of {between: [a, b], link}")
     for li, lobj in enumerate(links_obj):
         lpath = f"links[{li}]"
-        ld = _check_keys(lobj, lpath, ("between", "link"), ("between", "link"))
+        ld = check_keys(lobj, lpath, ("between", "link"), ("between", "link"))
         between = ld["between"]
         if not isinstance(between, list) or len(between) != 2:
-            raise ValidationError(_join(lpath, "between"), "must be a list of two node names or device ids")
+            raise ValidationError(join_path(lpath, "between"), "must be a list of two node names or device ids")
         for x in between:
             if x not in names:
                 raise ValidationError(
-                    _join(lpath, "between"), f"{x!r} is not a node or device; known: {', '.join(sorted(names))}"
+                    join_path(lpath, "between"), f"{x!r} is not a node or device; known: {', '.join(sorted(names))}"
                 )
-        overrides.append(LinkOverride(str(between[0]), str(between[1]), _parse_link(ld["link"], _join(lpath, "link"))))
+        overrides.append(LinkOverride(str(between[0]), str(between[1]), parse_link(ld["link"], join_path(lpath, "link"))))
     return ClusterConfig(
         name=str(d.get("name") or "cluster"),
         devices=tuple(devices),
