@@ -138,7 +138,6 @@ class DirectKV:
         self._done_layers: dict[int, set[int]] = {}
         self._hooked: dict[tuple[str, int], int] = {}  # (transfer, seq) -> layers sent from a hook
         self._sending: dict[tuple[str, int], dict[str, Any]] = {}  # the sender thread's per-send books
-        self._link_free_s = 0.0  # when the emulated outgoing link has delivered every earlier send
         self._thread = threading.Thread(target=self._send_loop, name="kv-send", daemon=True)
         self._thread.start()
 
@@ -276,8 +275,8 @@ class DirectKV:
         if st["t0"] is None:
             if self.stall_s > 0:
                 time.sleep(self.stall_s)  # test hook: a stalled link
-            # an emulated link carries one send at a time: this one starts when the earlier ones are through
-            st["t0"] = max(time.monotonic(), self._link_free_s if self._link(cmd) is not None else 0.0)
+            # one thread, jobs in order, each commit waiting out its declared link: a send starts on a free link
+            st["t0"] = time.monotonic()
         oa, n_layers = out.layer_start, len(out.shapes)
         deadline_s = st["t0"] + cmd.timeout_s
         link = self._link(cmd)
@@ -309,8 +308,6 @@ class DirectKV:
         if not st["failed"] and st["t0"] is not None:
             link = self._link(cmd)
             ready = st["t0"] + (0.0 if link is None else link.transfer_time_s(st["bytes"]))
-            if link is not None:
-                self._link_free_s = ready
             done = st.get("committed", set())
             for tg in cmd.targets:
                 if tg.address in done:
