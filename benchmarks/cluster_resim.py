@@ -24,16 +24,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 import gpu_cluster as g
+from gpu_cluster_sim import DEFAULT_PROFILES, run_sim, truncated_8b
 
 from hetserve.bench.metrics import parse_slo
 from hetserve.core.cluster import load_cluster
 from hetserve.core.model_config import ModelConfig
 from hetserve.planner.profile_set import load_profile_set
-from hetserve.sim.contention import shared_gpu_contention
-from hetserve.sim.simulator import Simulator
-from hetserve.strategies.build import build_deployment
-
-PROFILES = ("H100-MPS75=profiles/h100-mps75-llama-3.1-8b.json,H100-MPS25=profiles/h100-mps25-llama-3.1-8b.json")
 
 
 def _err(real: dict[str, Any], sim: dict[str, Any], k: str) -> float | None:
@@ -47,7 +43,7 @@ def main() -> int:
                                       "(emulation.partitions[].shared_slowdown)")
     ap.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
     args = ap.parse_args()
-    profiles = {n: p for n, (p, _) in load_profile_set(PROFILES.split(","), "--profiles", ROOT).items()}
+    profiles = {n: p for n, (p, _) in load_profile_set(DEFAULT_PROFILES.split(","), "--profiles", ROOT).items()}
     commit = g.git_commit()
     for f in args.files:
         path = Path(f)
@@ -59,12 +55,7 @@ def main() -> int:
         cluster = load_cluster(str(ROOT / d["cluster"]))
         trace = g.find_trace(d["trace"])
         layers = int(str(d["model"]).split(",")[1].split()[0]) if "layers" in str(d["model"]) else 32
-        md = Path(tempfile.mkdtemp()) / "m"
-        md.mkdir()
-        raw = json.loads((ROOT / "examples/models/llama-3.1-8b/config.json").read_text())
-        raw["num_hidden_layers"] = layers
-        (md / "config.json").write_text(json.dumps(raw))
-        mc = ModelConfig.from_path(md)
+        mc = ModelConfig.from_path(truncated_8b(Path(tempfile.mkdtemp()), layers))
         for row in d["results"]:
             for run in row.get("runs", []):
                 if "real" not in run:
@@ -72,9 +63,7 @@ def main() -> int:
                 rate = run["rate"]
                 n = max(d["num_requests"], int(rate * d["span_s"] + 0.5))
                 wl = g.workload(trace, n, rate, 2048, 256, seed=run["seed"], scale=1, fallback=g.FALLBACK[d["trace"]])
-                dep = build_deployment(cluster, mc, row["config"], profiles)
-                m = Simulator(dep, contention=shared_gpu_contention(cluster, dep)).run(wl).metrics(slo)
-                m["good_fraction"] = (m["request_goodput"] or 0) * m["duration"] / max(1, len(wl))
+                m = run_sim(cluster, mc, row["config"], profiles, None, wl, slo)
                 real = run["real"]
                 old = run.get("simulated_at_run", run["simulated"])
                 new = {k: m.get(k) for k in (*g.KEYS, "duration")}

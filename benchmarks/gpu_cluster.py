@@ -36,7 +36,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
+
+from gpu_cluster_sim import DEFAULT_PROFILES, run_sim, sim_only, strategy_config, truncated_8b
 
 HI, LO = "gpu0:0", "gpu0:1"
 KEYS = ("mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p50_itl_ms", "p99_itl_ms",
@@ -189,25 +190,6 @@ def run_real(engine: Any, wl: list[Any], slo: Any, vocab_hi: int, cap_s: float |
     return m
 
 
-def run_sim(cluster: Any, mc: Any, cfg: dict[str, Any], profiles: dict[str, Any], engine: Any, wl: list[Any],
-            slo: Any) -> dict[str, Any]:
-    import dataclasses
-
-    from hetserve.sim.contention import shared_gpu_contention
-    from hetserve.sim.simulator import Simulator
-    from hetserve.strategies.build import build_deployment
-
-    dep = build_deployment(cluster, mc, cfg, profiles)
-    for name, plan in list(dep.plans.items()):  # the sizes the real workers ended up with
-        real = None if engine is None else engine.deployment.plans.get(name)
-        if real is not None:
-            dep.plans[name] = dataclasses.replace(plan, num_kv_blocks=real.num_kv_blocks,
-                                                  max_model_len=real.max_model_len)
-    m = Simulator(dep, contention=shared_gpu_contention(cluster, dep)).run(wl).metrics(slo)
-    m["good_fraction"] = (m["request_goodput"] or 0) * m["duration"] / max(1, len(wl))
-    return m
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strategies", default="high-alone,low-alone,dp,pp,pd-lp,pd-hp,cronus,hetis")
@@ -224,8 +206,7 @@ def main() -> int:
     ap.add_argument("--tag", default="h100-mps", help="result file gpu-cluster-<tag>-<trace>.json")
     ap.add_argument("--cluster", default="examples/clusters/emulated-h100-mps-pair.yaml",
                     help="e.g. examples/clusters/emulated-h100-mps-pair-starved.yaml (high-end memory-starved)")
-    ap.add_argument("--profiles", default="H100-MPS75=profiles/h100-mps75-llama-3.1-8b.json,"
-                                          "H100-MPS25=profiles/h100-mps25-llama-3.1-8b.json",
+    ap.add_argument("--profiles", default=DEFAULT_PROFILES,
                     help="DEVICE=PATH stand-ins or profiles measured on the MPS clients themselves")
     ap.add_argument("--smoke-cpu", action="store_true", help="cpu-pair + tiny model: check the script, no GPU")
     ap.add_argument("--deadline-s", type=float, default=540.0,
@@ -284,31 +265,7 @@ def main() -> int:
         max_in, max_out = min(args.max_input, 256), min(args.max_output, 32)
         device_desc = "CPU (cpu-pair: the second worker paced to 0.5x, emulated)"
     elif args.sim_only:
-        from hetserve.planner.profile_set import load_profile_set
-
-        model_dir = Path(tempfile.mkdtemp()) / f"llama-3.1-8b-{args.layers}l"
-        model_dir.mkdir(parents=True)
-        raw = json.loads((ROOT / "examples/models/llama-3.1-8b/config.json").read_text())
-        raw["num_hidden_layers"] = args.layers
-        (model_dir / "config.json").write_text(json.dumps(raw, indent=1))
-        cluster = load_cluster(str(ROOT / args.cluster))
-        profiles = {n: p for n, (p, _) in load_profile_set(args.profiles.split(","), "--profiles", ROOT).items()}
-        mc = ModelConfig.from_path(model_dir)
-        table = strategies(HI, LO, args.cronus_tbt_ms)
-        for name in [s for s in args.strategies.split(",") if s]:
-            spec = table[name]
-            cfg = {"strategy": spec["strategy"], "dtype": "bfloat16",
-                   "max_model_len": args.max_input + args.max_output + 16, "instances": spec["instances"],
-                   **spec.get("params", {})}
-            for rate in rates_for.get(name, rates):
-                n = max(args.num_requests, int(rate * args.span_s + 0.5))
-                wl = workload(trace, n, rate, args.max_input, args.max_output, seed=arrival_seed(rate, 0), scale=1,
-                              fallback=FALLBACK[args.trace])
-                m = run_sim(cluster, mc, cfg, profiles, None, wl, slo)
-                print(f"{name:11s} {rate:6.1f} req/s n={n:4d}  good {m['good_fraction']:5.1%}  TTFT p50/p99 "
-                      f"{m['p50_ttft_ms']:8.1f}/{m['p99_ttft_ms']:8.1f} ms  ITL p99 {m['p99_itl_ms']:7.1f} ms  "
-                      f"{m['output_throughput']:7.0f} tok/s", flush=True)
-        return 0
+        return sim_only(args, rates, rates_for, trace, slo)
     else:
         import torch
 
@@ -316,11 +273,7 @@ def main() -> int:
         from hetserve.tiny.make_tiny import make_tiny_model
 
         work = Path("/tmp/hetserve-gpu-cluster")
-        model_dir = work / f"llama-3.1-8b-{args.layers}l"
-        model_dir.mkdir(parents=True, exist_ok=True)
-        raw = json.loads((ROOT / "examples/models/llama-3.1-8b/config.json").read_text())
-        raw["num_hidden_layers"] = args.layers
-        (model_dir / "config.json").write_text(json.dumps(raw, indent=1))
+        model_dir = truncated_8b(work, args.layers)
         if not (model_dir / "tokenizer.json").exists():  # a stand-in tokenizer: prompts are token ids
             tok = work / "tok"
             make_tiny_model(tok, "llama")
@@ -411,8 +364,7 @@ def main() -> int:
                 results.append({"strategy": name, "skipped": "device-time deadline reached"})
                 continue
             spec = table[name]
-            cfg = {"strategy": spec["strategy"], "dtype": dtype, "max_model_len": engine_kw["max_model_len"],
-                   "instances": spec["instances"], **spec.get("params", {})}
+            cfg = strategy_config(spec, dtype, engine_kw["max_model_len"])
             row: dict[str, Any] = {"strategy": name, "config": cfg, "runs": []}
             results.append(row)
             t0 = time.monotonic()
