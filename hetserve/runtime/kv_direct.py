@@ -41,7 +41,7 @@ import torch
 
 from hetserve.core.devices import LinkSpec
 from hetserve.runtime.kv_convert import TORCH_DTYPES, convert, stacked_view
-from hetserve.runtime.kv_messages import ExpectKV, KVSent, SendKV
+from hetserve.runtime.kv_messages import ExpectKV, KVIn, KVSent, SendKV
 from hetserve.runtime.kv_transfer import LinkPacer, extract_blocks
 from hetserve.runtime.messages import KVCommit, KVPiece
 from hetserve.runtime.transport import TransferTimeout, Transport, TransportError, make_transport
@@ -50,7 +50,6 @@ from hetserve.runtime.transport.shm import buffers_ready
 if TYPE_CHECKING:
     from hetserve.engine.runner import ModelRunner
     from hetserve.runtime.kv_layout import KVDescriptor
-    from hetserve.runtime.worker import KVIn
 
 
 def _numel(shape: list[int]) -> int:
@@ -366,8 +365,6 @@ class DirectKV:
 
     def poll(self, timeout_s: float = 0.0) -> list[KVIn]:
         """Take what arrived on every endpoint; the transfers that ended (done or past their timeout)."""
-        from hetserve.runtime.worker import KVIn
-
         now = time.monotonic()
         # a hand-off whose bytes are all here but whose paced link is not through yet: wake up when it is
         due = [e.ready_at - now for e in self.expects.values() if e.committed >= e.sources and e.ready_at > now]
@@ -449,7 +446,7 @@ class DirectKV:
 
     def _finish(self, tid: str, e: _Expect) -> KVIn:
         from hetserve.runtime.shard import insert_kv
-        from hetserve.runtime.worker import InsertKV, KVIn
+        from hetserve.runtime.worker import InsertKV
 
         del self.expects[tid]
         self._close(tid)

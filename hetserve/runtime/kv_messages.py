@@ -58,21 +58,33 @@ class CancelKV(_Cmd, tag="cancel_kv"):
     transfer_id: str
 
 
-class KVSent(_Cmd, tag="kv_sent"):
-    """A direct hand-off's sender worker is done: bytes sent, extract + convert seconds, seconds from the first
-    byte to the commit (paced wait included) and what the declared link needs for those bytes."""
+class _KVDone(_Cmd):
+    """What both ends of a hand-off answer when their part is over."""
 
     transfer_id: str
     ok: bool
     error: str = ""
     num_bytes: int = 0
-    convert_s: float = 0.0
+    convert_s: float = 0.0  # sender: extract + convert; receiver: convert + insert
     wall_s: float = 0.0
+    stages: dict[str, float] = {}  # host seconds per stage of ``convert_s`` and the sending
+
+
+class KVSent(_KVDone, tag="kv_sent"):
+    """A direct hand-off's sender worker is done: bytes sent, extract + convert seconds, seconds from the first
+    byte to the commit (paced wait included) and what the declared link needs for those bytes. ``stages``:
+    extract, convert, pack (command order), wait_ready, transport (the sender thread)."""
+
     declared_s: float = 0.0
     hooked_layers: int = 0  # layers sent from inside a step (layer-wise streaming)
     t0_mono: float = 0.0  # the first byte's ``time.monotonic()`` (one host: comparable with KVIn.ready_mono)
-    # host seconds per stage: extract, convert, pack (command order), wait_ready, transport (the sender thread)
-    stages: dict[str, float] = {}
 
 
-__all__ = ["CancelKV", "ExpectKV", "KVSent", "KVTarget", "SendKV"]
+class KVIn(_KVDone, tag="kv_in"):
+    """A receiver worker's KV is in its blocks (or failed): the relay path (``InsertKV``) and direct hand-offs
+    (bytes received, convert + insert seconds, seconds since ``ExpectKV``; ``stages``: insert, sync)."""
+
+    ready_mono: float = 0.0  # when every sender's KV was usable (``time.monotonic()``), before the insert
+
+
+__all__ = ["CancelKV", "ExpectKV", "KVIn", "KVSent", "KVTarget", "SendKV"]

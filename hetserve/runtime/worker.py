@@ -34,7 +34,7 @@ from hetserve.core.errors import HetserveError
 from hetserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from hetserve.runtime.hetis_messages import HetisInfo, HetisQuery, HetisSpec, Redispatch
 from hetserve.runtime.kv_layout import KVDescriptor
-from hetserve.runtime.kv_messages import CancelKV, ExpectKV, KVSent, SendKV
+from hetserve.runtime.kv_messages import CancelKV, ExpectKV, KVIn, KVSent, SendKV
 
 if TYPE_CHECKING:
     from hetserve.runtime.connect import Placement
@@ -154,18 +154,6 @@ class KVOut(_Cmd, tag="kv_out"):
     shapes: list[list[int]] = []
     buffers: list[bytes] = []
     layer_start: int = 0  # the first layer of ``buffers`` (one per layer): the sender's pipeline stage
-
-
-class KVIn(_Cmd, tag="kv_in"):
-    transfer_id: str
-    ok: bool
-    error: str = ""
-    # direct hand-offs: bytes received, receiver conversion + insert seconds, seconds since ExpectKV
-    num_bytes: int = 0
-    convert_s: float = 0.0
-    wall_s: float = 0.0
-    ready_mono: float = 0.0  # when every sender's KV was usable (``time.monotonic()``), before the insert
-    stages: dict[str, float] = {}  # direct hand-offs: host seconds of the insert and of the device sync after it
 
 
 class Pong(_Cmd, tag="pong"):
