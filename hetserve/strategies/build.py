@@ -16,6 +16,10 @@ read) is a mapping::
         max_num_seqs: 256
         max_num_batched_tokens: 2048                # Cronus main: default from the TBT SLO
         workers: [{device: "n0:1", kv_heads: 2}]    # Hetis main: attention workers (kv_heads optional)
+        memory_fraction: 0.6                        # share of each device's memory, for devices shared by
+                                                    # instances (every one on the device gives one; sum <= 1)
+        shared_slowdown: {memory: 2, compute: 2}    # steps slower while another instance on a shared device
+                                                    # runs (default 2, 2: time-slicing without MPS, assumed)
     split_policy: {kind: adaptive, tbt_slo_ms: 100} # Cronus (or {kind: fixed, k: 512})
     tbt_slo_ms: 100                                 # Cronus: TBT target for the main's chunk budget
     redispatch_every_steps: 64                      # Hetis
@@ -37,7 +41,7 @@ from hetserve.core.errors import HetserveError, ValidationError
 from hetserve.core.model_config import ModelConfig
 from hetserve.planner.profile import DeviceProfile
 from hetserve.strategies.base import Deployment
-from hetserve.strategies.build_instance import Built, build_instance, positive_num, slowest_link
+from hetserve.strategies.build_instance import Built, build_instance, mark_shared, positive_num, slowest_link
 from hetserve.strategies.cronus import make_policy
 
 TOP_KEYS = (
@@ -82,6 +86,7 @@ def build_deployment(
     used: dict[str, str] = {}
     for i, inst in enumerate(insts):
         build_instance(i, inst, cfg, cluster, model, profiles or {}, used, built)
+    mark_shared(built)
     link_cache: dict[tuple[str, str], LinkSpec] = {}
 
     def link_between(a: str, b: str) -> LinkSpec:

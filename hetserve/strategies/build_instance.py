@@ -1,12 +1,18 @@
 """One instance of a deployment config, checked and planned: its devices, TP group or pipeline stages (layers
 given or ``auto``), Cronus' main chunk budget, a Hetis main's attention workers and head split. Errors raise
 ValidationError naming the key (``instances[1].devices``). The whole config: :mod:`hetserve.strategies.build`.
+
+A device belongs to one instance, unless every instance on it declares ``memory_fraction`` (its share of each of
+its devices' memory; the shares on a device add up to at most 1): e.g. PD's prefill at TP 2 over both GPUs of a
+pair with its decode instance on one of them. Such instances are planned with their share of the memory, and the
+simulator slows their steps by ``shared_slowdown`` while another instance on the device is busy
+(``plan.notes["shared_devices"]``, ``sim/contention.py``).
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hetserve.core.cluster import ClusterConfig, ClusterDevice
@@ -20,7 +26,21 @@ from hetserve.strategies.cronus import tbt_token_budget
 from hetserve.strategies.hetis import AttentionWorker, HeadDispatcher
 from hetserve.strategies.pp import StageDevice, choose_layer_split
 
-INSTANCE_KEYS = ("name", "role", "devices", "tp", "layers", "max_num_seqs", "max_num_batched_tokens", "workers")
+INSTANCE_KEYS = (
+    "name",
+    "role",
+    "devices",
+    "tp",
+    "layers",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "workers",
+    "memory_fraction",
+    "shared_slowdown",
+)
+# Two CUDA processes on one GPU without MPS time-slice it: while both have work, each gets about half of it. An
+# assumption, not a measurement; an instance may declare its own factors (``shared_slowdown: {memory, compute}``).
+DEFAULT_SHARED_SLOWDOWN = {"memory": 2.0, "compute": 2.0}
 ROLES = {
     "dp": ("mixed",),
     "pp": ("mixed",),
@@ -75,12 +95,24 @@ class Built:
     plans: list[InstancePlan]
     devices: dict[str, list[str]]  # instance -> device ids
     dispatchers: dict[str, HeadDispatcher]
+    # device id -> (instance, memory fraction) of the instances that declared a share of it
+    shares: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
 
-def _devices_of(inst: dict[str, Any], path: str, cluster: ClusterConfig, used: dict[str, str]) -> list[ClusterDevice]:
+def _devices_of(
+    inst: dict[str, Any],
+    path: str,
+    cluster: ClusterConfig,
+    used: dict[str, str],
+    shares: dict[str, list[tuple[str, float]]] | None = None,
+    fraction: float | None = None,
+) -> list[ClusterDevice]:
+    """The instance's devices, each claimed whole (``fraction`` None) or for a share of its memory."""
     ids = inst.get("devices")
     if not isinstance(ids, list) or not ids or not all(isinstance(x, str) for x in ids):
         raise ValidationError(f"{path}devices", "must be a non-empty list of device ids like 'n0:1'")
+    shares = {} if shares is None else shares
+    name = str(inst.get("name", path))
     out = []
     for did in ids:
         try:
@@ -88,10 +120,53 @@ def _devices_of(inst: dict[str, Any], path: str, cluster: ClusterConfig, used: d
         except ValidationError as e:
             raise ValidationError(f"{path}devices", e.message) from None
         if did in used:
-            raise ValidationError(f"{path}devices", f"device {did} is already used by {used[did]}")
-        used[did] = str(inst.get("name", path))
+            hint = " (an instance without memory_fraction holds it whole)" if fraction is not None else ""
+            raise ValidationError(f"{path}devices", f"device {did} is already used by {used[did]}{hint}")
+        if fraction is None:
+            if did in shares:
+                others = ", ".join(n for n, _ in shares[did])
+                raise ValidationError(
+                    f"{path}devices",
+                    f"device {did} is already used by {others}; instances sharing a device each give memory_fraction",
+                )
+            used[did] = name
+        else:
+            total = sum(f for _, f in shares.get(did, [])) + fraction
+            if total > 1.0 + 1e-9:
+                raise ValidationError(
+                    f"{path}memory_fraction", f"device {did}: memory fractions add up to {total:g} > 1"
+                )
+            shares.setdefault(did, []).append((name, fraction))
         out.append(dev)
     return out
+
+
+def _share(inst: dict[str, Any], path: str) -> tuple[float | None, dict[str, float]]:
+    """(``memory_fraction`` or None, ``shared_slowdown`` factors) of an instance."""
+    frac = inst.get("memory_fraction")
+    if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1):
+        raise ValidationError(f"{path}memory_fraction", f"must be a number in (0, 1], got {frac!r}")
+    slow = dict(DEFAULT_SHARED_SLOWDOWN)
+    given = inst.get("shared_slowdown")
+    if given is not None:
+        if frac is None:
+            raise ValidationError(f"{path}shared_slowdown", "only for an instance with memory_fraction")
+        if not isinstance(given, dict) or set(given) - set(slow):
+            raise ValidationError(f"{path}shared_slowdown", "must be {memory: x, compute: y}, each >= 1")
+        for k, v in given.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 1:
+                raise ValidationError(f"{path}shared_slowdown.{k}", f"is a slowdown factor, must be >= 1, got {v!r}")
+            slow[k] = float(v)
+    return (None if frac is None else float(frac)), slow
+
+
+def mark_shared(built: Built) -> None:
+    """Note on each plan the devices it shares with another instance (the simulator slows it while they run)."""
+    plans = {p.name: p for p in built.plans}
+    for did, users in built.shares.items():
+        if len(users) > 1:
+            for name, _ in users:
+                plans[name].notes.setdefault("shared_devices", []).append(did)
 
 
 def build_instance(
@@ -119,7 +194,8 @@ def build_instance(
         raise ValidationError(
             f"{path}role", f"{strategy} instances take role {' | '.join(ROLES[strategy])}, got {role!r}"
         )
-    devs = _devices_of(inst, path, cluster, used)
+    fraction, slowdown = _share(inst, path)
+    devs = _devices_of(inst, path, cluster, used, built.shares, fraction)
     ids = [d.id for d in devs]
     dtype = str(cfg.get("dtype", "bfloat16"))
     mns = _int(inst, "max_num_seqs", path, 256)
@@ -131,15 +207,21 @@ def build_instance(
     workers = inst.get("workers")
     if workers is not None and (strategy != "hetis" or role != "main"):
         raise ValidationError(f"{path}workers", "only Hetis main instances have attention workers")
+    if workers is not None and fraction is not None:
+        raise ValidationError(f"{path}memory_fraction", "a Hetis main holds its device whole here")
 
     def prof(dev: ClusterDevice) -> DeviceProfile | None:
         return profiles.get(dev.spec.name)
+
+    def mem_of(dev: ClusterDevice) -> int:
+        """What this instance may plan with on ``dev``: the device's memory (or cap), or its share of it."""
+        return dev.memory_bytes if fraction is None else int(dev.memory_bytes * fraction)
 
     try:
         if layers is not None:
             if strategy in ("pd", "cronus", "hetis") and len(devs) > 1:
                 raise ValidationError(f"{path}layers", f"{strategy} instances are single-stage here")
-            stages = [StageDevice(d.spec, d.memory_bytes, prof(d)) for d in devs]
+            stages = [StageDevice(d.spec, mem_of(d), prof(d)) for d in devs]
             if layers == "auto":
                 ranges = choose_layer_split(
                     model,
@@ -154,13 +236,13 @@ def build_instance(
             costs = tuple(CostModel(model, d.spec, dtype, prof(d), layers=r) for d, r in zip(devs, ranges))
             kv_tokens = None
             for c, d in zip(costs, devs):
-                fp = c.memory_footprint(mns, mnbt, d.memory_bytes)
+                fp = c.memory_footprint(mns, mnbt, mem_of(d))
                 t = fp["kv_bytes_available"] // max(c.kv_bytes_per_token(), 1)
                 if t * 1 < max_model_len:
                     raise ValidationError(
                         f"{path}layers",
                         weights_reason(
-                            c, d.memory_bytes, mns, mnbt, max_model_len, f"{d.spec.name} ({d.id}, layers {c.layers})"
+                            c, mem_of(d), mns, mnbt, max_model_len, f"{d.spec.name} ({d.id}, layers {c.layers})"
                         ),
                     )
                 kv_tokens = t if kv_tokens is None else min(kv_tokens, t)
@@ -199,7 +281,7 @@ def build_instance(
             spec = devs[0].spec
             tp_link = slowest_link(cluster, ids, ids) if tp > 1 else None
             cost = CostModel(model, spec, dtype, prof(devs[0]), tp=tp, tp_link=tp_link)
-            mem = min(d.memory_bytes for d in devs)
+            mem = min(mem_of(d) for d in devs)
             if role == "main" and strategy == "cronus" and not mnbt_given:
                 tbt_s = positive_num(cfg, "tbt_slo_ms", "", 100.0) / 1000
                 budget = tbt_token_budget(cost, 0.9 * tbt_s, min(64, mns), 1024, 2048)
@@ -242,6 +324,9 @@ def build_instance(
         if e.field.startswith("instances["):
             raise
         raise ValidationError(f"{path}{e.field}", e.message) from None
+    if fraction is not None:
+        plan.notes["memory_fraction"] = fraction
+        plan.notes["shared_slowdown"] = slowdown
     built.plans.append(plan)
     built.devices[name] = ids
 
