@@ -21,12 +21,18 @@ class MpsDaemon:
     block, with pipe and log directories of its own under ``root`` (a fresh temporary directory by default),
     and is told to quit on exit whatever happened inside. Clients must carry :meth:`client_env` to reach it.
     Processes not started with that environment use no MPS at all.
+
+    ``visible_devices`` (``CUDA_VISIBLE_DEVICES`` of the daemon, best GPU UUIDs) puts only those GPUs under MPS,
+    e.g. GPU1 of a pair whose GPU0 runs a whole-GPU worker; the daemon renumbers them from 0 for its clients, so a
+    client names its GPU by UUID or not at all (NVIDIA's MPS guide, CUDA_VISIBLE_DEVICES). None: the daemon sees
+    what this process sees.
     """
 
     def __init__(self, root: str | Path | None = None, control: str = "nvidia-cuda-mps-control",
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, visible_devices: str | None = None) -> None:
         self.control = control
         self.timeout_s = timeout_s
+        self.visible_devices = visible_devices
         self._root_given = root is not None
         self.root = Path(root) if root is not None else None
         self.started = False
@@ -68,8 +74,10 @@ class MpsDaemon:
             self.root = Path(tempfile.mkdtemp(prefix="hetserve-mps-", dir="/tmp"))
         self.pipe_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run([exe, "-d"], env=self._env(), capture_output=True, text=True, timeout=self.timeout_s,
-                           check=False)
+        env = self._env()
+        if self.visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.visible_devices
+        r = subprocess.run([exe, "-d"], env=env, capture_output=True, text=True, timeout=self.timeout_s, check=False)
         if r.returncode != 0:
             raise EmulationError(
                 f"{self.control} -d exited {r.returncode}: {(r.stderr or r.stdout).strip()[-500:]} {self.log_tail(500)}"

@@ -112,7 +112,7 @@ def _fake_mps_control(tmp_path: Path) -> Path:
         log = os.path.join({str(tmp_path)!r}, "calls.log")
         if sys.argv[1:] == ["-d"]:
             open(os.path.join(pipe, "nvidia-cuda-mps-control.pid"), "w").write("1")
-            open(log, "a").write("start " + pipe + "\\n")
+            open(log, "a").write("start " + pipe + " cvd=" + os.environ.get("CUDA_VISIBLE_DEVICES", "-") + "\\n")
         else:
             cmd = sys.stdin.read().strip()
             open(log, "a").write(cmd + "\\n")
@@ -144,6 +144,18 @@ def test_mps_daemon_lifecycle_with_a_fake_control(tmp_path: Path, monkeypatch: p
     calls = (tmp_path / "calls.log").read_text().split("\n")
     assert calls[0].startswith("start ") and "quit" in calls
     assert not (root / "pipe" / "nvidia-cuda-mps-control.pid").exists()
+
+
+def test_mps_daemon_sees_only_the_gpus_it_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = _fake_mps_control(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with MpsDaemon(tmp_path / "mps", visible_devices="GPU-1234") as mps:
+        assert "CUDA_VISIBLE_DEVICES" not in mps.client_env(thread_percentage=25)  # clients choose their own
+    with MpsDaemon(tmp_path / "mps2"):
+        pass
+    starts = [c for c in (tmp_path / "calls.log").read_text().split("\n") if c.startswith("start ")]
+    assert starts[0].endswith(" cvd=GPU-1234") and starts[1].endswith(" cvd=-")
 
 
 def test_mps_daemon_missing_binary(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
