@@ -14,17 +14,19 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import torch  # noqa: E402
-from suite_common import Workload, azure_workload, build_big_model, git_commit, make_engine, run_offline  # noqa: E402
+import torch
+from suite_common import Workload, azure_workload, build_big_model, git_commit, make_engine, run_offline
 
 
 def main() -> int:
@@ -34,6 +36,10 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--only", choices=["azure", "sharegpt"], default=None)
+    ap.add_argument("--modes", default="async",
+                    help="comma-separated engine modes run side by side on each workload: async, sync "
+                         "(async_scheduling off); suffix :G sets cuda_graph_max_batch, e.g. sync:256,async:512")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per mode, interleaved; medians reported")
     args = ap.parse_args()
     dev = torch.device("cuda")
     big = build_big_model(ROOT / "examples/models/llama-3.1-8b/config.json", None, dev, "bfloat16",
@@ -51,49 +57,87 @@ def main() -> int:
         works = {k: v for k, v in works.items() if k.startswith(args.only)}
     flops_per_token = 2 * big.cfg.num_params()
     peak = 781e12
-    results = {}
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    results: dict[str, Any] = {}
     for name, work in works.items():
-        engine = make_engine(big, num_blocks=None, max_num_seqs=args.max_num_seqs,
-                             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=8192, extra={})
-        runner = engine.executor
-        spent = {"runner_s": 0.0}
-        inner = runner.execute
-
-        def timed(so, inner=inner, spent=spent):  # noqa: ANN001
-            t = time.perf_counter()
-            out = inner(so)
-            spent["runner_s"] += time.perf_counter() - t
-            return out
-
-        runner.execute = timed  # type: ignore[method-assign]
-        run_offline(engine, work.head(8, 8), 60.0, dev)  # warm-up (graphs, kernels)
-        spent["runner_s"] = 0.0
-        r = run_offline(engine, work, 400.0, dev)
-        r["runner_s"] = spent["runner_s"]
-        r["outside_runner_s"] = r["wall_s"] - spent["runner_s"]
-        r["prompt_tokens"] = work.prompt_tokens
-        r["prefill_flop_bound_s"] = work.prompt_tokens * flops_per_token / peak
-        r["output_tok_s_bound_from_prefill_alone"] = r["output_tokens"] / r["prefill_flop_bound_s"]
-        results[name] = r
-        print(f"{name}: {r['output_tok_s']:.0f} out tok/s, {r['total_tok_s']:.0f} total tok/s, wall {r['wall_s']:.1f} s, "
-              f"runner {r['runner_s']:.1f} s, outside runner {r['outside_runner_s']:.1f} s, steps {r['steps']}, "
-              f"prefill at 781 TFLOP/s alone needs {r['prefill_flop_bound_s']:.1f} s "
-              f"(bound {r['output_tok_s_bound_from_prefill_alone']:.0f} out tok/s)", flush=True)
-        runner.execute = inner  # type: ignore[method-assign]
-        del engine, runner, timed, inner
-        import gc
-
-        gc.collect()
-        torch.cuda.empty_cache()
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+        for rep in range(args.repeats):
+            for mode in modes:
+                r = _run_mode(big, work, mode, args)
+                r["prompt_tokens"] = work.prompt_tokens
+                r["prefill_flop_bound_s"] = work.prompt_tokens * flops_per_token / peak
+                r["output_tok_s_bound_from_prefill_alone"] = r["output_tokens"] / r["prefill_flop_bound_s"]
+                runs[mode].append(r)
+                print(f"{name} [{mode}, run {rep + 1}]: {r['output_tok_s']:.0f} out tok/s, "
+                      f"{r['total_tok_s']:.0f} total tok/s, wall {r['wall_s']:.1f} s, host launch "
+                      f"{r['launch_s']:.1f} s, waiting for the device {r['wait_s']:.1f} s, outside the runner "
+                      f"{r['outside_runner_s']:.1f} s, steps {r['steps']}", flush=True)
+        results[name] = {m: {"median_output_tok_s": statistics.median(x["output_tok_s"] for x in rs),
+                             "median_wall_s": statistics.median(x["wall_s"] for x in rs), "runs": rs}
+                         for m, rs in runs.items()}
+        if len(modes) > 1:
+            base = results[name][modes[0]]["median_output_tok_s"]
+            for m in modes[1:]:
+                results[name][m]["ratio_to_" + modes[0]] = results[name][m]["median_output_tok_s"] / base
     out = {"benchmark": "offline throughput by length mix", "command": " ".join(sys.argv), "git_commit": git_commit(),
            "device": torch.cuda.get_device_name(), "emulation": None, "emulated": False,
            "config": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+                      "modes": modes, "repeats": args.repeats,
                       "model": "llama-3.1-8b shape, random bf16", "sampling": "greedy, ignore_eos, detokenize off"},
            "results": results}
     dst = Path(os.environ.get("OUT", ROOT / "benchmarks/results")) / "gpu-offline-lengths.json"
     dst.write_text(json.dumps(out, indent=2))
     print(f"wrote {dst}")
     return 0
+
+
+def _run_mode(big: Any, work: Workload, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One offline run in ``mode`` (``async`` / ``sync``, optional ``:G`` graph max batch), with the wall time
+    split into the runner's host launch, the host waiting for the device, and everything outside the runner."""
+    kind, _, graph = mode.partition(":")
+    if kind not in ("async", "sync"):
+        raise SystemExit(f"--modes: unknown mode {mode!r} (async or sync, optionally :GRAPH_MAX_BATCH)")
+    extra: dict[str, Any] = {"async_scheduling": kind == "async"}
+    if graph:
+        extra["cuda_graph_max_batch"] = int(graph)
+    engine = make_engine(big, num_blocks=None, max_num_seqs=args.max_num_seqs,
+                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=8192, extra=extra)
+    runner = engine.executor
+    spent = {"launch_s": 0.0, "wait_s": 0.0}
+    inner = runner.execute_async
+
+    class Timed:
+        def __init__(self, res: Any) -> None:
+            self.res = res
+
+        def result(self) -> Any:
+            t = time.perf_counter()
+            out = self.res.result()
+            spent["wait_s"] += time.perf_counter() - t
+            return out
+
+    def timed(so: Any) -> Any:
+        t = time.perf_counter()
+        res = inner(so)
+        spent["launch_s"] += time.perf_counter() - t
+        return Timed(res)
+
+    runner.execute_async = timed  # type: ignore[method-assign]
+    run_offline(engine, work.head(8, 8), 60.0, torch.device("cuda"))  # warm-up (graphs, kernels)
+    spent.update(launch_s=0.0, wait_s=0.0)
+    r = run_offline(engine, work, 400.0, torch.device("cuda"))
+    r.update(spent)
+    r["runner_s"] = spent["launch_s"] + spent["wait_s"]
+    r["outside_runner_s"] = r["wall_s"] - r["runner_s"]
+    r["mode"] = mode
+    r["async_scheduling"] = engine.core.async_scheduling
+    r["graph_batch_sizes"] = sorted(runner.graphs.graphs) if runner.graphs is not None else []
+    del engine, runner, timed
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    return r
 
 
 if __name__ == "__main__":

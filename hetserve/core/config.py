@@ -48,6 +48,11 @@ class SchedulerConfig:
     max_queued_requests: int | None = field(
         default=None, metadata={"help": "waiting requests beyond which new ones are refused"}
     )
+    async_scheduling: bool = field(
+        default=True,
+        metadata={"help": "schedule and prepare the next step while the device runs this one (when the executor "
+                          "supports it: the model runner)"},
+    )
 
     def __post_init__(self) -> None:
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)

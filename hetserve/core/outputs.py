@@ -39,6 +39,9 @@ class ScheduledRequest:
     # the request's preemption count when scheduled: an answer to a step scheduled before a preemption (several
     # steps in flight) is stale once the request was re-admitted, and is dropped
     epoch: int = 0
+    # async scheduling: the step's last token is the one the request's previous step samples (still in flight,
+    # so not in ``token_ids``); the executor takes it from where it keeps sampled tokens on the device
+    placeholder: bool = False
 
 
 @dataclass

@@ -83,6 +83,9 @@ class Request:
     # chained hashes of this request's full blocks, filled lazily by the KV cache manager
     block_hashes: list[int] = field(default_factory=list)
     kv_transfer: KVTransferParams | None = None
+    # tokens that steps in flight will sample for this request (async scheduling: the scheduler may schedule the
+    # next position before the previous step's token is known; the executor takes it from the device)
+    num_pending_tokens: int = 0
     # len(prompt) + len(output), kept current by append_output (the scheduler's hot path reads it often)
     _num_tokens: int = field(default=0, repr=False)
 
@@ -128,6 +131,27 @@ class Request:
         if kt is not None and kt.compute_limit is not None:
             return min(kt.compute_limit, self.num_tokens)
         return self.num_tokens
+
+    @property
+    def may_run_ahead(self) -> bool:
+        """Whether the next position may be scheduled while a step that samples this request is in flight:
+        its sampling does not depend on the tokens before it (no penalties, no min_tokens, no seed: the runner
+        has not seen the pending token yet), no KV hand-off, and the pending token cannot be its last."""
+        sp = self.sampling_params
+        if (
+            self.kv_transfer is not None
+            or sp.min_tokens > 0
+            or sp.seed is not None
+            or sp.repetition_penalty != 1.0
+            or sp.presence_penalty != 0.0
+            or sp.frequency_penalty != 0.0
+        ):
+            return False
+        # the step would sample output token number len(output) + pending + 1
+        ahead = self.num_pending_tokens + 1
+        if sp.max_tokens is not None and len(self.output_token_ids) + ahead > sp.max_tokens:
+            return False
+        return self.max_model_len is None or self._num_tokens + ahead <= self.max_model_len
 
     def check_stop(self, new_token_id: int) -> RequestStatus | None:
         """Stop condition after appending ``new_token_id``; stop strings are checked after detokenising."""

@@ -82,7 +82,7 @@ class LLMEngine:
                 f"{config.cache.block_size}), fewer than max_model_len {max_len}; add blocks or lower max_model_len",
             )
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, max_len)
-        self.core = EngineCore(self.scheduler, executor)
+        self.core = EngineCore(self.scheduler, executor, config.scheduler.async_scheduling)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mc.eos_token_ids)
         self._parents: dict[str, _ParentState] = {}
         self._child_to_parent: dict[str, str] = {}

@@ -2,8 +2,10 @@
 
 Per-step host work is kept to one Python pass over the scheduled requests; everything per token (positions,
 slots, block tables) is numpy over persistent arrays, staged in pinned memory and copied with one
-non-blocking copy per dtype. Decode-only steps replay a CUDA graph (see ``cuda_graphs``); logits are computed
-only for the rows that sample, and a batch in which every row is plain greedy skips the sampler for an argmax.
+non-blocking copy per dtype (``runner_io``). Decode-only steps replay a CUDA graph (see ``cuda_graphs``); logits
+are computed only for the rows that sample, and a batch in which every row is plain greedy skips the sampler for
+an argmax. ``execute_async`` launches a step and returns at once (async scheduling): the argmax stays on the
+device (also kept per row as a run-ahead decode's input) and is copied to pinned memory behind the step.
 
 Pipeline / tensor parallelism (``parallel``, a ``ParallelSpec``): the runner holds its stage's layers' KV (its
 TP rank's kv heads only); a stage after the first takes its input from ``stage_io`` (the previous stage's
@@ -26,10 +28,12 @@ from hetserve.core.interfaces import Executor
 from hetserve.core.model_config import ModelConfig
 from hetserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from hetserve.core.sampling_params import SamplingParams, SamplingType
-from hetserve.engine.attention import AttentionMetadata, get_attention_backend
+from hetserve.engine.attention import get_attention_backend
 from hetserve.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes
+from hetserve.engine.memory_profile import profile_step_bytes
 from hetserve.engine.model.loader import load_model
 from hetserve.engine.model.parallel import ParallelSpec, StageIO
+from hetserve.engine.runner_io import StepInputs, StepResult, _Batch
 from hetserve.engine.sampling.sampler import Sampler, SamplingState
 
 logger = logging.getLogger(__name__)
@@ -67,17 +71,6 @@ class _ReqState:
     plain_greedy: bool
 
 
-@dataclass
-class _Batch:
-    num_tokens: int
-    num_seqs: int
-    sample_idx: list[int]  # indices into the step's scheduled list
-    input_ids: torch.Tensor | None  # None when a CUDA graph replays from its static buffers
-    meta: AttentionMetadata | None
-    sample_rows: torch.Tensor | None  # hidden rows to compute logits for; None = the first num_seqs rows
-    graph_batch: int | None
-
-
 def _plain_greedy(sp: SamplingParams) -> bool:
     return (
         sp.sampling_type == SamplingType.GREEDY
@@ -88,7 +81,7 @@ def _plain_greedy(sp: SamplingParams) -> bool:
     )
 
 
-class ModelRunner(Executor):
+class ModelRunner(StepInputs, Executor):
     def __init__(self, config: EngineConfig, model: torch.nn.Module | None = None,
                  model_config: ModelConfig | None = None, parallel: ParallelSpec | None = None,
                  stage_io: StageIO | None = None, cache_kv_heads: int | None = None) -> None:
@@ -130,6 +123,12 @@ class ModelRunner(Executor):
         self._pinned_i64 = self._host_buffer(torch.int64, 4 * config.scheduler.max_num_batched_tokens + 1024)
         self._pinned_i32 = self._host_buffer(torch.int32, 64 * 1024)
         self._copy_done: torch.cuda.Event | None = None
+        # the last token sampled for each row, kept on the device: a run-ahead decode's placeholder input
+        self._last_tok = torch.zeros(self._block_table.shape[0], dtype=torch.int64, device=self.device)
+        # sampled tokens come back through two alternating pinned buffers (one step may be in flight)
+        self._out_host = [self._host_buffer(torch.int64, max(8, config.scheduler.max_num_seqs)) for _ in range(2)]
+        self._out_turn = 0
+        self._unresolved: list[StepResult] = []
         self.graphs: CudaGraphRunner | None = None
 
         self._num_blocks = self._decide_num_blocks()
@@ -157,9 +156,6 @@ class ModelRunner(Executor):
             and bool(uses_fused(self.device))
         )
 
-    def _host_buffer(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        return torch.empty(numel, dtype=dtype, pin_memory=self._is_cuda)
-
     # ---- sizing -----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         mc = self.model_config
@@ -171,7 +167,7 @@ class ModelRunner(Executor):
             return self.config.cache.num_blocks
         per_block = self.kv_bytes_per_block()
         if self._is_cuda:
-            activation_bytes = self.profile_step_bytes()
+            activation_bytes = profile_step_bytes(self)
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free  # weights, CUDA context, workspaces, other processes
             reserve = _EAGER_RESERVE_BYTES if self.config.device.enforce_eager else _GRAPH_RESERVE_BYTES
@@ -182,64 +178,6 @@ class ModelRunner(Executor):
             return max(2, num_blocks)
         return max(2, self.config.cache.cpu_kv_cache_bytes // per_block)
 
-    @torch.inference_mode()
-    def profile_step_bytes(self) -> int:
-        """Peak device memory of the largest step (``max_num_batched_tokens`` tokens in one forward, as
-        sequences of at most ``max_model_len``; then logits and top-k/top-p sampling for ``max_num_seqs`` rows),
-        beyond what is allocated before it."""
-        mc = self.model_config
-        sc = self.config.scheduler
-        bs = self.block_size
-        num_tokens = sc.max_num_batched_tokens
-        lens = [min(self.max_model_len, num_tokens - start) for start in range(0, num_tokens, self.max_model_len)]
-        blocks_per_seq = -(-max(lens) // bs)
-        num_rows = max(1, min(sc.max_num_seqs, num_tokens))
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        caches = [torch.zeros(2, len(lens) * blocks_per_seq + 1, bs, self.num_local_kv_heads, mc.head_dim,
-                              dtype=self.dtype, device=self.device) for _ in range(self.num_local_layers)]
-        cache_bytes = sum(c.numel() * c.element_size() for c in caches)
-        # sequence i owns blocks 1 + i * blocks_per_seq, ...; block 0 stays the null block
-        pos_np = np.concatenate([np.arange(n) for n in lens])
-        seq_np = np.repeat(np.arange(len(lens)), lens)
-        slots_np = (1 + seq_np * blocks_per_seq) * bs + pos_np
-        qsl = [0, *np.cumsum(lens).tolist()]
-        tables = 1 + np.arange(len(lens))[:, None] * blocks_per_seq + np.arange(blocks_per_seq)[None, :]
-        dev = self.device
-        positions = torch.from_numpy(pos_np).to(dev)
-        meta = AttentionMetadata(
-            num_tokens=num_tokens, num_seqs=len(lens), positions=positions,
-            slot_mapping=torch.from_numpy(slots_np).to(dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(tables.astype(np.int32)).to(dev),
-            max_query_len=max(lens), max_seq_len=max(lens), query_start_loc_cpu=qsl, seq_lens_cpu=lens,
-        )
-        # no global RNG here (see the sampler's generator above): any valid ids do
-        ids = torch.arange(num_tokens, device=dev) % mc.vocab_size
-        if self.is_first_stage:
-            hidden = self.model(ids, positions, caches, meta, self.backend)
-        else:
-            inter = [torch.zeros(num_tokens, mc.hidden_size, dtype=self.dtype, device=dev) for _ in range(2)]
-            hidden = self.model(ids, positions, caches, meta, self.backend, inter)
-        if not self.is_last_stage:
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device) - base - cache_bytes
-            del caches, hidden, meta, ids, positions
-            torch.cuda.empty_cache()
-            return max(0, peak)
-        logits = self.model.compute_logits(hidden[-num_rows:])
-        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
-        states = [SamplingState(params=params, prompt_token_ids=[]) for _ in range(num_rows)]
-        self.sampler(logits, states)
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - base - cache_bytes
-        del caches, hidden, logits, meta, ids, positions
-        torch.cuda.empty_cache()
-        return max(0, peak)
-
     @property
     def num_kv_blocks(self) -> int:
         return self._num_blocks
@@ -249,6 +187,7 @@ class ModelRunner(Executor):
         if not self._free_rows:
             old = self._block_table.shape[0]
             self._block_table = np.concatenate([self._block_table, np.zeros_like(self._block_table)])
+            self._last_tok = torch.cat([self._last_tok, torch.zeros_like(self._last_tok)])
             self._free_rows = list(range(2 * old - 1, old - 1, -1))
         return self._free_rows.pop()
 
@@ -297,146 +236,21 @@ class ModelRunner(Executor):
             elif s.new_block_ids:
                 self._append_blocks(self.states[s.req_id], s.new_block_ids)
 
-    # ---- metadata ---------------------------------------------------------------------------
-    def _stage(self, which: str, numel: int) -> np.ndarray:
-        """A numpy view of the pinned staging buffer, grown when needed; waits for the previous step's copies
-        out of it first (a step that samples nothing ends without a sync)."""
-        if self._copy_done is not None:
-            self._copy_done.synchronize()
-            self._copy_done = None
-        buf = self._pinned_i64 if which == "i64" else self._pinned_i32
-        if buf.numel() < numel:
-            buf = self._host_buffer(buf.dtype, max(numel, 2 * buf.numel()))
-            if which == "i64":
-                self._pinned_i64 = buf
-            else:
-                self._pinned_i32 = buf
-        return buf.numpy()
-
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        if not self._is_cuda:
-            return host.clone()
-        return host.to(self.device, non_blocking=True)
-
-    def _mark_copies(self) -> None:
-        if self._is_cuda:
-            self._copy_done = torch.cuda.Event()
-            self._copy_done.record()
-
-    def _prepare(self, so: SchedulerOutput) -> _Batch:
-        scheduled = so.scheduled
-        n = len(scheduled)
-        bs = self.block_size
-        rows: list[int] = []
-        starts: list[int] = []
-        counts: list[int] = []
-        token_ids: list[int] = []
-        sample_idx: list[int] = []
-        states = self.states
-        for i, s in enumerate(scheduled):
-            rows.append(states[s.req_id].row)
-            starts.append(s.num_computed_tokens)
-            counts.append(s.num_tokens)
-            token_ids.extend(s.token_ids)
-            if s.sample:
-                sample_idx.append(i)
-        total = len(token_ids)
-        rows_np = np.array(rows, dtype=np.int64)
-        starts_np = np.array(starts, dtype=np.int64)
-        counts_np = np.array(counts, dtype=np.int64)
-        seq_lens = starts_np + counts_np
-        decode = total == n
-        if decode:
-            positions = starts_np
-            tok_rows = rows_np
-        else:
-            ends = np.cumsum(counts_np)
-            positions = np.arange(total, dtype=np.int64) - np.repeat(ends - counts_np - starts_np, counts_np)
-            tok_rows = np.repeat(rows_np, counts_np)
-        table = self._block_table
-        slots = table[tok_rows, positions // bs].astype(np.int64) * bs + positions % bs
-        width = max(1, int(((seq_lens + bs - 1) // bs).max()))
-        graphs = self.graphs
-        graph_batch = graphs.bucket(n) if graphs is not None and decode else None
-        if graph_batch is not None:
-            assert graphs is not None
-            return self._prepare_graph(graphs, graph_batch, n, token_ids, positions, slots, seq_lens, rows_np,
-                                       width, sample_idx)
-
-        # eager: one int64 pack [ids | positions | slots | sample rows], one int32 pack [qsl | seq_lens | tables]
-        all_sample = len(sample_idx) == n and decode
-        num_sample = 0 if all_sample else len(sample_idx)
-        i64 = self._stage("i64", 3 * total + num_sample)
-        i64[:total] = token_ids
-        i64[total : 2 * total] = positions
-        i64[2 * total : 3 * total] = slots
-        qsl = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(counts_np, out=qsl[1:])
-        if num_sample:
-            i64[3 * total : 3 * total + num_sample] = qsl[np.array(sample_idx) + 1] - 1
-        i32 = self._stage("i32", 2 * n + 1 + n * width)
-        i32[: n + 1] = qsl
-        i32[n + 1 : 2 * n + 1] = seq_lens
-        i32[2 * n + 1 : 2 * n + 1 + n * width].reshape(n, width)[:] = table[rows_np, :width]
-        dev64 = self._to_device(self._pinned_i64[: 3 * total + num_sample])
-        dev32 = self._to_device(self._pinned_i32[: 2 * n + 1 + n * width])
-        self._mark_copies()
-        seq_lens_list = seq_lens.tolist()
-        meta = AttentionMetadata(
-            num_tokens=total,
-            num_seqs=n,
-            positions=dev64[total : 2 * total],
-            slot_mapping=dev64[2 * total : 3 * total],
-            query_start_loc=dev32[: n + 1],
-            seq_lens=dev32[n + 1 : 2 * n + 1],
-            block_tables=dev32[2 * n + 1 :].view(n, width),
-            max_query_len=int(counts_np.max()),
-            max_seq_len=max(seq_lens_list),
-            query_start_loc_cpu=qsl.tolist(),
-            seq_lens_cpu=seq_lens_list,
-        )
-        sample_rows = dev64[3 * total :] if num_sample else None
-        return _Batch(total, n, sample_idx, dev64[:total], meta, sample_rows, None)
-
-    def _prepare_graph(
-        self, graphs: CudaGraphRunner, batch: int, n: int, token_ids: list[int], positions: np.ndarray,
-        slots: np.ndarray, seq_lens: np.ndarray, rows_np: np.ndarray, width: int, sample_idx: list[int],
-    ) -> _Batch:
-        mb = graphs.max_batch
-        i64 = self._stage("i64", 3 * mb).reshape(-1)[: 3 * mb].reshape(3, mb)
-        i64[0, :n] = token_ids
-        i64[0, n:batch] = 0
-        i64[1, :n] = positions
-        i64[1, n:batch] = 0
-        i64[2, :n] = slots
-        i64[2, n:batch] = -1
-        i32 = self._stage("i32", 2 * mb + 1 + batch * width)
-        i32[: n + 1] = np.arange(n + 1)
-        i32[n + 1 : batch + 1] = n  # padding sequences own no query tokens
-        i32[mb + 1 : mb + 1 + n] = seq_lens
-        i32[mb + 1 + n : mb + 1 + batch] = 0
-        tables = i32[2 * mb + 1 : 2 * mb + 1 + batch * width].reshape(batch, width)
-        tables[:n] = self._block_table[rows_np, :width]
-        tables[n:] = 0
-        graphs.ids_pos_slots.copy_(self._pinned_i64[: 3 * mb].view(3, mb), non_blocking=True)
-        graphs.qsl_seq_lens.copy_(self._pinned_i32[: 2 * mb + 1], non_blocking=True)
-        graphs.block_tables[:batch, :width].copy_(
-            self._pinned_i32[2 * mb + 1 : 2 * mb + 1 + batch * width].view(batch, width), non_blocking=True
-        )
-        self._mark_copies()
-        sample_rows = None
-        if len(sample_idx) != n:
-            sample_rows = torch.tensor(sample_idx, dtype=torch.int64).to(self.device, non_blocking=False)
-        return _Batch(n, n, sample_idx, None, None, sample_rows, batch)
-
     # ---- the step ---------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_async(so).result()
+
+    @torch.inference_mode()
+    def execute_async(self, so: SchedulerOutput) -> StepResult:
+        """Launch the step; the answer waits in the returned ``StepResult``. Steps must be resolved in order, and
+        at most one may stay unresolved when the next is launched (its pinned output buffer is reused)."""
+        while len(self._unresolved) > 1:
+            self._unresolved.pop(0).result()
         self._update_states(so)
         req_ids = [s.req_id for s in so.scheduled]
         sampled: list[list[int]] = [[] for _ in so.scheduled]
         if not so.scheduled:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+            return StepResult(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
         batch = self._prepare(so)
         if batch.graph_batch is not None:
             assert self.graphs is not None
@@ -447,8 +261,11 @@ class ModelRunner(Executor):
         else:
             hidden = self._forward_stage(so, batch)
             if hidden is None or not self.samples:
-                return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled)
-        return self._sample(so, batch, hidden, req_ids, sampled)
+                return StepResult(ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled))
+        result = self._sample(so, batch, hidden, req_ids, sampled)
+        self._unresolved = [r for r in self._unresolved if not r._done]
+        self._unresolved.append(result)
+        return result
 
     def _forward_stage(self, so: SchedulerOutput, batch: _Batch) -> torch.Tensor | None:
         """One pipeline stage / TP rank's forward: the final hidden states on the last stage, else None
@@ -466,23 +283,33 @@ class ModelRunner(Executor):
         return None
 
     def _sample(self, so: SchedulerOutput, batch: _Batch, hidden: torch.Tensor, req_ids: list[str],
-                sampled: list[list[int]]) -> ModelRunnerOutput:
+                sampled: list[list[int]]) -> StepResult:
         sample_idx = batch.sample_idx
         if not sample_idx:
-            return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled)
+            return StepResult(ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled))
         rows = hidden[: batch.num_seqs] if batch.sample_rows is None else hidden.index_select(0, batch.sample_rows)
         req_states = [self.states[so.scheduled[i].req_id] for i in sample_idx]
         fast = all(
             r.plain_greedy and len(r.sampling.output_token_ids) >= r.sampling.params.min_tokens for r in req_states
         )
-        logprobs_out = None
+        state_rows = batch.sample_state_rows
         if fast:
-            tokens: list[int] = self.model.compute_logits(rows, float32=False).argmax(dim=-1).tolist()
-            for j, i in enumerate(sample_idx):
-                tok = tokens[j]
-                sampled[i] = [tok]
-                req_states[j].sampling.output_token_ids.append(tok)
-            return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled)
+            tokens_dev = self.model.compute_logits(rows, float32=False).argmax(dim=-1)
+            if state_rows is not None:
+                self._last_tok.index_copy_(0, state_rows, tokens_dev)
+            k = len(sample_idx)
+            host = self._out_host[self._out_turn]
+            if host.numel() < k:
+                host = self._out_host[self._out_turn] = self._host_buffer(torch.int64, 2 * k)
+            self._out_turn ^= 1
+            host = host[:k]
+            host.copy_(tokens_dev, non_blocking=self._is_cuda)
+            event = None
+            if self._is_cuda:
+                event = torch.cuda.Event()
+                event.record()
+            out = ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled)
+            return StepResult(out, host, event, sample_idx, [r.sampling for r in req_states])
         logits = self.model.compute_logits(rows)
         states = []
         for r in req_states:
@@ -491,13 +318,14 @@ class ModelRunner(Executor):
                 st.generator.manual_seed(seeded_noise_seed(st.params.seed, len(st.output_token_ids)))
             states.append(st)
         out = self.sampler(logits, states)
+        if state_rows is not None:
+            self._last_tok.index_copy_(0, state_rows, torch.tensor(out.token_ids, dtype=torch.int64).to(self.device))
         want_lp = any(st.params.logprobs is not None for st in states)
-        if want_lp:
-            logprobs_out = [None] * len(so.scheduled)
+        logprobs_out = [None] * len(so.scheduled) if want_lp else None
         for j, i in enumerate(sample_idx):
             tok = out.token_ids[j]
             sampled[i] = [tok]
             states[j].output_token_ids.append(tok)
-            if want_lp:
+            if logprobs_out is not None:
                 logprobs_out[i] = out.logprobs[j]
-        return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled, logprobs=logprobs_out)
+        return StepResult(ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled, logprobs=logprobs_out))

@@ -86,7 +86,9 @@ def monotone(ys: Sequence[float]) -> list[float]:
 
 
 class HostProbe:
-    """Drives an ``LLMEngine`` around ``runner`` with token-id prompts; ``sync`` waits for the device."""
+    """Drives an ``LLMEngine`` around ``runner`` with token-id prompts; ``sync`` waits for the device. The engine
+    runs without async scheduling: each step's time is then its host and device parts in series, the sum the cost
+    model's terms describe (it overlaps them itself for an async instance)."""
 
     def __init__(self, runner: Any, *, max_prompt_tokens: int, seed: int = 0, vocab_size: int = 512) -> None:
         from hetserve.core.config import EngineConfig
@@ -98,7 +100,7 @@ class HostProbe:
         budget = max(2048, max_prompt_tokens)
         cfg = EngineConfig.from_kwargs(str(default_model_dir()), block_size=bs, num_blocks=runner.num_kv_blocks,
                                        max_num_seqs=64, max_num_batched_tokens=budget, max_model_len=max_len,
-                                       enable_prefix_caching=False)
+                                       enable_prefix_caching=False, async_scheduling=False)
         self.engine = LLMEngine(cfg, executor=runner)
         self.max_len = max_len
         self._rng = random.Random(seed)

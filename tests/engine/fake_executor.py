@@ -42,6 +42,16 @@ class ShadowExecutor(Executor):
     def num_kv_blocks(self) -> int:
         return self._num_blocks
 
+    def _tokens(self, s) -> list[int]:
+        """The step's tokens for one request; a placeholder is the token this executor sampled for it last
+        (kept here as a GPU runner keeps it on the device)."""
+        if not s.placeholder:
+            return s.token_ids
+        assert len(s.token_ids) == s.num_tokens - 1, "a placeholder is only ever the step's last token"
+        seq = self.seqs[s.req_id]
+        assert s.num_computed_tokens + s.num_tokens == len(seq), "the placeholder is not the last sampled token"
+        return [*s.token_ids, seq[-1]]
+
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self.steps.append(so)
         for rid in so.finished_req_ids | so.preempted_req_ids:
@@ -58,7 +68,7 @@ class ShadowExecutor(Executor):
                 self.tables[s.req_id].extend(s.new_block_ids)
             table, seq = self.tables[s.req_id], self.seqs[s.req_id]
             assert 0 not in table, "the null block was handed out"
-            assert s.token_ids == seq[s.num_computed_tokens : s.num_computed_tokens + s.num_tokens]
+            assert self._tokens(s) == seq[s.num_computed_tokens : s.num_computed_tokens + s.num_tokens]
             for p in range(s.num_computed_tokens):
                 slot = table[p // bs] * bs + p % bs
                 got = self.slots.get(slot)
@@ -68,7 +78,7 @@ class ShadowExecutor(Executor):
         written: set[int] = set()
         for s in so.scheduled:
             table = self.tables[s.req_id]
-            for k, tok in enumerate(s.token_ids):
+            for k, tok in enumerate(self._tokens(s)):
                 p = s.num_computed_tokens + k
                 slot = table[p // bs] * bs + p % bs
                 assert slot not in written, f"two requests write slot {slot} in one step"
@@ -85,3 +95,31 @@ class ShadowExecutor(Executor):
             else:
                 sampled.append([])
         return ModelRunnerOutput(req_ids=[s.req_id for s in so.scheduled], sampled_token_ids=sampled)
+
+
+class _Done:
+    def __init__(self, out: ModelRunnerOutput) -> None:
+        self.out = out
+        self.resolved = False
+
+    def result(self) -> ModelRunnerOutput:
+        self.resolved = True
+        return self.out
+
+
+class AsyncShadowExecutor(ShadowExecutor):
+    """The shadow executor as an async one (``execute_async``): the engine loop then keeps a step in flight and
+    may schedule decodes on placeholders. Checks that steps are resolved in order, one in flight at most."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        super().__init__(num_blocks, block_size)
+        self.pending: list[_Done] = []
+        self.num_placeholders = 0
+
+    def execute_async(self, so: SchedulerOutput) -> _Done:
+        self.pending = [p for p in self.pending if not p.resolved]
+        assert len(self.pending) <= 1, "more than one step left unresolved"
+        self.num_placeholders += sum(s.placeholder for s in so.scheduled)
+        done = _Done(self.execute(so))
+        self.pending.append(done)
+        return done

@@ -11,23 +11,23 @@ from hetserve.core.sampling_params import SamplingParams
 from hetserve.engine.core import EngineCore
 from hetserve.engine.sched.scheduler import Scheduler
 
-from .fake_executor import ShadowExecutor, brute_force
+from .fake_executor import AsyncShadowExecutor, ShadowExecutor, brute_force
 
 
-def make(num_blocks=64, block_size=4, budget=32, max_seqs=8, caching=True, max_len=256):
+def make(num_blocks=64, block_size=4, budget=32, max_seqs=8, caching=True, max_len=256, async_=False):
     sched = Scheduler(
         SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
         CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=caching),
         num_blocks,
         max_len,
     )
-    ex = ShadowExecutor(num_blocks, block_size)
-    return sched, ex, EngineCore(sched, ex)
+    ex = AsyncShadowExecutor(num_blocks, block_size) if async_ else ShadowExecutor(num_blocks, block_size)
+    return sched, ex, EngineCore(sched, ex, async_scheduling=async_)
 
 
 def run_to_end(sched, core, outputs, max_steps=10_000):
     for _ in range(max_steps):
-        if not sched.has_unfinished():
+        if not sched.has_unfinished() and not core.has_step_in_flight:
             return
         for o in core.step():
             outputs.setdefault(o.req_id, []).extend(o.new_token_ids)
@@ -171,11 +171,13 @@ op = st.one_of(
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=1, max_size=40), num_blocks=st.integers(12, 40), budget=st.integers(1, 24),
-       block_size=st.sampled_from([1, 2, 4]), caching=st.booleans())
-def test_property_no_leaks_and_exact(ops, num_blocks, budget, block_size, caching):
+       block_size=st.sampled_from([1, 2, 4]), caching=st.booleans(), async_=st.booleans())
+def test_property_no_leaks_and_exact(ops, num_blocks, budget, block_size, caching, async_):
+    """Random adds, steps and aborts, with and without async scheduling (one step in flight, decodes on
+    placeholders): no leaked block, every context slot right, outputs equal a brute-force generation."""
     max_len = (num_blocks - 1) * block_size
     sched, ex, core = make(num_blocks=num_blocks, block_size=block_size, budget=budget, max_seqs=4,
-                           caching=caching, max_len=max_len)
+                           caching=caching, max_len=max_len, async_=async_)
     prefixes = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 9, 9], [3, 1, 4, 1, 5, 9, 2, 6], []]
     prompts: dict[str, list[int]] = {}
     limits: dict[str, int] = {}
@@ -265,3 +267,79 @@ def test_pipelined_steps_with_preemption_apply_no_stale_output():
         for rid, p in prompts.items():
             assert outs[rid] == brute_force(p, 10), (seed, rid)
     assert preempted > 0, "the case needs preemption to mean anything"
+
+
+# ---- async scheduling: one step in flight, decodes on placeholders ----------------------------------------
+
+
+def _sampling_steps(ex, rid):
+    return sum(1 for so in ex.steps for s in so.scheduled if s.req_id == rid and s.sample)
+
+
+def test_async_scheduling_runs_decodes_ahead_and_stays_exact():
+    rng = random.Random(3)
+    sched, ex, core = make(num_blocks=256, budget=9, max_seqs=4, async_=True)
+    prompts = {f"r{i}": [rng.randrange(97) for _ in range(rng.randint(1, 30))] for i in range(10)}
+    limits = {rid: rng.randint(1, 14) for rid in prompts}
+    for rid, p in prompts.items():
+        add(sched, rid, p, limits[rid])
+    outs: dict[str, list[int]] = {}
+    run_to_end(sched, core, outs)
+    for rid, p in prompts.items():
+        assert outs[rid] == brute_force(p, limits[rid])
+        # never a sampling step past max_tokens (the scheduler counts the tokens in flight)
+        assert _sampling_steps(ex, rid) == limits[rid]
+    assert ex.num_placeholders > 0
+    check_step_limits(ex, 9, 4)
+    assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_usable_blocks
+
+
+def test_async_scheduling_waits_for_requests_whose_sampling_needs_the_last_token():
+    """Penalties, a seed or min_tokens need the previous token on the host: such requests skip a step instead of
+    running on a placeholder; plain ones in the same batch still run ahead."""
+    sched, ex, core = make(num_blocks=256, budget=64, max_seqs=8, async_=True)
+    kinds = {"plain": {}, "pen": {"repetition_penalty": 1.2}, "seed": {"seed": 7, "temperature": 0.8},
+             "minlen": {"min_tokens": 3}}
+    for rid, kw in kinds.items():
+        add(sched, rid, [1, 2, 3, 4, 5], 6, **kw)
+    outs: dict[str, list[int]] = {}
+    run_to_end(sched, core, outs)
+    ph = {rid: sum(1 for so in ex.steps for s in so.scheduled if s.req_id == rid and s.placeholder) for rid in kinds}
+    assert ph["plain"] > 0
+    assert ph["pen"] == ph["seed"] == ph["minlen"] == 0
+    for rid in kinds:
+        assert len(outs[rid]) == 6
+
+
+def test_async_scheduling_with_preemption_is_exact():
+    preempted = 0
+    for seed in range(20):
+        rng = random.Random(seed)
+        sched, _, core = make(num_blocks=rng.randint(8, 16), block_size=4, budget=rng.choice([4, 8, 16]),
+                               max_seqs=4, caching=False, async_=True)
+        prompts = {f"q{i}": [rng.randrange(97) for _ in range(rng.randint(3, 12))] for i in range(8)}
+        for rid, p in prompts.items():
+            add(sched, rid, p, 10)
+        outs: dict[str, list[int]] = {}
+        run_to_end(sched, core, outs)
+        preempted += sched.num_preemptions
+        for rid, p in prompts.items():
+            assert outs[rid] == brute_force(p, 10), (seed, rid)
+        assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_usable_blocks
+    assert preempted > 0, "the case needs preemption to mean anything"
+
+
+def test_async_scheduling_stop_in_flight_drops_the_extra_token():
+    """A request that stops on a token (EOS-like stop_token_ids) in step N was already scheduled into step N+1 on a
+    placeholder; that step's token for it is dropped, the output ends at the stop token."""
+    prompt = [4, 8, 15, 16, 23]
+    ref = brute_force(prompt, 20)
+    stop_at = ref[5]
+    sched, ex, core = make(num_blocks=64, budget=32, max_seqs=4, async_=True)
+    add(sched, "s", prompt, 20, stop_token_ids=[stop_at])
+    outs: dict[str, list[int]] = {}
+    run_to_end(sched, core, outs)
+    want = ref[: ref.index(stop_at) + 1]
+    assert outs["s"] == want
+    assert _sampling_steps(ex, "s") == len(want) + 1  # the one wasted run-ahead step
+    assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_usable_blocks

@@ -51,6 +51,9 @@ class Scheduler:
         self._preempted_since_last_step: set[str] = set()
         self._step_id = 0
         self.num_preemptions = 0
+        # set by the engine loop when it schedules step N+1 before step N's tokens are back (one step in flight,
+        # an executor that keeps sampled tokens on the device): a decode may then be scheduled on a placeholder
+        self.async_scheduling = False
 
     # ---- admission and removal -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -103,6 +106,7 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
+        req.num_pending_tokens = 0
         if status == RequestStatus.FINISHED_REMOTE:
             self.pinned[req.request_id] = req
         else:
@@ -116,6 +120,7 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.num_pending_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -173,12 +178,17 @@ class Scheduler:
             req = running[i]
             kt = req.kv_transfer
             target = req.num_tokens if kt is None or kt.compute_limit is None else req.num_target_tokens
+            if req.num_pending_tokens:
+                # a step that samples it is in flight: schedule the next position on a placeholder, or wait
+                if not (self.async_scheduling and req.may_run_ahead):
+                    i += 1
+                    continue
+                target += req.num_pending_tokens
             n = target - req.num_computed_tokens
             if n <= 0:
                 i += 1
                 continue
-            if n > budget:
-                n = budget
+            n = min(n, budget)
             if threshold and n > threshold:
                 n = threshold
             while True:
@@ -246,16 +256,24 @@ class Scheduler:
         self._preempted_since_last_step = set()
         self._step_id += 1
         # progress is booked at schedule time, so the next schedule() may run before this step's results
+        requests = self.requests
         for s in scheduled:
-            self.requests[s.req_id].num_computed_tokens += s.num_tokens
+            req = requests[s.req_id]
+            req.num_computed_tokens += s.num_tokens
+            if s.sample:
+                req.num_pending_tokens += 1
         return out
 
     def _scheduled(self, req: Request, n: int, new_block_ids: list[int]) -> ScheduledRequest:
         start = req.num_computed_tokens
         new = None
         num_tokens = req.num_tokens
+        end = start + n
+        # past the known tokens only by the one placeholder (a pending token) a run-ahead decode computes
+        placeholder = end > num_tokens
         kt = req.kv_transfer
-        sample = start + n == num_tokens and (kt is None or kt.compute_limit is None or kt.compute_limit >= num_tokens)
+        sample = end == num_tokens + req.num_pending_tokens and (
+            kt is None or kt.compute_limit is None or kt.compute_limit >= num_tokens)
         if req.request_id not in self._known_to_executor:
             self._known_to_executor.add(req.request_id)
             new = NewRequestInfo(
@@ -267,13 +285,14 @@ class Scheduler:
             new_block_ids = self.kv.get_block_ids(req.request_id)
         return ScheduledRequest(
             req_id=req.request_id,
-            token_ids=req.token_ids_slice(start, start + n) if self.emit_token_ids else [],
+            token_ids=req.token_ids_slice(start, min(end, num_tokens)) if self.emit_token_ids else [],
             num_computed_tokens=start,
             num_tokens=n,
             new_block_ids=new_block_ids,
             sample=sample,
             new=new,
             epoch=req.num_preemptions,
+            placeholder=placeholder,
         )
 
     def update_from_output(
@@ -289,6 +308,8 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is None or req.status != RequestStatus.RUNNING or sr.epoch != req.num_preemptions:
                 continue  # finished or preempted while the step ran (maybe re-admitted since: stale)
+            if sr.sample and req.num_pending_tokens > 0:
+                req.num_pending_tokens -= 1
             reached = sr.num_computed_tokens + sr.num_tokens
             if caching:
                 self.kv.cache_blocks(req, reached)
