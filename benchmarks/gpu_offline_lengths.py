@@ -132,11 +132,19 @@ def _run_mode(big: Any, work: Workload, mode: str, args: argparse.Namespace) -> 
     r["mode"] = mode
     r["async_scheduling"] = engine.core.async_scheduling
     r["graph_batch_sizes"] = sorted(runner.graphs.graphs) if runner.graphs is not None else []
-    del engine, runner, timed
+    # drop the timing wrapper (it closes over the runner: a cycle that would keep its KV pool and graphs alive)
+    del runner.execute_async
+    engine.executor = None
+    engine.core.executor = None
+    runner.graphs = None
+    del engine, runner
     import gc
 
     gc.collect()
+    torch.cuda.synchronize()
     torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    r["free_gib_after"] = free / 2**30
     return r
 
 
