@@ -25,6 +25,14 @@ the end), so a run killed by a time limit still leaves what it measured.
 Results: ``benchmarks/results/gpu-cluster-<tag>-<trace>.json`` (``$OUT/...`` when ``OUT`` is set) with the
 command, commit, device, emulation, trace, cluster and config; every repeat is kept, ``cluster_summary.py``
 reports medians.
+
+Other cluster files (issue 9: ``--cluster examples/clusters/h200-pair.yaml`` or ``h200-pair-lowend.yaml``): the
+high-end and low-end roles, each device's GPU and MPS (only where the file declares it) come from the file
+(``gpu_cluster_devices.py``); the emulated MPS pair runs exactly as before. ``--trace conv,code`` runs both traces
+on each strategy's workers, one after the other (a start-up saved per strategy; one result file per trace;
+``--trace-rates code=4,8,12`` and ``--rates-for code:dp=4,8`` give a trace its own rates). ``pd-tp2``: PD with the
+prefill instance at TP 2 over both devices, its decode instance on the high-end device beside it (each with its
+share of that GPU's memory: ``memory_fraction``; needs two devices of one type).
 """
 
 from __future__ import annotations
@@ -44,9 +52,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
+from gpu_cluster_devices import describe, gpu_layout, mps_daemon_visible, multicast_off, roles, worker_env
 from gpu_cluster_sim import DEFAULT_PROFILES, run_sim, sim_only, strategy_config, truncated_8b
 
-HI, LO = "gpu0:0", "gpu0:1"
+# pd-tp2: the prefill TP group's share of each GPU's memory and the decode instance's share of the high-end GPU
+PD_TP2_MEMORY = {"prefill": 0.3, "decode": 0.65}
 KEYS = ("mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p50_itl_ms", "p99_itl_ms",
         "output_throughput", "request_throughput", "request_goodput", "good_fraction", "completed")
 # Time model (fit to files a-i, see gpu_cluster_run.sh): the process (MPS daemon, imports) FILE_OVERHEAD_S, each
@@ -67,9 +77,10 @@ def parse_rates_for(text: str) -> dict[str, list[float]]:
 
 
 def estimate_s(names: list[str], rates: dict[str, list[float]], repeats: int, num_requests: int,
-               bound_s: float | None) -> tuple[float, float]:
-    """(typical, worst case) wall seconds of a plan: every run unsaturated / every run cut at its cap."""
-    spans = [num_requests / r for n in names for r in rates[n] for _ in range(repeats)]
+               bound_s: float | None, span_s: float = 0.0) -> tuple[float, float]:
+    """(typical, worst case) wall seconds of a plan: every run unsaturated / every run cut at its cap. ``rates``:
+    per strategy, every rate it runs (over all traces)."""
+    spans = [max(num_requests, int(r * span_s + 0.5)) / r for n in names for r in rates[n] for _ in range(repeats)]
     base = FILE_OVERHEAD_S + STARTUP_S * len(names)
     return base + sum(spans) + RUN_OVERHEAD_S * len(spans), base + sum(spans) + (5.0 + (bound_s or 30.0)) * len(spans)
 
@@ -91,6 +102,9 @@ def strategies(hi: str, lo: str, cronus_tbt_ms: float) -> dict[str, dict[str, An
                    "params": {"split_policy": {"kind": "adaptive", "tbt_slo_ms": cronus_tbt_ms}}},
         "hetis": {"strategy": "hetis",
                   "instances": [{"name": "main0", "role": "main", "devices": [hi], "workers": [{"device": lo}]}]},
+        "pd-tp2": {"strategy": "pd", "instances": [
+            {"name": "prefill0", "role": "prefill", "devices": [hi, lo], "memory_fraction": PD_TP2_MEMORY["prefill"]},
+            {"name": "decode0", "role": "decode", "devices": [hi], "memory_fraction": PD_TP2_MEMORY["decode"]}]},
     }
 
 
@@ -145,57 +159,103 @@ def workload(trace: Path | None, n: int, rate: float, max_in: int, max_out: int,
 
 class _Capped:
     """The engine as ``replay`` sees it, with a wall-clock cap: past ``cap_s`` it reports nothing unfinished, so
-    ``replay`` returns (only once every request was sent: ``replay`` then waits for no arrival)."""
+    ``replay`` returns (only once every request was sent: ``replay`` then waits for no arrival). With
+    ``fail_ttft_s`` (``--fail-fast``) it also cuts once more than 10% of the run's requests got no first token within
+    that long of being added: they missed the TTFT SLO, so fewer than 90% can be good whatever follows (a request
+    is added at or after its arrival, so this never counts a miss too many)."""
 
-    def __init__(self, engine: Any, cap_s: float | None, num_requests: int) -> None:
+    def __init__(self, engine: Any, cap_s: float | None, num_requests: int, fail_ttft_s: float | None = None) -> None:
         self.engine, self.cap_s, self.t0, self.cut, self.ids = engine, cap_s, time.monotonic(), False, []
         self.num_requests, self.just_added = num_requests, False
+        self.fail_ttft_s, self.cut_reason, self.cut_at_s = fail_ttft_s, None, None
+        self.waiting_first: dict[str, float] = {}  # request -> when it was added, until its first token
+        self.num_late = 0  # requests whose first token came later than fail_ttft_s after they were added
 
     def add_request(self, rid: str, *a: Any, **kw: Any) -> Any:
         self.ids.append(rid)
         self.just_added = True
+        if self.fail_ttft_s is not None:
+            self.waiting_first[rid] = time.monotonic()
         return self.engine.add_request(rid, *a, **kw)
+
+    def _num_missed(self, now: float) -> int:
+        assert self.fail_ttft_s is not None
+        return self.num_late + sum(1 for t in self.waiting_first.values() if now - t > self.fail_ttft_s)
 
     def has_unfinished_requests(self) -> bool:
         just_added, self.just_added = self.just_added, False  # replay asks right after adding: answer truly
-        if (self.cap_s is not None and len(self.ids) >= self.num_requests and not just_added
-                and time.monotonic() - self.t0 > self.cap_s):
-            self.cut = True
-            return False
+        if len(self.ids) >= self.num_requests and not just_added:
+            now = time.monotonic()
+            if self.cap_s is not None and now - self.t0 > self.cap_s:
+                self.cut, self.cut_reason, self.cut_at_s = True, "cap", now - self.t0
+                return False
+            if self.fail_ttft_s is not None and self._num_missed(now) > 0.1 * self.num_requests:
+                self.cut, self.cut_reason, self.cut_at_s = True, "fail-fast", now - self.t0
+                return False
         return self.engine.has_unfinished_requests()
 
     def step(self) -> Any:
-        return self.engine.step()
+        outs = self.engine.step()
+        if self.fail_ttft_s is not None and self.waiting_first:
+            now = time.monotonic()
+            for o in outs:
+                t = self.waiting_first.get(o.request_id)
+                if t is not None and o.outputs and o.outputs[0].delta_token_ids:
+                    del self.waiting_first[o.request_id]
+                    self.num_late += now - t > self.fail_ttft_s
+        return outs
 
 
-def run_real(engine: Any, wl: list[Any], slo: Any, vocab_hi: int, cap_s: float | None = None) -> dict[str, Any]:
+def run_real(engine: Any, wl: list[Any], slo: Any, vocab_hi: int, cap_s: float | None = None,
+             fail_ttft_s: float | None = None) -> dict[str, Any]:
     from replay import replay
 
     from hetserve.bench.metrics import compute_metrics
 
-    capped = _Capped(engine, cap_s, len(wl))
+    capped = _Capped(engine, cap_s, len(wl), fail_ttft_s)
     records, dur = replay(capped, wl, vocab_range=(10, vocab_hi))
     if capped.cut:  # a request cut short did not finish: it failed (and could not have met the SLO)
+        why = "cut at the run cap" if capped.cut_reason == "cap" else "cut: > 10% had missed the TTFT SLO"
         for rec in records:
             if rec.success and rec.output_len < rec.expected_output_len:
-                rec.success, rec.error = False, "cut at the run cap"
+                rec.success, rec.error = False, why
             elif not rec.success:
-                rec.error = "cut at the run cap"
-        dur = max(dur, (cap_s or 0.0) - min(w.arrival_s for w in wl))  # the engine worked until the cut
+                rec.error = why
+        until = cap_s if capped.cut_reason == "cap" else capped.cut_at_s
+        dur = max(dur, (until or 0.0) - min(w.arrival_s for w in wl))  # the engine worked until the cut
     m = compute_metrics(records, dur, slo)
     m["errors"] = sum(1 for r in records if not r.success)
     m["good_fraction"] = (m["request_goodput"] or 0) * m["duration"] / max(1, len(records))
     m["cut"] = capped.cut
+    m["cut_reason"] = capped.cut_reason
     m["request_ids"] = capped.ids  # to abort what a cut left in the engine
     return m
 
 
+def parse_traces(text: str) -> list[str]:
+    traces = [t for t in text.split(",") if t]
+    bad = [t for t in traces if t not in TRACES]
+    if bad or not traces or len(set(traces)) != len(traces):
+        raise ValueError(f"--trace: one or more of {', '.join(sorted(TRACES))}, comma-separated (got {text!r})")
+    return traces
+
+
+def rates_of(trace: str, name: str, rates: list[float], trace_rates: dict[str, list[float]],
+             rates_for: dict[str, list[float]]) -> list[float]:
+    """A strategy's rates on a trace: ``--rates-for trace:name``, then ``name``, then ``--trace-rates``, then
+    ``--rates``."""
+    return rates_for.get(f"{trace}:{name}", rates_for.get(name, trace_rates.get(trace, rates)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--strategies", default="high-alone,low-alone,dp,pp,pd-lp,pd-hp,cronus,hetis")
+    ap.add_argument("--strategies", default="high-alone,low-alone,dp,pp,pd-lp,pd-hp,cronus,hetis",
+                    help="also pd-tp2 (prefill TP 2 over both devices -> decode on the high-end one)")
     ap.add_argument("--rates", default="8,16,24", help="request rates (req/s), comma-separated; run ascending")
-    ap.add_argument("--trace", choices=sorted(TRACES), default="conv",
-                    help="Azure LLM 2023 trace whose lengths are used: conv (chat) or code (prefill-heavy)")
+    ap.add_argument("--trace", default="conv",
+                    help="Azure LLM 2023 trace whose lengths are used: conv (chat) or code (prefill-heavy); "
+                         "conv,code runs both on each strategy's workers (one result file each)")
+    ap.add_argument("--trace-rates", default="", help='a trace\'s own default rates: "code=4,8,12"')
     ap.add_argument("--repeats", type=int, default=1, help="runs per (strategy, rate), different arrival seeds")
     ap.add_argument("--num-requests", type=int, default=160)
     ap.add_argument("--layers", type=int, default=32, help="truncate the 8B shape to this many layers")
@@ -205,14 +265,16 @@ def main() -> int:
     ap.add_argument("--cronus-tbt-ms", type=float, default=50.0)
     ap.add_argument("--tag", default="h100-mps", help="result file gpu-cluster-<tag>-<trace>.json")
     ap.add_argument("--cluster", default="examples/clusters/emulated-h100-mps-pair.yaml",
-                    help="e.g. examples/clusters/emulated-h100-mps-pair-starved.yaml (high-end memory-starved)")
+                    help="e.g. examples/clusters/emulated-h100-mps-pair-starved.yaml (high-end memory-starved), "
+                         "h200-pair.yaml / h200-pair-lowend.yaml (two GPUs)")
     ap.add_argument("--profiles", default=DEFAULT_PROFILES,
                     help="DEVICE=PATH stand-ins or profiles measured on the MPS clients themselves")
     ap.add_argument("--smoke-cpu", action="store_true", help="cpu-pair + tiny model: check the script, no GPU")
     ap.add_argument("--deadline-s", type=float, default=540.0,
                     help="start no run (nor strategy) that would not end before this, by its arrival span")
     ap.add_argument("--rates-for", default="",
-                    help='per-strategy rates replacing --rates for those named: "hetis=4,8;low-alone=4,8,12"')
+                    help='per-strategy rates replacing --rates for those named: "hetis=4,8;low-alone=4,8,12"; '
+                         'for one trace only: "code:dp=4,8"')
     ap.add_argument("--stop-after-fail", type=int, default=0,
                     help="skip a strategy's higher rates after this many rates whose median good fraction was "
                          "< 90%% (0: never)")
@@ -226,11 +288,19 @@ def main() -> int:
                          "batch): throughput at SLO needs a sustained load")
     ap.add_argument("--sim-only", action="store_true",
                     help="the simulator alone for every strategy and rate (no GPU, no workers): to choose rates")
+    ap.add_argument("--fail-fast", action="store_true",
+                    help="cut a run, once every request was sent, as soon as more than 10%% of its requests missed "
+                         "the TTFT SLO (it cannot reach 90%% good): saves the drain of a saturated run")
     args = ap.parse_args()
     t_start = time.monotonic()
     started_utc = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if args.repeats < 1:
         print("--repeats must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        traces = parse_traces(args.trace)
+    except ValueError as e:
+        print(e, file=sys.stderr)
         return 2
 
     from hetserve.bench.metrics import parse_slo
@@ -241,16 +311,18 @@ def main() -> int:
     slo = parse_slo(args.slo)
     rates = sorted(float(r) for r in args.rates.split(",") if r)
     rates_for = parse_rates_for(args.rates_for)
+    trace_rates = parse_rates_for(args.trace_rates)
+    names = [s for s in args.strategies.split(",") if s]
     if args.estimate:
-        names = [s for s in args.strategies.split(",") if s]
-        per = {n: rates_for.get(n, rates) for n in names}
+        per = {n: [r for tr in traces for r in rates_of(tr, n, rates, trace_rates, rates_for)] for n in names}
         typ, worst = estimate_s(names, per, args.repeats, args.num_requests,
-                                slo_bound_s(slo, args.max_output))
+                                slo_bound_s(slo, args.max_output), args.span_s)
         print(f"estimate: {typ:.0f} s typical, {worst:.0f} s if every run were cut at its cap "
               f"({sum(len(v) for v in per.values()) * args.repeats} runs, {len(names)} strategies)")
         return 0
-    trace = find_trace(args.trace)
+    trace_files = {tr: find_trace(tr) for tr in traces}
     mps = None
+    layout = None
     if args.smoke_cpu:
         from hetserve.tiny.make_tiny import default_model_dir
 
@@ -260,18 +332,19 @@ def main() -> int:
         hi, lo = "host:0", "host:1"
         device, dtype, vocab_hi, scale = "cpu", "float32", 400, 8
         profiles: dict[str, Any] = {}
-        worker_env: dict[str, dict[str, str]] = {}
+        worker_env_: dict[str, dict[str, str]] = {}
         engine_kw: dict[str, Any] = {"max_model_len": 512, "num_kv_blocks": 256}
         max_in, max_out = min(args.max_input, 256), min(args.max_output, 32)
         device_desc = "CPU (cpu-pair: the second worker paced to 0.5x, emulated)"
     elif args.sim_only:
-        return sim_only(args, rates, rates_for, trace, slo)
+        return sim_only(args, rates, rates_for, trace_files[traces[0]], slo, traces, trace_rates)
     else:
         import torch
 
         from hetserve.device.mps import MpsDaemon
         from hetserve.tiny.make_tiny import make_tiny_model
 
+        multicast_off()
         work = Path("/tmp/hetserve-gpu-cluster")
         model_dir = truncated_8b(work, args.layers)
         if not (model_dir / "tokenizer.json").exists():  # a stand-in tokenizer: prompts are token ids
@@ -282,180 +355,232 @@ def main() -> int:
                     (model_dir / f).write_bytes((tok / f).read_bytes())
         cluster_file = args.cluster
         cluster = load_cluster(str(ROOT / cluster_file))
-        hi, lo = HI, LO
+        layout = gpu_layout(cluster)
+        hi, lo = roles(cluster)
         device, dtype, vocab_hi, scale = "cuda", "bfloat16", 120000, 1
         from hetserve.planner.profile_set import load_profile_set
 
         profiles = {n: p for n, (p, _) in load_profile_set(args.profiles.split(","), "--profiles", ROOT).items()}
-        mps = MpsDaemon().start()
-        worker_env = {}
-        for part in cluster.emulation.partitions:  # type: ignore[union-attr]
-            # the cap: the declared memory plus 3 GiB for the CUDA context and workspaces the plan does not count
-            cap = None if part.memory_bytes is None else part.memory_bytes + 3 * 2**30
-            worker_env[part.name] = mps.client_env(part.amount, cap)
+        ids: list[str] = []
+        if layout.multi:
+            from gpu_link import gpu_ids
+
+            if torch.cuda.device_count() < layout.num_gpus:
+                print(f"{cluster_file} needs {layout.num_gpus} GPUs; this machine has {torch.cuda.device_count()}",
+                      file=sys.stderr)
+                return 2
+            ids = gpu_ids(layout.num_gpus)
+        if layout.uses_mps:
+            mps = MpsDaemon(visible_devices=mps_daemon_visible(layout, ids)).start()
+        worker_env_ = worker_env(cluster, layout, ids, mps.client_env if mps is not None else None)
         engine_kw = {"max_model_len": args.max_input + args.max_output + 16, "num_kv_blocks": 1 << 20,
                      "load_format": "dummy"}
         max_in, max_out = args.max_input, args.max_output
         props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
-        device_desc = f"{props.name if props else 'cuda'} (one GPU; pair emulated by MPS 75/25, see cluster file)"
+        if layout.multi:
+            device_desc = describe(cluster, layout, props.name if props else "cuda")
+        else:
+            device_desc = f"{props.name if props else 'cuda'} (one GPU; pair emulated by MPS 75/25, see cluster file)"
     mc = ModelConfig.from_path(model_dir)
     table = strategies(hi, lo, args.cronus_tbt_ms)
-    names = [s for s in args.strategies.split(",") if s]
     unknown = [s for s in names if s not in table]
     if unknown:
         print(f"--strategies: unknown {unknown}; choose from {sorted(table)}", file=sys.stderr)
         return 2
     bound = slo_bound_s(slo, max_out)
-    tag = args.tag if args.tag.endswith(f"-{args.trace}") else f"{args.tag}-{args.trace}"
-    dest = ROOT / "benchmarks/results" / (f"gpu-cluster-{tag}.json" if not args.smoke_cpu
-                                          else f"cpu-cluster-smoke-{args.trace}.json")
-    if os.environ.get("OUT"):
-        dest = Path(os.environ["OUT"]) / dest.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    results: list[dict[str, Any]] = []
+    multi = layout is not None and layout.multi
+    dests: dict[str, Path] = {}
+    for tr in traces:
+        tag = args.tag if args.tag.endswith(f"-{tr}") else f"{args.tag}-{tr}"
+        dest = ROOT / "benchmarks/results" / (f"gpu-cluster-{tag}.json" if not args.smoke_cpu
+                                              else f"cpu-cluster-smoke-{tr}.json")
+        if os.environ.get("OUT"):
+            dest = Path(os.environ["OUT"]) / dest.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dests[tr] = dest
+    results: dict[str, list[dict[str, Any]]] = {tr: [] for tr in traces}
     finished = False
 
+    def emulation_record() -> dict[str, Any] | None:
+        if args.smoke_cpu:
+            return None
+        if not multi:
+            return {"cluster": cluster_file,
+                    "partitions": {d.spec.name: d.spec.emulated_by for d in cluster.devices},
+                    "note": "both devices share one H100's HBM bandwidth and L2; simulator profiles: " + args.profiles}
+        if cluster.emulation is None:
+            return None
+        return {"cluster": cluster_file, "partitions": {d.id: d.emulation for d in cluster.devices},
+                "note": "separate GPUs (no HBM or L2 shared); the emulated devices are MPS clients of their own "
+                        "GPU, the others whole GPUs; simulator profiles: " + args.profiles}
+
     def write(complete: bool) -> None:
-        """The result file as it stands: rewritten after every run, so a killed process leaves its runs."""
-        out = {
-            "benchmark": "heterogeneous strategies on an emulated pair (issues 7, 8)",
-            "command": " ".join([sys.executable, *sys.argv]),
-            "git_commit": git_commit(),
-            "started_utc": started_utc,
-            "complete": complete,
-            "device": device_desc,
-            "emulation": None if args.smoke_cpu else {
+        """The result files as they stand: rewritten after every run, so a killed process leaves its runs."""
+        for tr in traces:
+            trace = trace_files[tr]
+            out = {
+                "benchmark": "heterogeneous strategies on an emulated pair (issues 7, 8)" if not multi else
+                             "heterogeneous strategies on two GPUs (issue 9)",
+                "command": " ".join([sys.executable, *sys.argv]),
+                "git_commit": git_commit(),
+                "started_utc": started_utc,
+                "complete": complete,
+                "device": device_desc,
+                "emulation": emulation_record(),
                 "cluster": cluster_file,
-                "partitions": {d.spec.name: d.spec.emulated_by for d in cluster.devices},
-                "note": "both devices share one H100's HBM bandwidth and L2; simulator profiles: " + args.profiles},
-            "cluster": cluster_file,
-            "cluster_name": cluster.name,
-            "memory_starved": "starved" in cluster.name,
-            "model": f"Llama-3.1-8B shape, {mc.num_hidden_layers} layers, random {dtype} weights",
-            "trace": args.trace,
-            "trace_file": trace.name if trace else None,
-            "workload": f"{trace.name if trace else FALLBACK[args.trace]} lengths (prompt <= {max_in}, "
-                        f"output <= {max_out}), Poisson arrivals, max({args.num_requests}, rate x {args.span_s:g} s) "
-                        "requests per rate",
-            "num_requests": args.num_requests,
-            "span_s": args.span_s,
-            "rates": rates,
-            "rates_for": rates_for,
-            "repeats": args.repeats,
-            "arrival_seeds": "int(10 * rate) + 1000 * repeat",
-            "slo": args.slo,
-            "slo_bound_s": bound,
-            "platform": platform.platform(),
-            "wall_s": time.monotonic() - t_start,
-            "results": results,
-        }
-        tmp = dest.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(out, indent=1, default=str))
-        tmp.replace(dest)
+                "cluster_name": cluster.name,
+                "memory_starved": "starved" in cluster.name,
+                "model": f"Llama-3.1-8B shape, {mc.num_hidden_layers} layers, random {dtype} weights",
+                "trace": tr,
+                "trace_file": trace.name if trace else None,
+                "workload": f"{trace.name if trace else FALLBACK[tr]} lengths (prompt <= {max_in}, "
+                            f"output <= {max_out}), Poisson arrivals, max({args.num_requests}, rate x {args.span_s:g} s) "
+                            "requests per rate",
+                "num_requests": args.num_requests,
+                "span_s": args.span_s,
+                "rates": trace_rates.get(tr, rates),
+                "rates_for": rates_for if len(traces) == 1 else {
+                    n: rates_of(tr, n, rates, trace_rates, rates_for) for n in names},
+                "repeats": args.repeats,
+                "arrival_seeds": "int(10 * rate) + 1000 * repeat",
+                "slo": args.slo,
+                "slo_bound_s": bound,
+                "platform": platform.platform(),
+                "wall_s": time.monotonic() - t_start,
+                "results": results[tr],
+            }
+            if multi:
+                out["profiles"] = args.profiles
+                out["roles"] = {"high": hi, "low": lo}
+                out["gpus"] = {"gpu_of": layout.gpu_of, "mps_gpus": list(layout.mps_gpus),  # type: ignore[union-attr]
+                               "worker_env": {k: {e: v for e, v in env.items() if not e.startswith("CUDA_MPS_PIPE")
+                                                  and not e.startswith("CUDA_MPS_LOG")}
+                                              for k, env in worker_env_.items()},
+                               "mps_daemon_visible": mps_daemon_visible(layout, ids)}  # type: ignore[arg-type]
+            if len(traces) > 1:
+                out["traces_in_process"] = traces
+            tmp = dests[tr].with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(out, indent=1, default=str))
+            tmp.replace(dests[tr])
 
     def left() -> float:
         return args.deadline_s - (time.monotonic() - t_start)
 
+    def run_rates(engine: Any, name: str, tr: str, row: dict[str, Any], cfg: dict[str, Any]) -> None:
+        """Every rate (and repeat) of one strategy on one trace, the simulator beside each run."""
+        trace = trace_files[tr]
+        stop = None  # why the rest of this strategy's runs are skipped
+        num_failed = 0
+        for rate in rates_of(tr, name, rates, trace_rates, rates_for):
+            if stop is None and args.stop_after_fail and num_failed >= args.stop_after_fail:
+                stop = f"failed the SLO at {num_failed} lower rate(s) (--stop-after-fail)"
+            n_req = max(args.num_requests, int(rate * args.span_s + 0.5))
+            for k in range(args.repeats):
+                span = n_req / rate
+                if stop is None and left() < span + RUN_OVERHEAD_S:
+                    stop = "device-time deadline reached"
+                if stop is not None:
+                    row["runs"].append({"rate": rate, "repeat": k, "skipped": stop})
+                    continue
+                seed = arrival_seed(rate, k)
+                wl = workload(trace, n_req, rate, max_in, max_out, seed=seed, scale=scale, fallback=FALLBACK[tr])
+                cap = args.run_cap_s
+                if cap is None and bound is not None:
+                    cap = max(w.arrival_s for w in wl) + bound + 5.0
+                t_run = time.monotonic()
+                fail_ttft = slo.ttft_ms / 1000.0 if args.fail_fast and slo.ttft_ms is not None else None
+                real = run_real(engine, wl, slo, vocab_hi, cap, fail_ttft)
+                t_sim = time.monotonic()
+                sim = run_sim(cluster, mc, cfg, profiles, engine, wl, slo)
+                t_end = time.monotonic()
+                err = {k2: ((sim[k2] - real[k2]) / real[k2] if real.get(k2) and sim.get(k2) is not None
+                            else None) for k2 in KEYS if k2 != "completed"}
+                run: dict[str, Any] = {
+                    "rate": rate, "repeat": k, "seed": seed,
+                    "real": {k2: real.get(k2) for k2 in (*KEYS, "errors", "duration")},
+                    "simulated": {k2: sim.get(k2) for k2 in (*KEYS, "duration")}, "relative_error": err,
+                    "cut": real["cut"], "cap_s": cap,
+                    "wall_s": {"real": t_sim - t_run, "sim": t_end - t_sim},
+                    "transfers_ok": engine.num_transfers_ok,
+                    "transfers_failed": engine.num_transfers_failed}
+                if args.fail_fast:
+                    run["cut_reason"] = real["cut_reason"]
+                stats = engine.kv_stats() if hasattr(engine, "kv_stats") else []
+                done = [x for x in stats if x.get("ok")]
+                if done:  # direct KV hand-offs so far (cumulative over this strategy's runs)
+                    tot = {k2: sum(float(x.get(k2) or 0) for x in done)
+                           for k2 in ("num_bytes", "wall_s", "declared_s", "send_convert_s",
+                                      "recv_convert_s", "handoff_s")}
+                    tot["count"] = len(done)
+                    tot["achieved_over_declared_bandwidth"] = (tot["declared_s"] / tot["wall_s"]
+                                                               if tot["wall_s"] else None)
+                    run["kv_transfers"] = tot
+                dep = engine.deployment.describe()
+                if "mean_k_fraction" in dep:
+                    run["cronus_mean_k_fraction"] = dep["mean_k_fraction"]
+                if real["cut"]:
+                    engine.abort_request(real["request_ids"])
+                    t_drain = time.monotonic()
+                    while time.monotonic() - t_drain < 2.0:  # replies of steps in flight
+                        engine.step()
+                    if (real["good_fraction"] or 0) < 0.9:
+                        stop = f"saturated: the run at {rate:g} req/s was cut with < 90% good"
+                    elif any(f != u for f, u in engine.free_blocks().values()):
+                        stop = "KV blocks still held after aborting a cut run"
+                row["runs"].append(run)
+                r = run["real"]
+                cut_note = "" if not real["cut"] else f"  CUT ({real['cut_reason']})" if args.fail_fast else "  CUT"
+                print(f"{tr + ' ' if len(traces) > 1 else ''}"
+                      f"{name:10s} {rate:5.1f} req/s #{k} TTFT p50/p99 {r['p50_ttft_ms']:8.1f}/"
+                      f"{r['p99_ttft_ms']:8.1f} ms  ITL p50/p99 {r['p50_itl_ms']:6.1f}/{r['p99_itl_ms']:6.1f} ms"
+                      f"  {r['output_throughput']:8.1f} tok/s  good {100 * r['good_fraction']:.0f}%  "
+                      f"sim TTFT {sim['mean_ttft_ms']:.1f} ({100 * (err['mean_ttft_ms'] or 0):+.0f}%) "
+                      f"tput ({100 * (err['output_throughput'] or 0):+.0f}%)"
+                      f"{cut_note}  {t_end - t_run:.1f} s", flush=True)
+                write(False)
+            fr = sorted(x["real"]["good_fraction"] or 0.0 for x in row["runs"]
+                        if x.get("rate") == rate and "real" in x)
+            if fr and fr[len(fr) // 2] < 0.9:  # the median (upper for an even count)
+                num_failed += 1
+
     try:
         for name in names:
-            my_rates = rates_for.get(name, rates)
-            first_span = max(args.num_requests / my_rates[0], args.span_s)
+            first_rates = rates_of(traces[0], name, rates, trace_rates, rates_for)
+            first_span = max(args.num_requests / first_rates[0], args.span_s)
             if left() < STARTUP_S + first_span:
-                results.append({"strategy": name, "skipped": "device-time deadline reached"})
+                for tr in traces:
+                    results[tr].append({"strategy": name, "skipped": "device-time deadline reached"})
                 continue
             spec = table[name]
             cfg = strategy_config(spec, dtype, engine_kw["max_model_len"])
-            row: dict[str, Any] = {"strategy": name, "config": cfg, "runs": []}
-            results.append(row)
+            rows = {tr: {"strategy": name, "config": cfg, "runs": []} for tr in traces}
+            for tr in traces:
+                results[tr].append(rows[tr])
             t0 = time.monotonic()
             try:
                 engine = from_cluster(str(model_dir), cluster, spec["strategy"], instances=spec["instances"],
                                       deployment_params=spec.get("params"), device=device, dtype=dtype,
-                                      worker_env=worker_env, profiles=profiles, **engine_kw)
+                                      worker_env=worker_env_, profiles=profiles, **engine_kw)
             except Exception as e:  # noqa: BLE001 - recorded, the next strategy runs
-                row["error"] = f"{type(e).__name__}: {e}"
-                print(f"{name}: could not start: {row['error']}")
+                for row in rows.values():
+                    row["error"] = f"{type(e).__name__}: {e}"
+                print(f"{name}: could not start: {rows[traces[0]]['error']}")
                 write(False)
                 continue
-            row["startup_s"] = time.monotonic() - t0
-            row["instances"] = {n: {"num_kv_blocks": p.num_kv_blocks, "devices": list(p.device_ids),
-                                    "role": p.role} for n, p in engine.deployment.plans.items()}
+            for row in rows.values():
+                row["startup_s"] = time.monotonic() - t0
+                row["instances"] = {n: {"num_kv_blocks": p.num_kv_blocks, "devices": list(p.device_ids),
+                                        "role": p.role} for n, p in engine.deployment.plans.items()}
             try:
-                run_real(engine, workload(trace, 8, 100.0, 128, 8, seed=99, scale=scale,
-                                          fallback=FALLBACK[args.trace]), None, vocab_hi)  # warm-up
-                stop = None  # why the rest of this strategy's runs are skipped
-                num_failed = 0
-                for rate in my_rates:
-                    if stop is None and args.stop_after_fail and num_failed >= args.stop_after_fail:
-                        stop = f"failed the SLO at {num_failed} lower rate(s) (--stop-after-fail)"
-                    n_req = max(args.num_requests, int(rate * args.span_s + 0.5))
-                    for k in range(args.repeats):
-                        span = n_req / rate
-                        if stop is None and left() < span + RUN_OVERHEAD_S:
-                            stop = "device-time deadline reached"
-                        if stop is not None:
-                            row["runs"].append({"rate": rate, "repeat": k, "skipped": stop})
-                            continue
-                        seed = arrival_seed(rate, k)
-                        wl = workload(trace, n_req, rate, max_in, max_out, seed=seed, scale=scale,
-                                      fallback=FALLBACK[args.trace])
-                        cap = args.run_cap_s
-                        if cap is None and bound is not None:
-                            cap = max(w.arrival_s for w in wl) + bound + 5.0
-                        t_run = time.monotonic()
-                        real = run_real(engine, wl, slo, vocab_hi, cap)
-                        t_sim = time.monotonic()
-                        sim = run_sim(cluster, mc, cfg, profiles, engine, wl, slo)
-                        t_end = time.monotonic()
-                        err = {k2: ((sim[k2] - real[k2]) / real[k2] if real.get(k2) and sim.get(k2) is not None
-                                    else None) for k2 in KEYS if k2 != "completed"}
-                        run: dict[str, Any] = {
-                            "rate": rate, "repeat": k, "seed": seed,
-                            "real": {k2: real.get(k2) for k2 in (*KEYS, "errors", "duration")},
-                            "simulated": {k2: sim.get(k2) for k2 in (*KEYS, "duration")}, "relative_error": err,
-                            "cut": real["cut"], "cap_s": cap,
-                            "wall_s": {"real": t_sim - t_run, "sim": t_end - t_sim},
-                            "transfers_ok": engine.num_transfers_ok,
-                            "transfers_failed": engine.num_transfers_failed}
-                        stats = engine.kv_stats() if hasattr(engine, "kv_stats") else []
-                        done = [x for x in stats if x.get("ok")]
-                        if done:  # direct KV hand-offs so far (cumulative over this strategy's runs)
-                            tot = {k2: sum(float(x.get(k2) or 0) for x in done)
-                                   for k2 in ("num_bytes", "wall_s", "declared_s", "send_convert_s",
-                                              "recv_convert_s", "handoff_s")}
-                            tot["count"] = len(done)
-                            tot["achieved_over_declared_bandwidth"] = (tot["declared_s"] / tot["wall_s"]
-                                                                       if tot["wall_s"] else None)
-                            run["kv_transfers"] = tot
-                        dep = engine.deployment.describe()
-                        if "mean_k_fraction" in dep:
-                            run["cronus_mean_k_fraction"] = dep["mean_k_fraction"]
-                        if real["cut"]:
-                            engine.abort_request(real["request_ids"])
-                            t_drain = time.monotonic()
-                            while time.monotonic() - t_drain < 2.0:  # replies of steps in flight
-                                engine.step()
-                            if (real["good_fraction"] or 0) < 0.9:
-                                stop = f"saturated: the run at {rate:g} req/s was cut with < 90% good"
-                            elif any(f != u for f, u in engine.free_blocks().values()):
-                                stop = "KV blocks still held after aborting a cut run"
-                        row["runs"].append(run)
-                        r = run["real"]
-                        print(f"{name:10s} {rate:5.1f} req/s #{k} TTFT p50/p99 {r['p50_ttft_ms']:8.1f}/"
-                              f"{r['p99_ttft_ms']:8.1f} ms  ITL p50/p99 {r['p50_itl_ms']:6.1f}/{r['p99_itl_ms']:6.1f} ms"
-                              f"  {r['output_throughput']:8.1f} tok/s  good {100 * r['good_fraction']:.0f}%  "
-                              f"sim TTFT {sim['mean_ttft_ms']:.1f} ({100 * (err['mean_ttft_ms'] or 0):+.0f}%) "
-                              f"tput ({100 * (err['output_throughput'] or 0):+.0f}%)"
-                              f"{'  CUT' if real['cut'] else ''}  {t_end - t_run:.1f} s", flush=True)
-                        write(False)
-                    fr = sorted(x["real"]["good_fraction"] or 0.0 for x in row["runs"]
-                                if x.get("rate") == rate and "real" in x)
-                    if fr and fr[len(fr) // 2] < 0.9:  # the median (upper for an even count)
-                        num_failed += 1
-                row["free_blocks_after"] = engine.free_blocks()
+                run_real(engine, workload(trace_files[traces[0]], 8, 100.0, 128, 8, seed=99, scale=scale,
+                                          fallback=FALLBACK[traces[0]]), None, vocab_hi)  # warm-up
+                for tr in traces:
+                    run_rates(engine, name, tr, rows[tr], cfg)
+                    rows[tr]["free_blocks_after"] = engine.free_blocks()
             except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {e}"
-                print(f"{name}: failed: {row['error']}")
+                for row in rows.values():
+                    row.setdefault("error", f"{type(e).__name__}: {e}")
+                print(f"{name}: failed: {type(e).__name__}: {e}")
             finally:
                 engine.shutdown()
             write(False)
@@ -464,7 +589,8 @@ def main() -> int:
         if mps is not None:
             mps.stop()
         write(finished)
-    print(f"wrote {dest}")
+    for tr in traces:
+        print(f"wrote {dests[tr]}")
     return 0
 
 

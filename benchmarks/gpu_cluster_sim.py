@@ -48,11 +48,13 @@ def run_sim(cluster: Any, mc: Any, cfg: dict[str, Any], profiles: dict[str, Any]
     return m
 
 
-def sim_only(args: Any, rates: list[float], rates_for: dict[str, list[float]], trace: Path | None, slo: Any) -> int:
+def sim_only(args: Any, rates: list[float], rates_for: dict[str, list[float]], trace: Path | None, slo: Any,
+             traces: list[str] | None = None, trace_rates: dict[str, list[float]] | None = None) -> int:
     """``--sim-only``: the simulator alone for every strategy and rate (no GPU, no workers), to choose rates."""
     import tempfile
 
-    from gpu_cluster import FALLBACK, HI, LO, arrival_seed, strategies, workload
+    from gpu_cluster import FALLBACK, arrival_seed, find_trace, rates_of, strategies, workload
+    from gpu_cluster_devices import roles
 
     from hetserve.core.cluster import load_cluster
     from hetserve.core.model_config import ModelConfig
@@ -61,15 +63,19 @@ def sim_only(args: Any, rates: list[float], rates_for: dict[str, list[float]], t
     cluster = load_cluster(str(ROOT / args.cluster))
     profiles = {n: p for n, (p, _) in load_profile_set(args.profiles.split(","), "--profiles", ROOT).items()}
     mc = ModelConfig.from_path(truncated_8b(Path(tempfile.mkdtemp()), args.layers))
-    table = strategies(HI, LO, args.cronus_tbt_ms)
-    for name in [s for s in args.strategies.split(",") if s]:
-        cfg = strategy_config(table[name], "bfloat16", args.max_input + args.max_output + 16)
-        for rate in rates_for.get(name, rates):
-            n = max(args.num_requests, int(rate * args.span_s + 0.5))
-            wl = workload(trace, n, rate, args.max_input, args.max_output, seed=arrival_seed(rate, 0), scale=1,
-                          fallback=FALLBACK[args.trace])
-            m = run_sim(cluster, mc, cfg, profiles, None, wl, slo)
-            print(f"{name:11s} {rate:6.1f} req/s n={n:4d}  good {m['good_fraction']:5.1%}  TTFT p50/p99 "
-                  f"{m['p50_ttft_ms']:8.1f}/{m['p99_ttft_ms']:8.1f} ms  ITL p99 {m['p99_itl_ms']:7.1f} ms  "
-                  f"{m['output_throughput']:7.0f} tok/s", flush=True)
+    table = strategies(*roles(cluster), args.cronus_tbt_ms)
+    traces = traces or [args.trace]
+    for tr in traces:
+        tr_file = trace if tr == traces[0] else find_trace(tr)
+        for name in [s for s in args.strategies.split(",") if s]:
+            cfg = strategy_config(table[name], "bfloat16", args.max_input + args.max_output + 16)
+            for rate in rates_of(tr, name, rates, trace_rates or {}, rates_for):
+                n = max(args.num_requests, int(rate * args.span_s + 0.5))
+                wl = workload(tr_file, n, rate, args.max_input, args.max_output, seed=arrival_seed(rate, 0), scale=1,
+                              fallback=FALLBACK[tr])
+                m = run_sim(cluster, mc, cfg, profiles, None, wl, slo)
+                print(f"{tr + ' ' if len(traces) > 1 else ''}"
+                      f"{name:11s} {rate:6.1f} req/s n={n:4d}  good {m['good_fraction']:5.1%}  TTFT p50/p99 "
+                      f"{m['p50_ttft_ms']:8.1f}/{m['p99_ttft_ms']:8.1f} ms  ITL p99 {m['p99_itl_ms']:7.1f} ms  "
+                      f"{m['output_throughput']:7.0f} tok/s", flush=True)
     return 0
