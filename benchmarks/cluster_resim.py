@@ -3,10 +3,11 @@
     python benchmarks/cluster_resim.py benchmarks/results/gpu-cluster-h100-mps-sustained-*.json
 
 Each run's workload is rebuilt exactly as the run made it (trace, seed, ``max(num_requests, rate x span_s)``
-requests, prompt <= 2048, output <= 256), simulated on the file's cluster file with the MPS clients' profiles,
-and the run's ``simulated`` / ``relative_error`` are replaced in place; the figures the run itself recorded
-move to ``simulated_at_run``, and the file gains ``resimulated`` (commit, when, why). A table of the mean-TTFT,
-mean-TPOT and throughput errors before and after goes to stdout.
+requests, prompt <= 2048, output <= 256), simulated on the file's cluster file with its profiles (``--profiles``;
+default: the file's own ``profiles``, else the MPS clients'), and the run's ``simulated`` / ``relative_error``
+are replaced in place; the figures the run itself recorded move to ``simulated_at_run``, and the file gains
+``resimulated`` (commit, when, why). A table of the mean-TTFT, mean-TPOT and throughput errors before and after
+goes to stdout.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def main() -> int:
     ap.add_argument("--why", default="the simulator models the shared HBM / L2 of the MPS pair "
                                       "(emulation.partitions[].shared_slowdown)")
     ap.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
+    ap.add_argument("--profiles", default=None,
+                    help="DEVICE=PATH,... (default: the file's own `profiles`, else the MPS clients' profiles)")
     args = ap.parse_args()
-    profiles = {n: p for n, (p, _) in load_profile_set(DEFAULT_PROFILES.split(","), "--profiles", ROOT).items()}
     commit = g.git_commit()
     for f in args.files:
         path = Path(f)
@@ -52,6 +54,8 @@ def main() -> int:
             print(f"{path.name}: not a sustained-load file (no span_s), skipped")
             continue
         slo = parse_slo(d["slo"])
+        items = (args.profiles or d.get("profiles") or DEFAULT_PROFILES).split(",")
+        profiles = {n: p for n, (p, _) in load_profile_set(items, "--profiles", ROOT).items()}
         cluster = load_cluster(str(ROOT / d["cluster"]))
         trace = g.find_trace(d["trace"])
         layers = int(str(d["model"]).split(",")[1].split()[0]) if "layers" in str(d["model"]) else 32

@@ -35,11 +35,28 @@
 #                 (4,8,12) pd-lp (8,16,24)                                                       (prefill-heavy)
 #   starved       hetis, dp, pp, pd-lp, pd-hp (4,8,12), memory-starved pair       60  1    ~360 s comparison 3
 # Not all of issue 8 fits one call: conv, then starved, then code (or conv-repeats) is the order of value.
+#
+# Issue 9, two GPUs of one host (kind nvidia-h200-x2; README "Two GPUs"): each plan runs conv AND code on every
+# strategy's workers (one start-up per strategy), 3 rates each, 6 s of arrivals a run, --fail-fast (a run that
+# can no longer reach 90% good is cut once every request was sent), strategies in order of value:
+#   h200x2-lowend  gpu_link.py (~40 s), H200 / H200-MPS25 profiles if profiles/ lacks them (~30 s, both GPUs at
+#                  once), then cronus, pd-lp, hetis, dp, pp on h200-pair-lowend.yaml (GPU1 = MPS 25% + 24 GB):
+#                  conv 16,32,48 (pd-lp 8,16,32), code 8,16,32 (pd-lp 4,8,16)     30 runs   est. ~540 s + ~70
+#   h200x2         the H200 profile if missing, then pd-tp2, pd-lp, cronus, hetis, dp, pp on h200-pair.yaml:
+#                  conv 24,48,72, code 16,32,48                                    36 runs   est. ~640 s
+# (estimates by the H100 time model above, pessimistic for an H200 with --fail-fast). Neither fits its ~430 s of
+# runs: the deadline skips the last strategies (recorded as skipped; the order is PD, Cronus, Hetis, then the DP
+# and PP baselines), which a third call picks up (STRATS=..., or TRACE=code).
+# Extra env vars: SPAN (s of arrivals per run), TRACE_RATES ("code=8,16"), FAIL_FAST (1/0), LINK (1: run
+# gpu_link.py first). NVLink multicast is off in every plan (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
+# NVSHMEM_DISABLE_NVLS=1); two-GPU plans also set CUDA_DEVICE_ORDER=PCI_BUS_ID (CUDA ordinals = nvidia-smi's).
 set -u
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 PLAN=${PLAN:-conv}
 ALL=high-alone,low-alone,dp,pp,pd-lp,pd-hp,cronus
+d_trace_rates=""; d_span=""; d_ff=""; d_link=0; d_gpus=1
 case "$PLAN" in
   conv) d_trace=conv; d_strats=$ALL; d_rates=48,64,80; d_n=100; d_reps=1; d_cluster=""
         d_for="low-alone=6,9,12;pp=24,36,48;pd-lp=24,36,48;dp=48,64,80,96;cronus=24,36,48,64,80" ;;
@@ -49,7 +66,13 @@ case "$PLAN" in
         d_for="low-alone=4,8,12;pd-lp=8,16,24" ;;
   starved) d_trace=conv; d_strats=hetis,dp,pp,pd-lp,pd-hp; d_rates=4,8,12; d_n=60; d_reps=1
         d_cluster=examples/clusters/emulated-h100-mps-pair-starved.yaml; d_for="" ;;
-  *) echo "PLAN: conv | conv-repeats | code | starved (got $PLAN)"; exit 2 ;;
+  h200x2-lowend) d_trace=conv,code; d_strats=cronus,pd-lp,hetis,dp,pp; d_rates=16,32,48; d_n=40; d_reps=1
+        d_trace_rates="code=8,16,32"; d_for="conv:pd-lp=8,16,32;code:pd-lp=4,8,16"; d_span=6; d_ff=1; d_link=1
+        d_gpus=2; d_cluster=examples/clusters/h200-pair-lowend.yaml ;;
+  h200x2) d_trace=conv,code; d_strats=pd-tp2,pd-lp,cronus,hetis,dp,pp; d_rates=24,48,72; d_n=40; d_reps=1
+        d_trace_rates="code=16,32,48"; d_for=""; d_span=6; d_ff=1; d_gpus=2
+        d_cluster=examples/clusters/h200-pair.yaml ;;
+  *) echo "PLAN: conv | conv-repeats | code | starved | h200x2-lowend | h200x2 (got $PLAN)"; exit 2 ;;
 esac
 TRACE=${TRACE:-$d_trace}
 STRATS=${STRATS:-$d_strats}
@@ -58,20 +81,68 @@ RATES_FOR=${RATES_FOR-$d_for}
 N=${N:-$d_n}
 REPEATS=${REPEATS:-$d_reps}
 CLUSTER=${CLUSTER:-${d_cluster:-examples/clusters/emulated-h100-mps-pair.yaml}}
-TAG=${TAG:-h100-mps-$PLAN-$(date -u +%m%d%H%M)}
+if [ "$d_gpus" = 2 ]; then TAG=${TAG:-$PLAN-$(date -u +%m%d%H%M)}; else TAG=${TAG:-h100-mps-$PLAN-$(date -u +%m%d%H%M)}; fi
 DEADLINE=${DEADLINE:-470}
 HARD=${HARD:-560}
 STOP_AFTER_FAIL=${STOP_AFTER_FAIL:-1}
+TRACE_RATES=${TRACE_RATES-$d_trace_rates}
+SPAN=${SPAN-$d_span}
+FAIL_FAST=${FAIL_FAST-$d_ff}
+LINK=${LINK-$d_link}
 ARGS=(--trace "$TRACE" --strategies "$STRATS" --rates "$RATES" --rates-for "$RATES_FOR" --num-requests "$N"
       --repeats "$REPEATS" --cluster "$CLUSTER" --tag "$TAG" --stop-after-fail "$STOP_AFTER_FAIL")
+[ -n "$TRACE_RATES" ] && ARGS+=(--trace-rates "$TRACE_RATES")
+[ -n "$SPAN" ] && ARGS+=(--span-s "$SPAN")
+[ "$FAIL_FAST" = 1 ] && ARGS+=(--fail-fast)
+if [ "$d_gpus" = 2 ]; then
+  export CUDA_DEVICE_ORDER=PCI_BUS_ID
+  # the simulator's profiles: measured on this machine (below) when profiles/ lacks them
+  P0=profiles/h200-llama-3.1-8b.json; P1=profiles/h200-mps25-llama-3.1-8b.json
+  PROF=(H200="$P0")
+  case "$CLUSTER" in *lowend*) PROF+=(H200-MPS25="$P1") ;; esac
+fi
 echo "plan $PLAN: ${ARGS[*]} --deadline-s $DEADLINE ${EXTRA:-}" | tee "$OUT/cluster.log"
 python benchmarks/gpu_cluster.py "${ARGS[@]}" --estimate ${EXTRA:-} | tee -a "$OUT/cluster.log"
 [ -n "${DRY:-}" ] && exit 0
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
+if [ "$d_gpus" = 2 ]; then  # at most 8 files come back from $OUT: logs go into cluster.log
+  { nvidia-smi --query-gpu=index,name,uuid,pci.bus_id,memory.used,memory.total --format=csv; nvidia-smi topo -m; } \
+    2>&1 | tee -a "$OUT/cluster.log"
+else
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
+fi
 T0=$(date +%s)
+if [ "$d_gpus" = 2 ]; then
+  mapfile -t UUIDS < <(nvidia-smi --query-gpu=uuid --format=csv,noheader)
+  if [ "${#UUIDS[@]}" -lt 2 ]; then echo "plan $PLAN needs two GPUs; nvidia-smi lists ${#UUIDS[@]}"; exit 2; fi
+  if [ "$LINK" = 1 ]; then
+    timeout -k 5 150 python benchmarks/gpu_link.py --budget-s 90 2>&1 | tee -a "$OUT/cluster.log" | tail -12
+  fi
+  pids=()
+  if [ ! -f "$P0" ]; then
+    CUDA_VISIBLE_DEVICES=${UUIDS[0]} timeout -k 5 150 python -m hetserve.cli.main profile \
+      --model examples/models/llama-3.1-8b --device cuda --layers 2 --device-name H200 --output "$P0" \
+      > /tmp/profile-h200.log 2>&1 & pids+=($!)
+  fi
+  if [ "${#PROF[@]}" = 2 ] && [ ! -f "$P1" ]; then  # GPU1 as the MPS client it is in the cluster file
+    CUDA_VISIBLE_DEVICES=${UUIDS[1]} timeout -k 5 150 python -m hetserve.cli.main profile \
+      --model examples/models/llama-3.1-8b --device cuda --layers 2 --partition mps:25,mem:24 \
+      --device-name H200-MPS25 --output "$P1" > /tmp/profile-h200-mps25.log 2>&1 & pids+=($!)
+  fi
+  for p in "${pids[@]}"; do wait "$p"; done
+  for f in /tmp/profile-h200*.log; do [ -f "$f" ] && { echo "== $f"; tail -8 "$f"; } | tee -a "$OUT/cluster.log"; done
+  mkdir -p "$OUT/profiles"; for f in "$P0" "$P1"; do [ -f "$f" ] && cp "$f" "$OUT/profiles/"; done
+  if [ -f "$P0" ] && { [ "${#PROF[@]}" = 1 ] || [ -f "$P1" ]; }; then
+    ARGS+=(--profiles "$(IFS=,; echo "${PROF[*]}")")
+  else  # no profile measured: the H100's stand in (H200 bandwidth is ~1.4x: predictions pessimistic; re-simulate)
+    echo "profiles missing: the simulator uses the H100 profiles as stand-ins" | tee -a "$OUT/cluster.log"
+    ARGS+=(--profiles "H200=profiles/h100-sxm-llama-3.1-8b.json,H200-MPS25=profiles/h100-mps25-llama-3.1-8b.json")
+  fi
+fi
 if [ -n "${SMOKE:-}" ]; then
+  SMOKE_ARGS=(); [ "$d_gpus" = 2 ] && SMOKE_ARGS=(--cluster "$CLUSTER")
   timeout 240 python benchmarks/gpu_cluster.py --layers 2 --num-requests 6 --rates 8 --max-input 256 \
-    --max-output 16 --strategies "$SMOKE" --tag smoke --deadline-s 200 2>&1 | tail -40 | tee "$OUT/smoke.log"
+    --max-output 16 --strategies "$SMOKE" --tag smoke --deadline-s 200 "${SMOKE_ARGS[@]}" 2>&1 | tail -40 \
+    | tee "$OUT/smoke.log"
 fi
 LEFT=$((HARD - $(date +%s) + T0))
 DL=$((DEADLINE < LEFT - 60 ? DEADLINE : LEFT - 60))
