@@ -41,9 +41,13 @@
 # can no longer reach 90% good is cut once every request was sent), strategies in order of value:
 #   h200x2-lowend  gpu_link.py (~40 s), H200 / H200-MPS25 profiles if profiles/ lacks them (~30 s, both GPUs at
 #                  once), then cronus, pd-lp, hetis, dp, pp on h200-pair-lowend.yaml (GPU1 = MPS 25% + 24 GB):
-#                  conv 16,32,48 (pd-lp 8,16,32), code 8,16,32 (pd-lp 4,8,16)     30 runs   est. ~540 s + ~70
+#                  conv 32,48,64 (pd-lp 8,16,32; cronus 32,56,80), code 16,32,48 (pd-lp 4,8,16; cronus
+#                  24,40,56)                                                        30 runs   est. ~540 s + ~70
 #   h200x2         the H200 profile if missing, then pd-tp2, pd-lp, cronus, hetis, dp, pp on h200-pair.yaml:
-#                  conv 24,48,72, code 16,32,48                                    36 runs   est. ~640 s
+#                  conv 24,48,72 (dp, cronus, pp 48,72,96), code 32,48,64 (pd-tp2 16,32,48)
+#                                                                                   36 runs   est. ~640 s
+# Rates bracket each strategy's limit in --sim-only between the H100 profiles standing in for the H200 and the
+# H200 roofline (README "Two GPUs").
 # (estimates by the H100 time model above, pessimistic for an H200 with --fail-fast). Neither fits its ~430 s of
 # runs: the deadline skips the last strategies (recorded as skipped; the order is PD, Cronus, Hetis, then the DP
 # and PP baselines), which a third call picks up (STRATS=..., or TRACE=code).
@@ -66,12 +70,13 @@ case "$PLAN" in
         d_for="low-alone=4,8,12;pd-lp=8,16,24" ;;
   starved) d_trace=conv; d_strats=hetis,dp,pp,pd-lp,pd-hp; d_rates=4,8,12; d_n=60; d_reps=1
         d_cluster=examples/clusters/emulated-h100-mps-pair-starved.yaml; d_for="" ;;
-  h200x2-lowend) d_trace=conv,code; d_strats=cronus,pd-lp,hetis,dp,pp; d_rates=16,32,48; d_n=40; d_reps=1
-        d_trace_rates="code=8,16,32"; d_for="conv:pd-lp=8,16,32;code:pd-lp=4,8,16"; d_span=6; d_ff=1; d_link=1
-        d_gpus=2; d_cluster=examples/clusters/h200-pair-lowend.yaml ;;
+  h200x2-lowend) d_trace=conv,code; d_strats=cronus,pd-lp,hetis,dp,pp; d_rates=32,48,64; d_n=40; d_reps=1
+        d_trace_rates="code=16,32,48"; d_span=6; d_ff=1; d_link=1; d_gpus=2
+        d_for="conv:pd-lp=8,16,32;conv:cronus=32,56,80;code:pd-lp=4,8,16;code:cronus=24,40,56"
+        d_cluster=examples/clusters/h200-pair-lowend.yaml ;;
   h200x2) d_trace=conv,code; d_strats=pd-tp2,pd-lp,cronus,hetis,dp,pp; d_rates=24,48,72; d_n=40; d_reps=1
-        d_trace_rates="code=16,32,48"; d_for=""; d_span=6; d_ff=1; d_gpus=2
-        d_cluster=examples/clusters/h200-pair.yaml ;;
+        d_trace_rates="code=32,48,64"; d_for="conv:dp=48,72,96;conv:cronus=48,72,96;conv:pp=48,72,96;code:pd-tp2=16,32,48"
+        d_span=6; d_ff=1; d_gpus=2; d_cluster=examples/clusters/h200-pair.yaml ;;
   *) echo "PLAN: conv | conv-repeats | code | starved | h200x2-lowend | h200x2 (got $PLAN)"; exit 2 ;;
 esac
 TRACE=${TRACE:-$d_trace}
