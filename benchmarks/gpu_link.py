@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,17 @@ def _git_commit() -> str:
     return git_commit(ROOT)
 
 
+def uuid_text(raw: Any) -> str | None:
+    """``GPU-xxxxxxxx-...`` from ``torch.cuda.get_device_properties(i).uuid`` (a ``_CUuuid`` whose ``bytes`` are the
+    16 UUID bytes on torch 2.11; ``str()`` of it is no UUID), or None."""
+    b = getattr(raw, "bytes", None)
+    if isinstance(b, (bytes, bytearray)) and len(b) == 16:
+        return f"GPU-{uuid.UUID(bytes=bytes(b))}"
+    text = str(raw or "")
+    m = re.fullmatch(r"(GPU-)?([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})", text)
+    return f"GPU-{m.group(2).lower()}" if m else None
+
+
 def gpu_ids(n: int) -> list[str]:
     """How a child process names each GPU this one sees as cuda:i: its UUID, else this process's own
     ``CUDA_VISIBLE_DEVICES`` entry, else the index."""
@@ -86,11 +98,8 @@ def gpu_ids(n: int) -> list[str]:
     ids = []
     parent = [x for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
     for i in range(n):
-        uuid = str(getattr(torch.cuda.get_device_properties(i), "uuid", "") or "")
-        if uuid:
-            ids.append(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
-        else:
-            ids.append(parent[i] if i < len(parent) else str(i))
+        text = uuid_text(getattr(torch.cuda.get_device_properties(i), "uuid", None))
+        ids.append(text or (parent[i] if i < len(parent) else str(i)))
     return ids
 
 

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -83,3 +83,8 @@ def test_each_process_lists_its_own_gpu_first_or_alone() -> None:
     assert gl.visible_devices(ids, 1, "own-first") == "GPU-bbb,GPU-aaa"
     assert gl.visible_devices(ids, 1, "isolated") == "GPU-bbb"
     assert gl.slug("NVIDIA H200") == "h200" and gl.slug("NVIDIA H100 80GB HBM3") == "h100"
+    # torch 2.11's props.uuid is a _CUuuid with the 16 bytes (its str() is an object repr, no UUID)
+    raw = bytes.fromhex("e54bb181edbb771d9a69a119a009d662")
+    assert gl.uuid_text(SimpleNamespace(bytes=raw)) == "GPU-e54bb181-edbb-771d-9a69-a119a009d662"
+    assert gl.uuid_text("E54BB181-EDBB-771D-9A69-A119A009D662") == "GPU-e54bb181-edbb-771d-9a69-a119a009d662"
+    assert gl.uuid_text(object()) is None and gl.uuid_text(None) is None
