@@ -38,7 +38,8 @@ def main() -> int:
     ap.add_argument("--only", choices=["azure", "sharegpt"], default=None)
     ap.add_argument("--modes", default="async",
                     help="comma-separated engine modes run side by side on each workload: async, sync "
-                         "(async_scheduling off); suffix :G sets cuda_graph_max_batch, e.g. sync:256,async:512")
+                         "(async_scheduling off); suffix :G sets cuda_graph_max_batch and :G:P also "
+                         "piecewise_graph_max_tokens (0 = none), e.g. sync:256:0,async:512:0,async:512:1024")
     ap.add_argument("--repeats", type=int, default=1, help="runs per mode, interleaved; medians reported")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -94,12 +95,15 @@ def main() -> int:
 def _run_mode(big: Any, work: Workload, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """One offline run in ``mode`` (``async`` / ``sync``, optional ``:G`` graph max batch), with the wall time
     split into the runner's host launch, the host waiting for the device, and everything outside the runner."""
-    kind, _, graph = mode.partition(":")
+    kind, _, rest = mode.partition(":")
+    graph, _, piecewise = rest.partition(":")
     if kind not in ("async", "sync"):
-        raise SystemExit(f"--modes: unknown mode {mode!r} (async or sync, optionally :GRAPH_MAX_BATCH)")
+        raise SystemExit(f"--modes: unknown mode {mode!r} (async or sync, optionally :GRAPH_MAX_BATCH[:PIECEWISE])")
     extra: dict[str, Any] = {"async_scheduling": kind == "async"}
     if graph:
         extra["cuda_graph_max_batch"] = int(graph)
+    if piecewise:
+        extra["piecewise_graph_max_tokens"] = int(piecewise)
     engine = make_engine(big, num_blocks=None, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=8192, extra=extra)
     runner = engine.executor
@@ -132,11 +136,15 @@ def _run_mode(big: Any, work: Workload, mode: str, args: argparse.Namespace) -> 
     r["mode"] = mode
     r["async_scheduling"] = engine.core.async_scheduling
     r["graph_batch_sizes"] = sorted(runner.graphs.graphs) if runner.graphs is not None else []
+    r["piecewise_token_sizes"] = sorted(runner.piecewise.graphs) if runner.piecewise is not None else []
+    r["capture_s"] = (runner.graphs.capture_s if runner.graphs is not None else 0.0) + (
+        runner.piecewise.capture_s if runner.piecewise is not None else 0.0)
     # drop the timing wrapper (it closes over the runner: a cycle that would keep its KV pool and graphs alive)
     del runner.execute_async
     engine.executor = None
     engine.core.executor = None
     runner.graphs = None
+    runner.piecewise = None
     del engine, runner
     import gc
 

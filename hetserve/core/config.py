@@ -73,13 +73,20 @@ class DeviceConfig:
     seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
     enforce_eager: bool = field(default=False, metadata={"help": "never use CUDA graphs for decode steps"})
     cuda_graph_max_batch: int = field(
-        default=256, metadata={"help": "largest decode batch captured in a CUDA graph (buckets 1,2,4,8,16,24,...)"}
+        default=512, metadata={"help": "largest decode batch captured in a CUDA graph (buckets 1,2,4,8,16,24,...)"}
+    )
+    piecewise_graph_max_tokens: int = field(
+        default=1024,
+        metadata={"help": "largest step (tokens) of any kind run as piecewise CUDA graphs around eager attention "
+                          "(mixed prefill + decode steps, pipeline stages); 0 = never"},
     )
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValidationError("dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         _positive("cuda_graph_max_batch", self.cuda_graph_max_batch)
+        if self.piecewise_graph_max_tokens < 0:
+            raise ValidationError("piecewise_graph_max_tokens", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from hetserve.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes
 from hetserve.engine.memory_profile import profile_step_bytes
 from hetserve.engine.model.loader import load_model
 from hetserve.engine.model.parallel import ParallelSpec, StageIO
+from hetserve.engine.piecewise_graphs import PiecewiseGraphRunner, piecewise_token_sizes, supports_piecewise
 from hetserve.engine.runner_io import StepInputs, StepResult, _Batch
 from hetserve.engine.sampling.sampler import Sampler, SamplingState
 
@@ -139,17 +141,33 @@ class ModelRunner(StepInputs, Executor):
             self.num_local_layers, 2, self._num_blocks, self.block_size,
             self.num_local_kv_heads if cache_kv_heads is None else cache_kv_heads, mc.head_dim,
             dtype=self.dtype, device=self.device).unbind(0))
-        if self._graphs_possible():
+        self.piecewise: PiecewiseGraphRunner | None = None
+        if self._graphs_possible(whole=True):
             max_batch = min(config.device.cuda_graph_max_batch, config.scheduler.max_num_seqs)
             self.graphs = CudaGraphRunner(self.model, self.kv_caches, self.backend, self.device,
                                           graph_batch_sizes(max_batch), self.max_blocks_per_seq)
             self.graphs.capture()
+        max_pw = self._piecewise_max_tokens(cache_kv_heads)
+        if max_pw:
+            self.piecewise = PiecewiseGraphRunner(self.model, self.kv_caches, self.backend, self.device,
+                                                  piecewise_token_sizes(max_pw), self.dtype)
+            self.piecewise.capture()
 
-    def _graphs_possible(self) -> bool:
+    def _piecewise_max_tokens(self, cache_kv_heads: int | None = None) -> int:
+        """Largest token count run as piecewise graphs (0: none). Not for a Hetis main (``cache_kv_heads``: its
+        attention also moves K/V to other workers) nor under tensor parallelism."""
+        dc = self.config.device
+        if cache_kv_heads is not None or not self._graphs_possible(whole=False):
+            return 0
+        if not supports_piecewise(self.model, self.backend):
+            return 0
+        return min(dc.piecewise_graph_max_tokens, self.config.scheduler.max_num_batched_tokens)
+
+    def _graphs_possible(self, whole: bool = True) -> bool:
         uses_fused = getattr(self.model, "uses_fused_path", None)
         return (
             self._is_cuda
-            and self._whole
+            and (self._whole or not whole)
             and not self.config.device.enforce_eager
             and getattr(self.backend, "name", "") == "triton"
             and callable(uses_fused)
@@ -171,12 +189,24 @@ class ModelRunner(StepInputs, Executor):
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free  # weights, CUDA context, workspaces, other processes
             reserve = _EAGER_RESERVE_BYTES if self.config.device.enforce_eager else _GRAPH_RESERVE_BYTES
+            reserve += self._piecewise_pool_bytes()
             budget = total * self.config.cache.gpu_memory_utilization - used - activation_bytes - reserve
             num_blocks = int(budget // per_block)
             logger.info("KV cache: %d blocks (%.2f GiB); step activations profiled at %.2f GiB", num_blocks,
                         num_blocks * per_block / 2**30, activation_bytes / 2**30)
             return max(2, num_blocks)
         return max(2, self.config.cache.cpu_kv_cache_bytes // per_block)
+
+    def _piecewise_pool_bytes(self) -> int:
+        """Rough memory of the piecewise graphs' pool and static buffers (the largest bucket's activations)."""
+        t = self._piecewise_max_tokens()
+        if not t:
+            return 0
+        mc = self.model_config
+        elt = torch.tensor([], dtype=self.dtype).element_size()
+        per_token = (mc.num_attention_heads * mc.head_dim * 3 + 2 * mc.num_key_value_heads * mc.head_dim
+                     + 3 * mc.intermediate_size + 6 * mc.hidden_size)
+        return t * per_token * elt
 
     @property
     def num_kv_blocks(self) -> int:
@@ -257,7 +287,11 @@ class ModelRunner(StepInputs, Executor):
             hidden = self.graphs.replay(batch.graph_batch)
         elif self._whole:
             assert batch.input_ids is not None and batch.meta is not None
-            hidden = self.model(batch.input_ids, batch.meta.positions, self.kv_caches, batch.meta, self.backend)
+            if batch.piecewise is not None:
+                assert self.piecewise is not None
+                hidden = self.piecewise.run(batch.piecewise, batch.num_tokens, batch.meta)[0]
+            else:
+                hidden = self.model(batch.input_ids, batch.meta.positions, self.kv_caches, batch.meta, self.backend)
         else:
             hidden = self._forward_stage(so, batch)
             if hidden is None or not self.samples:
@@ -275,7 +309,12 @@ class ModelRunner(StepInputs, Executor):
         if not self.is_first_stage:
             assert self.stage_io is not None
             inter = self.stage_io.recv(so.step_id, self.device)
-        out = self.model(batch.input_ids, batch.meta.positions, self.kv_caches, batch.meta, self.backend, inter)
+        if batch.piecewise is not None:
+            assert self.piecewise is not None
+            res = self.piecewise.run(batch.piecewise, batch.num_tokens, batch.meta, inter)
+            out: Any = res[0] if self.is_last_stage else [t[: batch.num_tokens] for t in res]
+        else:
+            out = self.model(batch.input_ids, batch.meta.positions, self.kv_caches, batch.meta, self.backend, inter)
         if self.is_last_stage:
             return out
         assert self.stage_io is not None

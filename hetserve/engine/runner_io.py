@@ -21,6 +21,7 @@ from hetserve.engine.sampling.sampler import SamplingState
 
 if TYPE_CHECKING:
     from hetserve.engine.cuda_graphs import CudaGraphRunner
+    from hetserve.engine.piecewise_graphs import PiecewiseGraphRunner
 
 
 @dataclass
@@ -34,6 +35,8 @@ class _Batch:
     graph_batch: int | None
     # the sampled requests' rows of the runner's tables (device): where their tokens are kept for a placeholder
     sample_state_rows: torch.Tensor | None = None
+    # the piecewise graphs' token bucket when the step replays them (ids / positions / slots in their buffers)
+    piecewise: int | None = None
 
 
 class StepResult:
@@ -78,6 +81,7 @@ class StepInputs:
     device: torch.device
     block_size: int
     graphs: CudaGraphRunner | None
+    piecewise: PiecewiseGraphRunner | None
     states: dict
 
     def _host_buffer(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -198,7 +202,14 @@ class StepInputs:
         ids = dev64[:total]
         if nph:
             ids.index_copy_(0, dev64[base : base + nph], self._last_tok.index_select(0, dev64[base + nph : base + 2 * nph]))
-        return _Batch(total, n, sample_idx, ids, meta, sample_rows, None, dev64[base + 2 * nph :])
+        pw = self.piecewise
+        pw_t = pw.bucket(total) if pw is not None else None
+        if pw_t is not None:
+            assert pw is not None
+            pw.ids_pos_slots[:, :total].copy_(dev64[: 3 * total].view(3, total))
+            if pw_t > total:
+                pw.ids_pos_slots[2, total:pw_t].fill_(-1)  # padding writes no K/V
+        return _Batch(total, n, sample_idx, ids, meta, sample_rows, None, dev64[base + 2 * nph :], pw_t)
 
     def _prepare_graph(
         self, graphs: CudaGraphRunner, batch: int, n: int, token_ids: list[int], positions: np.ndarray,

@@ -41,10 +41,12 @@ class TritonAttentionBackend(AttentionBackend):
             self._prefix_meta, self._prefix = meta, (k, k)
         return self._prefix
 
-    def _attend(
+    def attend(
         self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
+        """Attention of ``q`` (rotated) over what the cache holds: the step's K/V must be written already (by
+        :meth:`forward` / :meth:`forward_rotary`, or by a piecewise CUDA graph)."""
         return paged_attention(
             q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, sliding_window,
             decode=meta.max_query_len == 1, impl=self._impl, decode_prefix=self._decode_prefix(meta),
@@ -61,7 +63,7 @@ class TritonAttentionBackend(AttentionBackend):
         sliding_window: int | None,
     ) -> torch.Tensor:
         write_kv_cache(k, v, kv_cache, meta.slot_mapping, impl=self._impl)
-        return self._attend(q, kv_cache, meta, scale, sliding_window)
+        return self.attend(q, kv_cache, meta, scale, sliding_window)
 
     def forward_rotary(
         self,
@@ -77,4 +79,4 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         """Rotate q and k in place, write k/v, attend: the result of rotating first and calling :meth:`forward`."""
         rotary_and_store_kv(q, k, v, positions, cos_sin_cache, kv_cache, meta.slot_mapping, impl=self._impl)
-        return self._attend(q, kv_cache, meta, scale, sliding_window)
+        return self.attend(q, kv_cache, meta, scale, sliding_window)

@@ -140,15 +140,8 @@ class LlamaAttention(nn.Module):
             return _row_parallel(out.reshape(n, self.num_heads * self.head_dim), self.o_proj, self._all_reduce)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
-    def forward_fused(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        backend: AttentionBackend,
-        cos_sin_cache: torch.Tensor,
-    ) -> torch.Tensor:
+    def qkv_fused(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One GEMM into q ``[n, heads, dim]``, k and v ``[n, kv_heads, dim]`` (views of its output; q/k normed)."""
         assert self.qkv_weight is not None
         n = hidden.shape[0]
         qkv = F.linear(hidden, self.qkv_weight, self.qkv_bias)
@@ -159,6 +152,25 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = rms_norm(q, self.q_norm.weight, self.q_norm.eps, impl="triton")
             k = rms_norm(k, self.k_norm.weight, self.k_norm.eps, impl="triton")
+        return q, k, v
+
+    def out_proj(self, out: torch.Tensor) -> torch.Tensor:
+        """``[n, heads * dim]`` attention output -> ``[n, hidden]`` (row-parallel under TP)."""
+        if self._all_reduce is not None:
+            return _row_parallel(out, self.o_proj, self._all_reduce)
+        return F.linear(out, self.o_proj.weight, self.o_proj.bias)
+
+    def forward_fused(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+        cos_sin_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        n = hidden.shape[0]
+        q, k, v = self.qkv_fused(hidden)
         if getattr(backend, "fuses_rotary", False):
             out = backend.forward_rotary(  # type: ignore[attr-defined]
                 q, k, v, positions, cos_sin_cache, kv_cache, meta, self.scale, self.sliding_window
@@ -166,9 +178,7 @@ class LlamaAttention(nn.Module):
         else:
             apply_rotary_(q, k, positions, cos_sin_cache, impl="triton")
             out = backend.forward(q.contiguous(), k, v, kv_cache, meta, self.scale, self.sliding_window)
-        if self._all_reduce is not None:
-            return _row_parallel(out.reshape(n, self.num_heads * self.head_dim), self.o_proj, self._all_reduce)
-        return F.linear(out.reshape(n, self.num_heads * self.head_dim), self.o_proj.weight, self.o_proj.bias)
+        return self.out_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
@@ -241,15 +251,22 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(hidden, residual)`` in and out; the residual stream is updated in place by the fused norms and the
         layer's output still has to be added to it (by the next layer's norm, or the final norm)."""
-        ln_in, ln_post = self.input_layernorm, self.post_attention_layernorm
-        if residual is None:
-            residual = hidden
-            h = rms_norm(hidden, ln_in.weight, ln_in.eps, impl="triton")
-        else:
-            h = fused_add_rms_norm(hidden, residual, ln_in.weight, ln_in.eps, impl="triton")
+        residual, h = self.input_norm_fused(hidden, residual)
         h = self.self_attn.forward_fused(positions, h, kv_cache, meta, backend, cos_sin_cache)
-        h = fused_add_rms_norm(h, residual, ln_post.weight, ln_post.eps, impl="triton")
-        return self.mlp.forward_fused(h), residual
+        return self.post_attention_fused(h, residual), residual
+
+    def input_norm_fused(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(residual, normed)``: the first layer starts the residual stream, later ones add into it in place."""
+        ln_in = self.input_layernorm
+        if residual is None:
+            return hidden, rms_norm(hidden, ln_in.weight, ln_in.eps, impl="triton")
+        return residual, fused_add_rms_norm(hidden, residual, ln_in.weight, ln_in.eps, impl="triton")
+
+    def post_attention_fused(self, attn_hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The attention block's output (after o_proj) -> the MLP's output; adds it into ``residual`` in place."""
+        ln_post = self.post_attention_layernorm
+        h = fused_add_rms_norm(attn_hidden, residual, ln_post.weight, ln_post.eps, impl="triton")
+        return self.mlp.forward_fused(h)
 
 
 class MissingLayer(nn.Module):
