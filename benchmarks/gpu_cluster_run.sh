@@ -120,7 +120,15 @@ if [ "$d_gpus" = 2 ]; then
   mapfile -t UUIDS < <(nvidia-smi --query-gpu=uuid --format=csv,noheader)
   if [ "${#UUIDS[@]}" -lt 2 ]; then echo "plan $PLAN needs two GPUs; nvidia-smi lists ${#UUIDS[@]}"; exit 2; fi
   if [ "$LINK" = 1 ]; then
-    timeout -k 5 150 python benchmarks/gpu_link.py --budget-s 90 2>&1 | tee -a "$OUT/cluster.log" | tail -12
+    timeout -k 5 150 python benchmarks/gpu_link.py --budget-s 90 2>&1 | tee -a "$OUT/cluster.log" | tail -14
+    # the low-end pair's workers (whole GPU0, MPS client on GPU1) could not share CUDA memory: stage KV via the host
+    if [ "${#PROF[@]}" = 2 ] && python -c 'import json, sys; m = json.load(open(sys.argv[1]))["methods"]
+sys.exit(0 if any("error" in m.get(k, {}) for k in ("ipc_mps", "shm_mps")) else 1)' "$OUT/gpu-link-h200x2.json" \
+      2>/dev/null; then
+      export HETSERVE_KV_HOST_STAGING=1
+      echo "gpu_link: CUDA IPC with GPU1's MPS client failed: KV hand-offs go through host memory" \
+        | tee -a "$OUT/cluster.log"
+    fi
   fi
   pids=()
   if [ ! -f "$P0" ]; then

@@ -12,6 +12,10 @@ Methods (the two-process ones in ``gpu_link_methods.py``, which says how each is
   hand-off between workers on the same host uses. Needs pyzmq and msgspec (carried as wheels on the GPU image).
 * ``nccl``: two processes, ``torch.distributed`` send / recv (TCP store on 127.0.0.1).
 * ``tcp``: two processes, GPU -> pinned host -> localhost TCP -> pinned -> GPU: the cross-vendor path.
+* ``ipc_mps``, ``shm_mps``: ``ipc`` and ``shm`` with the receiver an MPS client of GPU1 (25% of the SMs, the MPS
+  daemon seeing GPU1 only) and the sender a whole GPU0, each seeing only its own GPU: exactly how the low-end pair
+  (``h200-pair-lowend.yaml``) runs its workers, so these say whether its KV hand-offs and Hetis mailboxes can use
+  CUDA IPC (``gpu_cluster_run.sh`` falls back to host staging when they fail).
 * ``ipc_isolated``: ``ipc`` with each process seeing only its own GPU (``CUDA_VISIBLE_DEVICES`` = its UUID), as the
   low-end pair's workers run (an MPS client sees only its GPU): the IPC handle is opened on a GPU the receiver
   cannot see.
@@ -36,6 +40,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -51,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("peer", "ipc", "shm", "nccl", "tcp", "ipc_isolated")
+METHODS = ("peer", "ipc", "shm", "nccl", "tcp", "ipc_isolated", "ipc_mps", "shm_mps")
 DESCRIPTIONS = {
     "peer": "one process: dst.copy_(src), cuda:0 -> cuda:1 (PyTorch peer copy), CUDA events on the source stream",
     "ipc": "two processes: the receiver opens the sender's buffer by CUDA IPC once and pulls it (dst.copy_), "
@@ -62,7 +67,10 @@ DESCRIPTIONS = {
     "tcp": "two processes: device -> pinned host -> localhost TCP -> pinned host -> device, one transfer at a time, "
     "timed by the receiver (its request to the device copy's sync)",
     "ipc_isolated": "as ipc, but each process sees only its own GPU (CUDA_VISIBLE_DEVICES = its UUID)",
+    "ipc_mps": "as ipc_isolated, the receiver an MPS client of GPU1 (the low-end pair's workers)",
+    "shm_mps": "as shm, each process seeing only its own GPU, the receiver an MPS client of GPU1",
 }
+MPS_SHARE = 25  # the low-end pair's GPU1: h200-pair-lowend.yaml
 RESULT_TAG = "GPU_LINK_RESULT "
 MiB = 2**20
 
@@ -105,8 +113,8 @@ def gpu_ids(n: int) -> list[str]:
 
 def visible_devices(ids: list[str], own: int, layout: str) -> str:
     """``CUDA_VISIBLE_DEVICES`` of a process on GPU ``own``: its GPU first (it computes on cuda:0), then the others
-    (``own-first``), or its GPU alone (``isolated``)."""
-    if layout == "isolated":
+    (``own-first``), or its GPU alone (``isolated``, ``mps``)."""
+    if layout in ("isolated", "mps"):
         return ids[own]
     return ",".join([ids[own]] + [x for i, x in enumerate(ids) if i != own])
 
@@ -122,8 +130,10 @@ def run_pair(
     args: argparse.Namespace,
     ids: list[str],
     deadline: float,
+    recv_env: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Start the receiver (GPU1) and the sender (GPU0), run ``methods``; per method the driving side's result."""
+    """Start the receiver (GPU1; ``recv_env`` added to its environment) and the sender (GPU0), run ``methods``; per
+    method the driving side's result."""
     port, store_port = _free_port(), _free_port()
     common = [
         sys.executable,
@@ -151,6 +161,8 @@ def run_pair(
     procs = {}
     for role, own in (("recv", 1 if len(ids) > 1 else 0), ("send", 0)):
         env = dict(os.environ)
+        if role == "recv" and recv_env:
+            env.update(recv_env)
         if ids:
             env["CUDA_VISIBLE_DEVICES"] = vis[role] = visible_devices(ids, own, layout)
         procs[role] = subprocess.Popen(
@@ -173,7 +185,7 @@ def run_pair(
     merged: dict[str, Any] = {}
     for m in methods:
         sides = {r: outs[r].get(m) or {"error": outs[r].get("_error", "no result")} for r in outs}
-        driver = "send" if m == "shm" else "recv"
+        driver = "send" if m.startswith("shm") else "recv"
         res = dict(sides[driver])
         for r, s in sides.items():
             if "error" in s and "error" not in res:
@@ -276,6 +288,10 @@ def main() -> int:
             res[m] = {"skipped": "one GPU: NCCL refuses two ranks on one GPU"}
         elif n == 1 and m == "ipc_isolated":
             res[m] = {"skipped": "one GPU: the same as ipc"}
+        elif m.endswith("_mps") and n < 2:
+            res[m] = {"skipped": "needs two GPUs (GPU1 under MPS, GPU0 whole)"}
+        elif m.endswith("_mps") and shutil.which("nvidia-cuda-mps-control") is None:
+            res[m] = {"skipped": "no nvidia-cuda-mps-control on PATH"}
     if "peer" in wanted and "peer" not in res:
         t0 = time.perf_counter()
         try:
@@ -287,13 +303,33 @@ def main() -> int:
         torch.cuda.empty_cache()
     visible: dict[str, dict[str, str]] = {}
     devices_seen: dict[str, Any] = {}
-    for layout, group in (("own-first", ["ipc", "shm", "nccl", "tcp"]), ("isolated", ["ipc_isolated"])):
+    groups = (
+        ("own-first", ["ipc", "shm", "nccl", "tcp"]),
+        ("isolated", ["ipc_isolated"]),
+        ("mps", ["ipc_mps", "shm_mps"]),
+    )
+    for layout, group in groups:
         todo = [m for m in group if m in wanted and m not in res]
-        if todo:
-            got, vis = run_pair(todo, layout, args, ids, deadline)
-            devices_seen[layout] = got.pop("_devices")
-            res.update(got)
-            visible[layout] = vis
+        if not todo:
+            continue
+        mps = None
+        try:
+            recv_env = None
+            if layout == "mps":
+                from hetserve.device.mps import MpsDaemon
+
+                mps = MpsDaemon(visible_devices=ids[1]).start()
+                recv_env = mps.client_env(thread_percentage=MPS_SHARE)
+            got, vis = run_pair(todo, layout, args, ids, deadline, recv_env)
+        except Exception as e:  # noqa: BLE001 - recorded (the MPS daemon did not start, say)
+            got, vis = {m: {"error": f"{type(e).__name__}: {e}", "layout": layout} for m in todo}, {}
+            got["_devices"] = {}
+        finally:
+            if mps is not None:
+                mps.stop()
+        devices_seen[layout] = got.pop("_devices")
+        res.update(got)
+        visible[layout] = vis
     for m, r in res.items():
         r["description"] = DESCRIPTIONS[m]
     text = table(wanted, res, sizes)

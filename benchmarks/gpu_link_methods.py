@@ -346,7 +346,9 @@ def tcp_recv(ctl: socket.socket, dev: torch.device, plan: Plan) -> dict[str, Any
 SIDES = {
     "ipc": (ipc_send, ipc_recv),
     "ipc_isolated": (ipc_send, ipc_recv),
+    "ipc_mps": (ipc_send, ipc_recv),
     "shm": (shm_send, shm_recv),
+    "shm_mps": (shm_send, shm_recv),
     "tcp": (tcp_send, tcp_recv),
 }
 

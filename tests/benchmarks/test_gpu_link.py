@@ -70,7 +70,7 @@ def test_cpu_smoke_writes_positive_finite_bandwidths(tmp_path: Path) -> None:
         for v in (*row["rounds_gb_per_s"], row["median_gb_per_s"], row["median_s_per_transfer"]):
             assert v > 0 and math.isfinite(v)
         assert row["transfers_per_round"] * row["size_bytes"] >= 8 * 2**20
-    for m in ("peer", "ipc", "shm", "nccl", "ipc_isolated"):
+    for m in ("peer", "ipc", "shm", "nccl", "ipc_isolated", "ipc_mps", "shm_mps"):
         assert d["methods"][m]["skipped"] and "rows" not in d["methods"][m]
     # the table is what the script prints last
     assert r.stdout.rstrip().endswith(d["table"].rstrip()) and "tcp" in d["table"].splitlines()[0]
@@ -81,7 +81,7 @@ def test_each_process_lists_its_own_gpu_first_or_alone() -> None:
     ids = ["GPU-aaa", "GPU-bbb"]
     assert gl.visible_devices(ids, 0, "own-first") == "GPU-aaa,GPU-bbb"
     assert gl.visible_devices(ids, 1, "own-first") == "GPU-bbb,GPU-aaa"
-    assert gl.visible_devices(ids, 1, "isolated") == "GPU-bbb"
+    assert gl.visible_devices(ids, 1, "isolated") == gl.visible_devices(ids, 1, "mps") == "GPU-bbb"
     assert gl.slug("NVIDIA H200") == "h200" and gl.slug("NVIDIA H100 80GB HBM3") == "h100"
     # torch 2.11's props.uuid is a _CUuuid with the 16 bytes (its str() is an object repr, no UUID)
     raw = bytes.fromhex("e54bb181edbb771d9a69a119a009d662")
