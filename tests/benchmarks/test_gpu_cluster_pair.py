@@ -37,6 +37,7 @@ def _module(name: str) -> ModuleType:
 
 
 dev = _module("gpu_cluster_devices")
+stats = _module("cluster_summary_stats")
 gc = _module("gpu_cluster")
 sim = _module("gpu_cluster_sim")
 IDS = ["GPU-aaaa", "GPU-bbbb"]
@@ -156,3 +157,13 @@ def test_fail_fast_cuts_only_a_run_that_cannot_reach_90_percent(num_requests: in
     assert capped.has_unfinished_requests() is not cut
     assert capped.cut is cut and capped.cut_reason == ("fail-fast" if cut else None)
     assert parse_slo("ttft_ms=2000,tpot_ms=100").ttft_ms == 2000  # what --fail-fast reads
+
+
+def test_h200_result_files_stay_out_of_issue_8s_pair() -> None:
+    assert stats.file_meta({"trace": "code", "cluster_name": "h200-pair-lowend"}, "x.json") == (
+        "code",
+        "h200-pair-lowend",
+    )
+    assert stats.file_meta({"trace": "conv", "cluster_name": "emulated-h100-mps-pair"}, "x.json") == ("conv", "pair")
+    starved = {"cluster_name": "emulated-h100-mps-pair-starved", "memory_starved": True}
+    assert stats.file_meta(starved, "x.json") == ("conv", "starved")
