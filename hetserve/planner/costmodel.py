@@ -107,7 +107,13 @@ class BatchShape:
 # the host's cost of launching one decoder layer's kernels eagerly (see CostModel.__init__), and the largest
 # decode batch the runtime captures in a CUDA graph (EngineConfig.device.cuda_graph_max_batch's default)
 EAGER_FLOOR_S_PER_LAYER = 0.41e-3
-GRAPH_MAX_BATCH = 256
+GRAPH_MAX_BATCH = 512
+# a step of up to PIECEWISE_MAX_TOKENS tokens that is not a graphed decode replays piecewise graphs around eager
+# attention (EngineConfig.device.piecewise_graph_max_tokens); its launch floor per layer (H100, torch 2.11,
+# results/gpu-launch-floor.json: a mixed step of 8 decodes and a 24-token chunk, 8.06 ms for 32 layers vs 26.3
+# eager; less the step's host overhead, ~0.22 ms a layer)
+PIECEWISE_MAX_TOKENS = 1024
+PIECEWISE_FLOOR_S_PER_LAYER = 0.22e-3
 
 
 class CostModel:
@@ -228,6 +234,11 @@ class CostModel:
             if graphed and profile is not None else 0.0
         whole = self.num_layers == num_layers_total and tp == 1
         self.graph_max_batch = GRAPH_MAX_BATCH if whole else 0
+        # piecewise graphs: whole models and pipeline stages without TP (a Hetis main sets 0: never graphed)
+        self.piecewise_max_tokens = PIECEWISE_MAX_TOKENS if tp == 1 else 0
+        self.piecewise_floor_s_per_layer = float(
+            profile.meta.get("piecewise_floor_s_per_layer", PIECEWISE_FLOOR_S_PER_LAYER)) \
+            if graphed and profile is not None else 0.0
 
     def _check_profile(self, p: DeviceProfile) -> None:
         if not p.matches(self.model):
@@ -342,9 +353,12 @@ class CostModel:
     def _eager_layers_s(self, batch: BatchShape, layers_s: float) -> float:
         """The decoder layers' seconds as the runtime spends them: graphed, or floored by eager launches."""
         graph_step = not batch.prefill_chunks and batch.num_reqs <= self.graph_max_batch
-        if self.eager_floor_s_per_layer and not graph_step:
-            return max(layers_s, self.num_layers * self.eager_floor_s_per_layer)
-        return layers_s
+        if graph_step or not self.eager_floor_s_per_layer:
+            return layers_s
+        floor = self.eager_floor_s_per_layer
+        if batch.num_tokens <= self.piecewise_max_tokens:
+            floor = self.piecewise_floor_s_per_layer
+        return max(layers_s, self.num_layers * floor)
 
     def _overhead_s(self, batch: BatchShape) -> float:
         return (

@@ -370,6 +370,7 @@ def _hetis_main(
     if cost.tp != 1:
         raise ValidationError(f"{path}tp", "a Hetis main instance runs on one device")
     cost.graph_max_batch = 0  # a Hetis main's steps talk to other processes: the runtime never graphs them
+    cost.piecewise_max_tokens = 0
     if not isinstance(workers, list):
         raise ValidationError(f"{path}workers", "must be a list of {device, kv_heads}")
     dtype = str(cfg.get("dtype", "bfloat16"))

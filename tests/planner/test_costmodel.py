@@ -331,29 +331,48 @@ def test_imports_without_torch() -> None:
 
 
 def test_graph_timed_profile_floors_the_steps_the_runtime_runs_eagerly() -> None:
-    """A profile timed through CUDA graphs holds for decode-only batches of a whole-model runner; a step with a
-    prefill chunk, a batch past the largest graph, a pipeline stage or a Hetis main runs eagerly and costs at
-    least the launch floor per layer (by hand: max(graphed layers, L x floor))."""
-    from hetserve.planner.costmodel import EAGER_FLOOR_S_PER_LAYER, GRAPH_MAX_BATCH
+    """A profile timed through CUDA graphs holds for decode-only batches of a whole-model runner. Any other step
+    costs at least a launch floor per layer (by hand: max(graphed layers, L x floor)): the piecewise-graph floor
+    up to PIECEWISE_MAX_TOKENS tokens (mixed steps, batches past the largest decode graph, pipeline stages), the
+    eager floor beyond it and wherever the runtime never graphs (a Hetis main: ``piecewise_max_tokens = 0``)."""
+    from hetserve.planner.costmodel import (
+        EAGER_FLOOR_S_PER_LAYER,
+        GRAPH_MAX_BATCH,
+        PIECEWISE_FLOOR_S_PER_LAYER,
+        PIECEWISE_MAX_TOKENS,
+    )
 
     graphed = _toy_profile(meta={"timing": {"dense_s_per_layer": "graph"}})
     cm = CostModel(TOY, DEV, profile=graphed)
     plain = CostModel(TOY, DEV, profile=_toy_profile())  # eager-timed (a CPU profile): no floor
-    floor = TOY.num_hidden_layers * EAGER_FLOOR_S_PER_LAYER
+    L = TOY.num_hidden_layers
     decode = BatchShape((), 3, 30)
     assert cm.step_time_s(decode) == pytest.approx(plain.step_time_s(decode), rel=1e-12)  # a graph step
-    for b in (MIXED, BatchShape((), GRAPH_MAX_BATCH + 1, 30 * (GRAPH_MAX_BATCH + 1))):
+    assert cm.piecewise_max_tokens == PIECEWISE_MAX_TOKENS
+    past = CostModel(TOY, DEV, profile=graphed)
+    past.piecewise_max_tokens = MIXED.num_tokens - 1  # the same step, past the largest piecewise bucket
+    small_graphs = CostModel(TOY, DEV, profile=graphed)
+    assert small_graphs.graph_max_batch == GRAPH_MAX_BATCH
+    small_graphs.graph_max_batch = decode.num_reqs - 1  # the decode batch, past the largest decode graph
+    cases = [(cm, MIXED, PIECEWISE_FLOOR_S_PER_LAYER),
+             (small_graphs, decode, PIECEWISE_FLOOR_S_PER_LAYER),
+             (past, MIXED, EAGER_FLOOR_S_PER_LAYER)]
+    for model, b, per_layer in cases:
+        floor = L * per_layer
         bd = plain.breakdown(b)
         layers = bd["dense"] + bd["attention"] + bd["allreduce"]
         assert layers < floor  # the toy's layers are tiny: the launch floor decides
-        assert cm.step_time_s(b) == pytest.approx(plain.step_time_s(b) - layers + floor, rel=1e-12)
-        assert sum(cm.breakdown(b).values()) == pytest.approx(cm.step_time_s(b), rel=1e-12)
-        assert cm.breakdown(b)["eager_launch"] == pytest.approx(floor - layers, rel=1e-12)
-    # a pipeline stage never runs graphs, even for a decode batch
+        assert model.step_time_s(b) == pytest.approx(plain.step_time_s(b) - layers + floor, rel=1e-12)
+        assert sum(model.breakdown(b).values()) == pytest.approx(model.step_time_s(b), rel=1e-12)
+        assert model.breakdown(b)["eager_launch"] == pytest.approx(floor - layers, rel=1e-12)
+    # a pipeline stage never replays a whole-model graph, but its steps run piecewise
     stage = CostModel(TOY, DEV, profile=graphed, layers=(0, 1))
     assert stage.graph_max_batch == 0
-    assert stage.step_time_s(decode) >= EAGER_FLOOR_S_PER_LAYER
+    assert stage.step_time_s(decode) >= PIECEWISE_FLOOR_S_PER_LAYER
+    # a runner that never graphs (a Hetis main) pays the eager floor
+    cm.graph_max_batch = cm.piecewise_max_tokens = 0
+    assert cm.step_time_s(MIXED) >= L * EAGER_FLOOR_S_PER_LAYER
     # a measured floor in the profile wins over the default; GPU time above the floor is not floored
     slow = CostModel(TOY, DEV, profile=_toy_profile(meta={"timing": {"dense_s_per_layer": "graph"},
-                                                          "eager_floor_s_per_layer": 1e-9}))
+                                                          "piecewise_floor_s_per_layer": 1e-9}))
     assert slow.step_time_s(MIXED) == pytest.approx(plain.step_time_s(MIXED), rel=1e-12)
