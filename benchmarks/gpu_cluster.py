@@ -53,10 +53,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from gpu_cluster_devices import describe, gpu_layout, mps_daemon_visible, multicast_off, roles, worker_env
-from gpu_cluster_sim import DEFAULT_PROFILES, run_sim, sim_only, strategy_config, truncated_8b
+from gpu_cluster_real import _Capped, run_real  # noqa: F401 - _Capped: tests and callers reach it here
+from gpu_cluster_sim import (  # noqa: F401 - PD_TP2_MEMORY re-exported
+    DEFAULT_PROFILES,
+    PD_TP2_MEMORY,
+    run_sim,
+    sim_only,
+    strategies,
+    strategy_config,
+    truncated_8b,
+)
 
-# pd-tp2: the prefill TP group's share of each GPU's memory and the decode instance's share of the high-end GPU
-PD_TP2_MEMORY = {"prefill": 0.3, "decode": 0.65}
 KEYS = ("mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p50_itl_ms", "p99_itl_ms",
         "output_throughput", "request_throughput", "request_goodput", "good_fraction", "completed")
 # Time model (fit to files a-i, see gpu_cluster_run.sh): the process (MPS daemon, imports) FILE_OVERHEAD_S, each
@@ -83,29 +90,6 @@ def estimate_s(names: list[str], rates: dict[str, list[float]], repeats: int, nu
     spans = [max(num_requests, int(r * span_s + 0.5)) / r for n in names for r in rates[n] for _ in range(repeats)]
     base = FILE_OVERHEAD_S + STARTUP_S * len(names)
     return base + sum(spans) + RUN_OVERHEAD_S * len(spans), base + sum(spans) + (5.0 + (bound_s or 30.0)) * len(spans)
-
-
-def strategies(hi: str, lo: str, cronus_tbt_ms: float) -> dict[str, dict[str, Any]]:
-    """name -> (strategy, instances, deployment params). 'lp' = prefill on the low-end device."""
-    return {
-        "high-alone": {"strategy": "dp", "instances": [{"name": "hi", "devices": [hi]}]},
-        "low-alone": {"strategy": "dp", "instances": [{"name": "lo", "devices": [lo]}]},
-        "dp": {"strategy": "dp", "instances": [{"name": "hi", "devices": [hi]}, {"name": "lo", "devices": [lo]}]},
-        "pp": {"strategy": "pp", "instances": [{"name": "pp0", "devices": [hi, lo], "layers": "auto"}]},
-        "pd-lp": {"strategy": "pd", "instances": [{"name": "prefill0", "role": "prefill", "devices": [lo]},
-                                                  {"name": "decode0", "role": "decode", "devices": [hi]}]},
-        "pd-hp": {"strategy": "pd", "instances": [{"name": "prefill0", "role": "prefill", "devices": [hi]},
-                                                  {"name": "decode0", "role": "decode", "devices": [lo]}]},
-        "cronus": {"strategy": "cronus",
-                   "instances": [{"name": "head0", "role": "head", "devices": [lo]},
-                                 {"name": "main0", "role": "main", "devices": [hi]}],
-                   "params": {"split_policy": {"kind": "adaptive", "tbt_slo_ms": cronus_tbt_ms}}},
-        "hetis": {"strategy": "hetis",
-                  "instances": [{"name": "main0", "role": "main", "devices": [hi], "workers": [{"device": lo}]}]},
-        "pd-tp2": {"strategy": "pd", "instances": [
-            {"name": "prefill0", "role": "prefill", "devices": [hi, lo], "memory_fraction": PD_TP2_MEMORY["prefill"]},
-            {"name": "decode0", "role": "decode", "devices": [hi], "memory_fraction": PD_TP2_MEMORY["decode"]}]},
-    }
 
 
 def git_commit() -> str:
@@ -155,81 +139,6 @@ def workload(trace: Path | None, n: int, rate: float, max_in: int, max_out: int,
         wl = load_workload(fallback, num_requests=n, request_rate=rate, seed=seed)
     return [SimRequest(r.arrival_s, max(1, min(r.prompt_len // scale, max_in)), max(1, min(r.output_len, max_out)))
             for r in wl]
-
-
-class _Capped:
-    """The engine as ``replay`` sees it, with a wall-clock cap: past ``cap_s`` it reports nothing unfinished, so
-    ``replay`` returns (only once every request was sent: ``replay`` then waits for no arrival). With
-    ``fail_ttft_s`` (``--fail-fast``) it also cuts once more than 10% of the run's requests got no first token within
-    that long of being added: they missed the TTFT SLO, so fewer than 90% can be good whatever follows (a request
-    is added at or after its arrival, so this never counts a miss too many)."""
-
-    def __init__(self, engine: Any, cap_s: float | None, num_requests: int, fail_ttft_s: float | None = None) -> None:
-        self.engine, self.cap_s, self.t0, self.cut, self.ids = engine, cap_s, time.monotonic(), False, []
-        self.num_requests, self.just_added = num_requests, False
-        self.fail_ttft_s, self.cut_reason, self.cut_at_s = fail_ttft_s, None, None
-        self.waiting_first: dict[str, float] = {}  # request -> when it was added, until its first token
-        self.num_late = 0  # requests whose first token came later than fail_ttft_s after they were added
-
-    def add_request(self, rid: str, *a: Any, **kw: Any) -> Any:
-        self.ids.append(rid)
-        self.just_added = True
-        if self.fail_ttft_s is not None:
-            self.waiting_first[rid] = time.monotonic()
-        return self.engine.add_request(rid, *a, **kw)
-
-    def _num_missed(self, now: float) -> int:
-        assert self.fail_ttft_s is not None
-        return self.num_late + sum(1 for t in self.waiting_first.values() if now - t > self.fail_ttft_s)
-
-    def has_unfinished_requests(self) -> bool:
-        just_added, self.just_added = self.just_added, False  # replay asks right after adding: answer truly
-        if len(self.ids) >= self.num_requests and not just_added:
-            now = time.monotonic()
-            if self.cap_s is not None and now - self.t0 > self.cap_s:
-                self.cut, self.cut_reason, self.cut_at_s = True, "cap", now - self.t0
-                return False
-            if self.fail_ttft_s is not None and self._num_missed(now) > 0.1 * self.num_requests:
-                self.cut, self.cut_reason, self.cut_at_s = True, "fail-fast", now - self.t0
-                return False
-        return self.engine.has_unfinished_requests()
-
-    def step(self) -> Any:
-        outs = self.engine.step()
-        if self.fail_ttft_s is not None and self.waiting_first:
-            now = time.monotonic()
-            for o in outs:
-                t = self.waiting_first.get(o.request_id)
-                if t is not None and o.outputs and o.outputs[0].delta_token_ids:
-                    del self.waiting_first[o.request_id]
-                    self.num_late += now - t > self.fail_ttft_s
-        return outs
-
-
-def run_real(engine: Any, wl: list[Any], slo: Any, vocab_hi: int, cap_s: float | None = None,
-             fail_ttft_s: float | None = None) -> dict[str, Any]:
-    from replay import replay
-
-    from hetserve.bench.metrics import compute_metrics
-
-    capped = _Capped(engine, cap_s, len(wl), fail_ttft_s)
-    records, dur = replay(capped, wl, vocab_range=(10, vocab_hi))
-    if capped.cut:  # a request cut short did not finish: it failed (and could not have met the SLO)
-        why = "cut at the run cap" if capped.cut_reason == "cap" else "cut: > 10% had missed the TTFT SLO"
-        for rec in records:
-            if rec.success and rec.output_len < rec.expected_output_len:
-                rec.success, rec.error = False, why
-            elif not rec.success:
-                rec.error = why
-        until = cap_s if capped.cut_reason == "cap" else capped.cut_at_s
-        dur = max(dur, (until or 0.0) - min(w.arrival_s for w in wl))  # the engine worked until the cut
-    m = compute_metrics(records, dur, slo)
-    m["errors"] = sum(1 for r in records if not r.success)
-    m["good_fraction"] = (m["request_goodput"] or 0) * m["duration"] / max(1, len(records))
-    m["cut"] = capped.cut
-    m["cut_reason"] = capped.cut_reason
-    m["request_ids"] = capped.ids  # to abort what a cut left in the engine
-    return m
 
 
 def parse_traces(text: str) -> list[str]:

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# pd-tp2: the prefill TP group's share of each GPU's memory and the decode instance's share of the high-end GPU
+PD_TP2_MEMORY = {"prefill": 0.3, "decode": 0.65}
 # the MPS clients' own profiles (measured on the H100 by benchmarks/gpu_cluster_run.sh in session 2)
 DEFAULT_PROFILES = "H100-MPS75=profiles/h100-mps75-llama-3.1-8b.json,H100-MPS25=profiles/h100-mps25-llama-3.1-8b.json"
 
@@ -21,6 +23,29 @@ def truncated_8b(parent: Path, layers: int) -> Path:
     raw["num_hidden_layers"] = layers
     (model_dir / "config.json").write_text(json.dumps(raw, indent=1))
     return model_dir
+
+
+def strategies(hi: str, lo: str, cronus_tbt_ms: float) -> dict[str, dict[str, Any]]:
+    """name -> (strategy, instances, deployment params). 'lp' = prefill on the low-end device."""
+    return {
+        "high-alone": {"strategy": "dp", "instances": [{"name": "hi", "devices": [hi]}]},
+        "low-alone": {"strategy": "dp", "instances": [{"name": "lo", "devices": [lo]}]},
+        "dp": {"strategy": "dp", "instances": [{"name": "hi", "devices": [hi]}, {"name": "lo", "devices": [lo]}]},
+        "pp": {"strategy": "pp", "instances": [{"name": "pp0", "devices": [hi, lo], "layers": "auto"}]},
+        "pd-lp": {"strategy": "pd", "instances": [{"name": "prefill0", "role": "prefill", "devices": [lo]},
+                                                  {"name": "decode0", "role": "decode", "devices": [hi]}]},
+        "pd-hp": {"strategy": "pd", "instances": [{"name": "prefill0", "role": "prefill", "devices": [hi]},
+                                                  {"name": "decode0", "role": "decode", "devices": [lo]}]},
+        "cronus": {"strategy": "cronus",
+                   "instances": [{"name": "head0", "role": "head", "devices": [lo]},
+                                 {"name": "main0", "role": "main", "devices": [hi]}],
+                   "params": {"split_policy": {"kind": "adaptive", "tbt_slo_ms": cronus_tbt_ms}}},
+        "hetis": {"strategy": "hetis",
+                  "instances": [{"name": "main0", "role": "main", "devices": [hi], "workers": [{"device": lo}]}]},
+        "pd-tp2": {"strategy": "pd", "instances": [
+            {"name": "prefill0", "role": "prefill", "devices": [hi, lo], "memory_fraction": PD_TP2_MEMORY["prefill"]},
+            {"name": "decode0", "role": "decode", "devices": [hi], "memory_fraction": PD_TP2_MEMORY["decode"]}]},
+    }
 
 
 def strategy_config(spec: dict[str, Any], dtype: str, max_model_len: int) -> dict[str, Any]:
@@ -53,7 +78,7 @@ def sim_only(args: Any, rates: list[float], rates_for: dict[str, list[float]], t
     """``--sim-only``: the simulator alone for every strategy and rate (no GPU, no workers), to choose rates."""
     import tempfile
 
-    from gpu_cluster import FALLBACK, arrival_seed, find_trace, rates_of, strategies, workload
+    from gpu_cluster import FALLBACK, arrival_seed, find_trace, rates_of, workload
     from gpu_cluster_devices import roles
 
     from hetserve.core.cluster import load_cluster
