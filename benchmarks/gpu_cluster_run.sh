@@ -130,7 +130,7 @@ sys.exit(0 if any("error" in m.get(k, {}) for k in ("ipc_mps", "shm_mps")) else 
         | tee -a "$OUT/cluster.log"
     fi
   fi
-  pids=()
+  pids=(); rm -f /tmp/profile-h200*.log
   if [ ! -f "$P0" ]; then
     CUDA_VISIBLE_DEVICES=${UUIDS[0]} timeout -k 5 150 python -m hetserve.cli.main profile \
       --model examples/models/llama-3.1-8b --device cuda --layers 2 --device-name H200 --output "$P0" \
