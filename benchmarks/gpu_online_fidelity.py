@@ -94,6 +94,9 @@ def main() -> int:
         vocab_hi, scale, max_in, max_out = 120000, 1, args.max_input, args.max_output
         device_desc, dtype = torch.cuda.get_device_name(0), "bfloat16"
     cm = CostModel(mc, dev, dtype, profile=prof)
+    # the engine schedules one step ahead on a GPU (async scheduling): host and device overlap; on a CPU the
+    # "device" is the host itself, so nothing overlaps
+    cm.async_scheduling = bool(engine.core.async_scheduling) and not args.smoke_cpu
     rows: list[dict[str, Any]] = []
     replay(engine, workload(trace, 16, 50.0, 256, 16, seed=7, scale=scale), vocab_range=(10, vocab_hi))  # warm-up
     for rate in [float(r) for r in args.rates.split(",")]:
@@ -114,7 +117,9 @@ def main() -> int:
            "model": f"Llama-3.1-8B shape, random {dtype} weights" if not args.smoke_cpu else "embedded tiny llama",
            "workload": f"{trace.name if trace else 'uniform'} lengths (prompt <= {max_in}, output <= {max_out}), "
                        f"Poisson arrivals", "config": {"num_kv_blocks": blocks, "max_num_seqs": seqs,
-                                                        "max_num_batched_tokens": mnbt, "max_model_len": max_len},
+                                                        "max_num_batched_tokens": mnbt, "max_model_len": max_len,
+                                                        "async_scheduling": bool(engine.core.async_scheduling),
+                                                        "sim_async_overlap": cm.async_scheduling},
            "wall_s": time.monotonic() - t_start, "results": rows}
     name = "gpu-online-fidelity.json" if not args.smoke_cpu else "cpu-online-fidelity-smoke.json"
     dest = Path(os.environ["OUT"]) / name if os.environ.get("OUT") else ROOT / "benchmarks/results" / name
@@ -143,6 +148,8 @@ def resim(path: Path, args: argparse.Namespace) -> int:
     mc = ModelConfig.from_path(ROOT / "examples/models/llama-3.1-8b")
     prof = load_profile(ROOT / "profiles/h100-sxm-llama-3.1-8b.json")
     cm = CostModel(mc, get_device("H100-SXM"), "bfloat16", profile=prof)
+    # files from before async scheduling (no such key) measured the engine's steps in series
+    cm.async_scheduling = bool(c.get("async_scheduling", False))
     rows = []
     for row in old["results"]:
         rate = row["rate"]

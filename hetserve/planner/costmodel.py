@@ -234,6 +234,10 @@ class CostModel:
             if graphed and profile is not None else 0.0
         whole = self.num_layers == num_layers_total and tp == 1
         self.graph_max_batch = GRAPH_MAX_BATCH if whole else 0
+        # async scheduling (an LLMEngine around one runner; cluster workers run steps in series): the host's work
+        # for the next step (the overhead terms, the launches) overlaps this step's device time, so a step takes
+        # the longer of the two instead of their sum
+        self.async_scheduling = False
         # piecewise graphs: whole models and pipeline stages without TP (a Hetis main sets 0: never graphed)
         self.piecewise_max_tokens = PIECEWISE_MAX_TOKENS if tp == 1 else 0
         self.piecewise_floor_s_per_layer = float(
@@ -348,17 +352,24 @@ class CostModel:
         out["lm_head"] = self._lm_head_s(rows) if self.include_lm_head else 0.0
         out["embedding"] = T * self._embed_bytes_per_token * self._inv_mem_bw if self.include_embedding else 0.0
         out["overhead"] = self._overhead_s(batch)
+        # async scheduling: what the overlap of host and device saves (<= 0; 0 without it)
+        out["async_overlap"] = self.step_time_s(batch, num_kv_heads) - sum(out.values())
         return out
 
     def _eager_layers_s(self, batch: BatchShape, layers_s: float) -> float:
         """The decoder layers' seconds as the runtime spends them: graphed, or floored by eager launches."""
+        return max(layers_s, self._launch_floor_s(batch))
+
+    def _launch_floor_s(self, batch: BatchShape) -> float:
+        """Host seconds launching the step's layers when it is not one graph replay (0 for a graph step): the
+        piecewise-graph floor up to ``piecewise_max_tokens`` tokens, the eager floor beyond."""
         graph_step = not batch.prefill_chunks and batch.num_reqs <= self.graph_max_batch
         if graph_step or not self.eager_floor_s_per_layer:
-            return layers_s
+            return 0.0
         floor = self.eager_floor_s_per_layer
         if batch.num_tokens <= self.piecewise_max_tokens:
             floor = self.piecewise_floor_s_per_layer
-        return max(layers_s, self.num_layers * floor)
+        return self.num_layers * floor
 
     def _overhead_s(self, batch: BatchShape) -> float:
         return (
@@ -384,12 +395,17 @@ class CostModel:
         t = self._dense_layer_s(T) + self._attn_layer_s(batch, num_kv_heads)
         if self.tp > 1:
             t += 2 * self.ring_time_s(T * self._allreduce_bytes_per_token)
-        t = self._eager_layers_s(batch, t * self.num_layers)
+        layers = t * self.num_layers
+        launch = self._launch_floor_s(batch)
+        device = layers
         if self.include_lm_head:
-            t += self._lm_head_s(batch.num_reqs if batch.num_sampled is None else batch.num_sampled)
+            device += self._lm_head_s(batch.num_reqs if batch.num_sampled is None else batch.num_sampled)
         if self.include_embedding:
-            t += T * self._embed_bytes_per_token * self._inv_mem_bw
-        return t + self._overhead_s(batch)
+            device += T * self._embed_bytes_per_token * self._inv_mem_bw
+        if self.async_scheduling:
+            # the launches and the overhead terms are host time, spent while the previous step runs
+            return max(device, launch + self._overhead_s(batch))
+        return device + max(0.0, launch - layers) + self._overhead_s(batch)
 
     def step_time_from_scheduler_output(self, out: SchedulerOutput) -> float:
         return self.step_time_s(BatchShape.from_scheduler_output(out))

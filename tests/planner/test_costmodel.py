@@ -376,3 +376,21 @@ def test_graph_timed_profile_floors_the_steps_the_runtime_runs_eagerly() -> None
     slow = CostModel(TOY, DEV, profile=_toy_profile(meta={"timing": {"dense_s_per_layer": "graph"},
                                                           "piecewise_floor_s_per_layer": 1e-9}))
     assert slow.step_time_s(MIXED) == pytest.approx(plain.step_time_s(MIXED), rel=1e-12)
+
+
+def test_async_scheduling_overlaps_host_and_device() -> None:
+    """With async scheduling a step takes the longer of its device time and its host time (overhead terms plus
+    launches), by hand from the sync model's parts; never longer than the sync step, never shorter than either."""
+    graphed = _toy_profile(meta={"timing": {"dense_s_per_layer": "graph"}})
+    sync = CostModel(TOY, DEV, profile=graphed)
+    asy = CostModel(TOY, DEV, profile=graphed)
+    asy.async_scheduling = True
+    for b in (BatchShape((), 3, 30), MIXED, BatchShape((), 40, 4000)):
+        bd = sync.breakdown(b)
+        device = bd["dense"] + bd["attention"] + bd["allreduce"] + bd["lm_head"] + bd["embedding"]
+        launch = sync._launch_floor_s(b)
+        want = max(device, launch + bd["overhead"])
+        assert asy.step_time_s(b) == pytest.approx(want, rel=1e-12)
+        assert asy.step_time_s(b) <= sync.step_time_s(b) + 1e-15
+        assert sum(asy.breakdown(b).values()) == pytest.approx(asy.step_time_s(b), rel=1e-12)
+        assert asy.breakdown(b)["async_overlap"] <= 0.0
