@@ -384,10 +384,12 @@ class CostModel:
         a profile that has the table). The simulator adds it to the first step after a gap."""
         return self.profile.idle_wake_s(idle_s) if self.profile is not None else 0.0
 
-    def step_time_s(self, batch: BatchShape, num_kv_heads: int | None = None) -> float:
+    def step_time_s(self, batch: BatchShape, num_kv_heads: int | None = None, serial: bool = False) -> float:
         """Seconds for one step of ``batch``; an empty batch costs 0.
 
         ``num_kv_heads``: KV heads (per device) whose attention runs here; the others are offloaded (Hetis).
+        ``serial``: host and device in series even with async scheduling (a step that starts an idle engine has
+        no step in flight to hide its host work behind).
         """
         T = batch.num_tokens
         if T == 0:
@@ -402,7 +404,7 @@ class CostModel:
             device += self._lm_head_s(batch.num_reqs if batch.num_sampled is None else batch.num_sampled)
         if self.include_embedding:
             device += T * self._embed_bytes_per_token * self._inv_mem_bw
-        if self.async_scheduling:
+        if self.async_scheduling and not serial:
             # the launches and the overhead terms are host time, spent while the previous step runs
             return max(device, launch + self._overhead_s(batch))
         return device + max(0.0, launch - layers) + self._overhead_s(batch)

@@ -100,6 +100,7 @@ class _Instance:
         # a step that starts after the instance sat idle pays the device's measured wake-up cost
         self.idle_since_s = 0.0
         self.wake_s: Callable[[float], float] | None = getattr(plan.cost, "idle_wake_s", None)
+        self.async_cost = bool(getattr(plan.cost, "async_scheduling", False))
 
 
 @dataclass
@@ -185,7 +186,10 @@ class Simulator:
                 if so.finished_req_ids or so.preempted_req_ids:
                     inst.executor.execute(so)
                 return
-            times = self.deployment.stage_times_s(name, so)
+            # with async scheduling a step overlaps its host work with the step before; after an idle gap there
+            # is none, so it pays both in series
+            after_gap = inst.in_flight == 0 and now > inst.idle_since_s
+            times = self.deployment.stage_times_s(name, so, serial=after_gap and inst.async_cost)
             c = self.contention.get(name)
             if c is not None and ((c.spans and inst.in_flight > 0) or any(
                 o != name and oc.gpu == c.gpu and self.instances[o].in_flight > 0 for o, oc in self.contention.items()

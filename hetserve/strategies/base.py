@@ -109,12 +109,13 @@ class Deployment(ABC):
             conversion=sp.block_size != dp.block_size or sp.cost.kv_cache_dtype != dp.cost.kv_cache_dtype,
         )
 
-    def stage_times_s(self, name: str, so: SchedulerOutput) -> list[float]:
+    def stage_times_s(self, name: str, so: SchedulerOutput, serial: bool = False) -> list[float]:
         """Seconds each pipeline stage of instance ``name`` spends on the step (activations to the next
-        stage included)."""
+        stage included); ``serial``: host and device in series (see ``CostModel.step_time_s``)."""
         plan = self.plans[name]
         shape = batch_shape(so)
-        times = [c.step_time_s(shape, plan.attention_kv_heads) for c in plan.stage_costs]
+        kv = plan.attention_kv_heads
+        times = [c.step_time_s(shape, kv, serial=True) if serial else c.step_time_s(shape, kv) for c in plan.stage_costs]
         if plan.num_stages > 1 and plan.stage_link is not None:
             act = plan.cost.activation_bytes(shape.num_tokens)
             hop = plan.stage_link.latency_s + act / plan.stage_link.bandwidth_bytes_per_s

@@ -277,10 +277,10 @@ class HetisDeployment(DPDeployment):
         self._penalty_s: dict[str, float] = {n: 0.0 for n in self.dispatchers}
         self.redispatch_log: list[dict[str, Any]] = []
 
-    def stage_times_s(self, name: str, so: SchedulerOutput) -> list[float]:
+    def stage_times_s(self, name: str, so: SchedulerOutput, serial: bool = False) -> list[float]:
         d = self.dispatchers.get(name)
         if d is None:
-            return super().stage_times_s(name, so)
+            return super().stage_times_s(name, so, serial)
         t = d.step_time_s(batch_shape(so)) + self._penalty_s[name]
         self._penalty_s[name] = 0.0
         return [t]

@@ -177,6 +177,32 @@ def test_new_requests_first_step_carries_the_measured_host_cost() -> None:
     assert rec.itl_s[0] == pytest.approx(cost.step_time_s(BatchShape((), 1, 100)), rel=1e-9)
 
 
+def test_async_scheduling_overlaps_busy_steps_but_not_the_first_after_a_gap() -> None:
+    """An async cost model: a lone request's first step (an idle engine, nothing in flight to hide the host work
+    behind) costs host + device in series; its decode steps right after it cost max(host, device)."""
+    from hetserve.core.devices import get_device
+    from hetserve.planner.costmodel import BatchShape, CostModel
+    from hetserve.planner.profile import DeviceProfile, Table1D, model_shape_hash
+
+    prof = DeviceProfile(
+        device_name="A10", emulation=None, model_name="m", shape_hash=model_shape_hash(MODEL), dtype="bfloat16",
+        kv_cache_dtype="bfloat16", tp=1, dense=Table1D((1.0, 1024.0), (1e-4, 1e-3)), step_overhead_s=2e-2,
+        step_overhead_per_seq_s=1e-5, new_seq_overhead_s=3e-4, new_seq_overhead_per_token_s=1e-6,
+    )
+    cost = CostModel(MODEL, get_device("A10"), profile=prof)
+    cost.async_scheduling = True
+    plan = InstancePlan("q", ("d0",), "mixed", (cost,), num_kv_blocks=256, max_num_seqs=4,
+                        max_num_batched_tokens=512)
+    res = Simulator(OneInstance([plan], lambda a, b: None)).run([SimRequest(0.5, 100, 3)])  # type: ignore[arg-type]
+    rec = res.records[0]
+    first, decode = BatchShape(((100, 0),), 0, 0, 1, 1, 100), BatchShape((), 1, 100)  # first: a new request
+    assert rec.ttft_s == pytest.approx(cost.step_time_s(first, serial=True), rel=1e-9)
+    # the host's 20 ms overhead outweighs the small decode on the device: a busy step costs the host's time
+    assert rec.itl_s[0] == pytest.approx(cost.step_time_s(decode), rel=1e-9)
+    assert cost.step_time_s(decode) < cost.step_time_s(decode, serial=True)
+    assert cost.step_time_s(first, serial=True) > cost.step_time_s(first)
+
+
 @pytest.mark.parametrize("rho", [0.5, 0.7])
 def test_constant_service_reproduces_md1_mean_wait(rho: float) -> None:
     """max_num_seqs = 1 and one-token outputs: each request is one step of D seconds, served FIFO. The
