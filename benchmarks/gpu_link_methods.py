@@ -107,24 +107,33 @@ def _events_s(dev: torch.device, fn: Any) -> float:
 # ---- in-process (the coordinator): tensor.copy_ between cuda:0 and cuda:1 ---------------------------------
 
 
-def peer_copy(src_dev: torch.device, dst_dev: torch.device, plan: Plan) -> list[dict[str, Any]]:
-    """``dst.copy_(src)`` across devices in one process (PyTorch's peer copy), timed on the source's stream."""
-    top = max(plan.sizes)
-    src = torch.empty(top, dtype=torch.uint8, device=src_dev).fill_(7)
-    dst = torch.empty(top, dtype=torch.uint8, device=dst_dev)
+def _timed_copies(src: torch.Tensor, dst: torch.Tensor, dev: torch.device, plan: Plan,
+                  sync_dev: torch.device | None = None) -> list[dict[str, Any]]:
+    """``dst[:n].copy_(src[:n])`` for each of the plan's sizes (``k`` copies a timing, first repeat dropped),
+    timed by events on ``dev``'s stream; a row per size until the plan's deadline."""
     rows = []
     for n in plan.sizes:
         if plan.late():
             break
         k = batch_count(n, plan.batch_bytes)
 
-        def run(n: int = n, k: int = k, src: torch.Tensor = src, dst: torch.Tensor = dst) -> None:
+        def run(n: int = n, k: int = k) -> None:
             for _ in range(k):
                 dst[:n].copy_(src[:n])
 
-        secs = [_events_s(src_dev, run) for _ in range(plan.repeats + 1)][1:]
-        _sync(dst_dev)
+        secs = [_events_s(dev, run) for _ in range(plan.repeats + 1)][1:]
+        if sync_dev is not None:
+            _sync(sync_dev)
         rows.append(_row(n, k, secs))
+    return rows
+
+
+def peer_copy(src_dev: torch.device, dst_dev: torch.device, plan: Plan) -> list[dict[str, Any]]:
+    """``dst.copy_(src)`` across devices in one process (PyTorch's peer copy), timed on the source's stream."""
+    top = max(plan.sizes)
+    src = torch.empty(top, dtype=torch.uint8, device=src_dev).fill_(7)
+    dst = torch.empty(top, dtype=torch.uint8, device=dst_dev)
+    rows = _timed_copies(src, dst, src_dev, plan, sync_dev=dst_dev)
     del src, dst
     return rows
 
@@ -175,17 +184,7 @@ def ipc_recv(ctl: socket.socket, dev: torch.device, plan: Plan) -> dict[str, Any
     dst = torch.empty(max(plan.sizes), dtype=torch.uint8, device=dev)
     rows = []
     try:
-        for n in plan.sizes:
-            if plan.late():
-                break
-            k = batch_count(n, plan.batch_bytes)
-
-            def run(n: int = n, k: int = k, src: torch.Tensor = src, dst: torch.Tensor = dst) -> None:
-                for _ in range(k):
-                    dst[:n].copy_(src[:n])
-
-            secs = [_events_s(dev, run) for _ in range(plan.repeats + 1)][1:]
-            rows.append(_row(n, k, secs))
+        rows = _timed_copies(src, dst, dev, plan)
         ok = bool(torch.equal(dst[:16].cpu(), torch.full((16,), 7, dtype=torch.uint8)))
     finally:
         del src, storage

@@ -3,28 +3,18 @@ medians over repeats, ratios and verdicts, which file wins, the run-time estimat
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from tests.benchmarks.bench_modules import load_bench
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _module(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cs = _module("cluster_summary")
-gc = _module("gpu_cluster")
+cs = load_bench("cluster_summary")
+gc = load_bench("gpu_cluster")
 
 
 def test_rate_at_slo_interpolates_between_last_pass_and_first_fail() -> None:

@@ -4,11 +4,9 @@ the plan estimate, and the fail-fast cut of a saturated run."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,6 +16,7 @@ from hetserve.core.cluster import load_cluster
 from hetserve.core.errors import ValidationError
 from hetserve.core.model_config import ModelConfig
 from hetserve.strategies.build import build_deployment
+from tests.benchmarks.bench_modules import load_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
@@ -25,21 +24,10 @@ CLUSTERS = ROOT / "examples/clusters"
 GiB = 2**30
 
 
-def _module(name: str) -> ModuleType:
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-dev = _module("gpu_cluster_devices")
-stats = _module("cluster_summary_stats")
-gc = _module("gpu_cluster")
-sim = _module("gpu_cluster_sim")
+dev = load_bench("gpu_cluster_devices")
+stats = load_bench("cluster_summary_stats")
+gc = load_bench("gpu_cluster")
+sim = load_bench("gpu_cluster_sim")
 IDS = ["GPU-aaaa", "GPU-bbbb"]
 
 

@@ -4,30 +4,17 @@ which GPU is its own."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
+
+from tests.benchmarks.bench_modules import load_bench
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _module(name: str) -> ModuleType:
-    env = dict(os.environ)  # gpu_link sets the NVLink-multicast variables at import: keep this process's own
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
-    return mod
 
 
 def test_cpu_smoke_writes_positive_finite_bandwidths(tmp_path: Path) -> None:
@@ -77,7 +64,7 @@ def test_cpu_smoke_writes_positive_finite_bandwidths(tmp_path: Path) -> None:
 
 
 def test_each_process_lists_its_own_gpu_first_or_alone() -> None:
-    gl = _module("gpu_link")
+    gl = load_bench("gpu_link")
     ids = ["GPU-aaa", "GPU-bbb"]
     assert gl.visible_devices(ids, 0, "own-first") == "GPU-aaa,GPU-bbb"
     assert gl.visible_devices(ids, 1, "own-first") == "GPU-bbb,GPU-aaa"
