@@ -101,6 +101,12 @@ class _Instance:
         self.idle_since_s = 0.0
         self.wake_s: Callable[[float], float] | None = getattr(plan.cost, "idle_wake_s", None)
         self.async_cost = bool(getattr(plan.cost, "async_scheduling", False))
+        # async scheduling (one device, an LLMEngine): the engine schedules step N+1 when step N starts, so one
+        # more step is in flight, queued behind the running one; a request that arrives meanwhile joins the step
+        # after it, and decodes run ahead on placeholders
+        self.lookahead = self.async_cost and plan.num_stages == 1
+        self.scheduler.async_scheduling = self.lookahead
+        self.max_in_flight = plan.num_stages + (1 if self.lookahead else 0)
 
 
 @dataclass
@@ -174,8 +180,8 @@ class Simulator:
         inst = self.instances[name]
         if inst.kick_pending:
             return
-        while inst.in_flight < inst.plan.num_stages:
-            if now < inst.stage_free_s[0]:
+        while inst.in_flight < inst.max_in_flight:
+            if now < inst.stage_free_s[0] and not inst.lookahead:
                 inst.kick_pending = True
                 self._push(inst.stage_free_s[0], self._rekick(name))
                 return

@@ -203,6 +203,35 @@ def test_async_scheduling_overlaps_busy_steps_but_not_the_first_after_a_gap() ->
     assert cost.step_time_s(first, serial=True) > cost.step_time_s(first)
 
 
+class AsyncConstantCost(ConstantCost):
+    """Every step takes ``step_s``; the engine schedules one step ahead (async scheduling)."""
+
+    async_scheduling = True
+
+    def step_time_s(self, shape: Any, num_kv_heads: int | None = None, serial: bool = False) -> float:
+        return self.step_s if shape.num_tokens else 0.0
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_async_engine_schedules_one_step_ahead(lookahead: bool) -> None:
+    """A busy engine (request A decodes one token a step of D); B arrives mid-step. Without async scheduling B's
+    prefill is the next step: TTFT = 0.5 D + D. With it, the next step was scheduled when the running one started,
+    so B's prefill is the step after: TTFT = 0.5 D + 2 D. A's decodes run on placeholders and its tokens still come
+    one a step (a token every D)."""
+    d = 0.01
+    cost = AsyncConstantCost(d) if lookahead else ConstantCost(d)
+    plan = InstancePlan("q", ("d0",), "mixed", (cost,), num_kv_blocks=256, max_num_seqs=4,  # type: ignore[arg-type]
+                        max_num_batched_tokens=512)
+    sim = Simulator(OneInstance([plan], lambda a, b: None))  # type: ignore[arg-type]
+    res = sim.run([SimRequest(0.0, 8, 40), SimRequest(10.5 * d, 8, 2)])
+    a, b = res.records
+    assert b.ttft_s == pytest.approx((2.5 if lookahead else 1.5) * d, abs=1e-9)
+    assert a.ttft_s == pytest.approx(d, abs=1e-9)
+    assert all(x == pytest.approx(d, abs=1e-9) for x in a.itl_s)
+    assert sim.instances["q"].scheduler.async_scheduling == lookahead
+    assert_clean(sim)
+
+
 @pytest.mark.parametrize("rho", [0.5, 0.7])
 def test_constant_service_reproduces_md1_mean_wait(rho: float) -> None:
     """max_num_seqs = 1 and one-token outputs: each request is one step of D seconds, served FIFO. The
