@@ -66,6 +66,7 @@ class ServerSettings:
     num_blocks: int | None = _opt(None, "KV blocks in the pool (default: sized from memory)")
     gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory the engine may use")
     enable_prefix_caching: bool = _opt(True, "reuse the KV of shared prompt prefixes")
+    async_scheduling: bool = _opt(True, "schedule the next step while the GPU runs this one (one engine on a GPU)")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = _opt("auto", "weights and activations dtype (auto = float32 on CPU, bfloat16 on GPU)",
                       choices=_DTYPES)
@@ -190,6 +191,7 @@ class ServerSettings:
             num_blocks=self.num_blocks,
             gpu_memory_utilization=self.gpu_memory_utilization,
             enable_prefix_caching=self.enable_prefix_caching,
+            async_scheduling=self.async_scheduling,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,

@@ -145,6 +145,12 @@ def _parse(argv: list[str]):
     return settings_from_args(p.parse_args(argv))
 
 
+def test_async_scheduling_flag_reaches_the_engine_config(tiny_llama_dir) -> None:
+    on = _parse([str(tiny_llama_dir)]).engine_config()
+    off = _parse([str(tiny_llama_dir), "--no-async-scheduling"]).engine_config()
+    assert (on.scheduler.async_scheduling, off.scheduler.async_scheduling) == (True, False)
+
+
 def test_config_file_then_flags(tmp_path) -> None:
     cfg = tmp_path / "s.yaml"
     cfg.write_text("max_num_seqs: 8\nport: 9001\nserved_model_name: [a, b]\nenable_prefix_caching: false\n")
