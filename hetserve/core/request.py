@@ -136,10 +136,12 @@ class Request:
     def may_run_ahead(self) -> bool:
         """Whether the next position may be scheduled while a step that samples this request is in flight:
         its sampling does not depend on the tokens before it (no penalties, no min_tokens, no seed: the runner
-        has not seen the pending token yet), no KV hand-off, and the pending token cannot be its last."""
+        has not seen the pending token yet), it does not hand its KV on or wait for KV (a request whose KV has
+        arrived decodes like any other), and the pending token cannot be its last."""
         sp = self.sampling_params
+        kt = self.kv_transfer
         if (
-            self.kv_transfer is not None
+            (kt is not None and (kt.send or kt.compute_limit is not None or kt.num_remote_tokens > 0))
             or sp.min_tokens > 0
             or sp.seed is not None
             or sp.repetition_penalty != 1.0

@@ -238,6 +238,10 @@ class CostModel:
         # for the next step (the overhead terms, the launches) overlaps this step's device time, so a step takes
         # the longer of the two instead of their sum
         self.async_scheduling = False
+        # the runtime schedules one step ahead (an instance of one worker: no PP, no TP, not a Hetis main): a step
+        # is scheduled when the one before it starts, so an arrival joins the step after next (the simulator's
+        # look-ahead); with ``async_scheduling`` the host's work also overlaps the device's
+        self.schedules_ahead = tp == 1 and self.num_layers == num_layers_total
         # piecewise graphs: whole models and pipeline stages without TP (a Hetis main sets 0: never graphed)
         self.piecewise_max_tokens = PIECEWISE_MAX_TOKENS if tp == 1 else 0
         self.piecewise_floor_s_per_layer = float(

@@ -102,6 +102,7 @@ class ClusterEngine:
         attn_envs: dict[str, dict[str, str]] | None = None,
         kv_links: dict[tuple[str, str], KVLink] | None = None,
         kv_direct: bool = True,
+        async_scheduling: bool = True,
     ) -> None:
         self.model_config = ModelConfig.from_path(model)
         self.tokenizer = Tokenizer.from_dir(model)
@@ -135,6 +136,11 @@ class ClusterEngine:
             if placement is not None:
                 placement.close()
             raise
+        for name, inst in self.instances.items():
+            # async scheduling where one worker runs the whole instance (its runner fills placeholders)
+            if async_scheduling and inst.num_stages == 1 and inst.tp == 1 and self.hetis.worker_spec(name) is None:
+                inst.lookahead = True
+                inst.scheduler.async_scheduling = True
         self.views = {n: InstanceView(deployment.plans[n], i.scheduler) for n, i in self.instances.items()}
         self._reqs: dict[str, _ReqState] = {}
         self._where: dict[str, str] = {}
@@ -225,7 +231,8 @@ class ClusterEngine:
             self.instances[name].scheduler.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._reqs)
+        # a step scheduled ahead may still be in flight after the last request finished: drain it too
+        return bool(self._reqs) or any(i.in_flight for i in self.instances.values() if i.alive)
 
     # ---- the step --------------------------------------------------------------------------------
     def step(self, timeout_s: float = 0.05) -> list[RequestOutput]:
@@ -261,8 +268,9 @@ class ClusterEngine:
         return outs
 
     def _kick(self, inst: Instance) -> None:
-        """Schedule and send steps until the instance has one in flight per pipeline stage (one without PP)."""
-        while inst.alive and len(inst.in_flight) < inst.num_stages:
+        """Schedule and send steps until the instance has one in flight per pipeline stage (one without PP; one
+        more with async scheduling, queued at the worker behind the running one)."""
+        while inst.alive and len(inst.in_flight) < inst.num_stages + inst.lookahead:
             so = inst.scheduler.schedule()
             for load in so.kv_loads:
                 self.handoffs.start(load.req_id, inst.name, load.block_ids, load.num_tokens)

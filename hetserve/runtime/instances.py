@@ -66,6 +66,9 @@ class Instance:
     # (answering worker's seq, step, sent at): oldest first
     in_flight: deque[tuple[int, SchedulerOutput, float]] = field(default_factory=deque)
     max_in_flight_seen: int = 0
+    # async scheduling (one worker: no PP, no TP, not a Hetis main): one more step is sent while the worker
+    # runs the current one, its decodes on placeholders the worker's runner fills from its last tokens
+    lookahead: bool = False
     last_reply_s: float = field(default_factory=time.monotonic)
     ping_sent_s: float | None = None
     pongs_due: int = 0

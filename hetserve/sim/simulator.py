@@ -101,10 +101,11 @@ class _Instance:
         self.idle_since_s = 0.0
         self.wake_s: Callable[[float], float] | None = getattr(plan.cost, "idle_wake_s", None)
         self.async_cost = bool(getattr(plan.cost, "async_scheduling", False))
-        # async scheduling (one device, an LLMEngine): the engine schedules step N+1 when step N starts, so one
-        # more step is in flight, queued behind the running one; a request that arrives meanwhile joins the step
-        # after it, and decodes run ahead on placeholders
-        self.lookahead = self.async_cost and plan.num_stages == 1
+        # async scheduling (an LLMEngine on a GPU, or a one-worker instance of the cluster runtime): step N+1 is
+        # scheduled when step N starts, so one more step is in flight, queued behind the running one; a request
+        # that arrives meanwhile joins the step after it, and decodes run ahead on placeholders
+        ahead = self.async_cost or bool(getattr(plan.cost, "schedules_ahead", False))
+        self.lookahead = ahead and plan.num_stages == 1
         self.scheduler.async_scheduling = self.lookahead
         self.max_in_flight = plan.num_stages + (1 if self.lookahead else 0)
 

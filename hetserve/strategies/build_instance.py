@@ -371,6 +371,7 @@ def _hetis_main(
         raise ValidationError(f"{path}tp", "a Hetis main instance runs on one device")
     cost.graph_max_batch = 0  # a Hetis main's steps talk to other processes: the runtime never graphs them
     cost.piecewise_max_tokens = 0
+    cost.schedules_ahead = False  # its steps wait on attention workers: the runtime keeps one in flight
     if not isinstance(workers, list):
         raise ValidationError(f"{path}workers", "must be a list of {device, kv_heads}")
     dtype = str(cfg.get("dtype", "bfloat16"))
