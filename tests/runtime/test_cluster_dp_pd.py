@@ -32,6 +32,14 @@ def _cluster(model: str, strategy: str, **kw):
 def test_same_greedy_tokens_as_one_device(model: str, reference: list[list[int]], strategy: str, kw: dict) -> None:
     llm = _cluster(model, strategy, **kw)
     pids = list(llm.engine.worker_pids().values())
+    placeholders = {name: 0 for name in llm.engine.instances}
+    for name, inst in llm.engine.instances.items():
+        def counting(orig=inst.scheduler.schedule, name=name):
+            so = orig()
+            placeholders[name] += sum(s.placeholder for s in so.scheduled)
+            return so
+
+        inst.scheduler.schedule = counting
     try:
         outs = llm.generate(PROMPTS, SP)
         assert [o.outputs[0].token_ids for o in outs] == reference
@@ -44,6 +52,11 @@ def test_same_greedy_tokens_as_one_device(model: str, reference: list[list[int]]
         else:
             used = {len(i.scheduler.requests) for i in llm.engine.instances.values()}
             assert used == {0}
+        # one worker per instance: the coordinator scheduled a step ahead (decodes on placeholders), on the PD
+        # decode side too once a request's KV had arrived
+        assert all(i.lookahead for i in llm.engine.instances.values())
+        assert max(i.max_in_flight_seen for i in llm.engine.instances.values()) == 2
+        assert (placeholders["decode0"] if strategy == "pd" else sum(placeholders.values())) > 0, placeholders
         assert_no_leaks(llm.engine)
     finally:
         llm.shutdown()
