@@ -297,7 +297,7 @@ class ModelRunner(StepInputs, Executor):
             if hidden is None or not self.samples:
                 return StepResult(ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled))
         result = self._sample(so, batch, hidden, req_ids, sampled)
-        self._unresolved = [r for r in self._unresolved if not r._done]
+        self._unresolved = [r for r in self._unresolved if not r.done]
         self._unresolved.append(result)
         return result
 

@@ -54,6 +54,11 @@ class StepResult:
         self._states = states
         self._done = host is None
 
+    @property
+    def done(self) -> bool:
+        """Whether the answer was read back already."""
+        return self._done
+
     def result(self) -> ModelRunnerOutput:
         if not self._done:
             assert self._host is not None and self._sample_idx is not None and self._states is not None
