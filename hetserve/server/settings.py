@@ -67,6 +67,10 @@ class ServerSettings:
     gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory the engine may use")
     enable_prefix_caching: bool = _opt(True, "reuse the KV of shared prompt prefixes")
     async_scheduling: bool = _opt(True, "schedule the next step while the GPU runs this one (one engine on a GPU)")
+    enforce_eager: bool = _opt(False, "never replay CUDA graphs")
+    cuda_graph_max_batch: int = _opt(512, "largest decode batch replayed as a CUDA graph")
+    piecewise_graph_max_tokens: int = _opt(
+        1024, "largest step (tokens) replayed as piecewise CUDA graphs around eager attention (0 = never)")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = _opt("auto", "weights and activations dtype (auto = float32 on CPU, bfloat16 on GPU)",
                       choices=_DTYPES)
@@ -192,6 +196,9 @@ class ServerSettings:
             gpu_memory_utilization=self.gpu_memory_utilization,
             enable_prefix_caching=self.enable_prefix_caching,
             async_scheduling=self.async_scheduling,
+            enforce_eager=self.enforce_eager,
+            cuda_graph_max_batch=self.cuda_graph_max_batch,
+            piecewise_graph_max_tokens=self.piecewise_graph_max_tokens,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
