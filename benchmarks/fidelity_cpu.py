@@ -150,6 +150,7 @@ def main() -> int:
 
     def simulate(prof: Any) -> dict[str, dict[str, Any]]:
         cost = CostModel(mc, dev, dtype="float32", profile=prof)
+        cost.schedules_ahead = False  # an LLMEngine on a CPU runs its steps in series (async scheduling: auto = off)
         plan = InstancePlan(name="cpu", device_ids=("cpu",), role="mixed", stage_costs=(cost,), num_kv_blocks=blocks,
                             block_size=block, max_num_seqs=seqs, max_num_batched_tokens=budget, max_model_len=max_len)
         out = {}

@@ -97,6 +97,7 @@ def main() -> int:
     # the engine schedules one step ahead on a GPU (async scheduling): host and device overlap; on a CPU the
     # "device" is the host itself, so nothing overlaps
     cm.async_scheduling = bool(engine.core.async_scheduling) and not args.smoke_cpu
+    cm.schedules_ahead = bool(engine.core.async_scheduling)  # the look-ahead, on whatever device
     rows: list[dict[str, Any]] = []
     replay(engine, workload(trace, 16, 50.0, 256, 16, seed=7, scale=scale), vocab_range=(10, vocab_hi))  # warm-up
     for rate in [float(r) for r in args.rates.split(",")]:
@@ -150,6 +151,7 @@ def resim(path: Path, args: argparse.Namespace) -> int:
     cm = CostModel(mc, get_device("H100-SXM"), "bfloat16", profile=prof)
     # files from before async scheduling (no such key) measured the engine's steps in series
     cm.async_scheduling = bool(c.get("async_scheduling", False))
+    cm.schedules_ahead = cm.async_scheduling
     rows = []
     for row in old["results"]:
         rate = row["rate"]

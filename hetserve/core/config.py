@@ -48,10 +48,10 @@ class SchedulerConfig:
     max_queued_requests: int | None = field(
         default=None, metadata={"help": "waiting requests beyond which new ones are refused"}
     )
-    async_scheduling: bool = field(
-        default=True,
-        metadata={"help": "schedule and prepare the next step while the device runs this one (when the executor "
-                          "supports it: the model runner)"},
+    async_scheduling: bool | None = field(
+        default=None,
+        metadata={"help": "schedule and prepare the next step while the device runs this one; None (auto): where "
+                          "host and device overlap (a model runner on a GPU); True forces it on any runner"},
     )
 
     def __post_init__(self) -> None:

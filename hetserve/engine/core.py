@@ -19,9 +19,14 @@ from hetserve.engine.sched.scheduler import Scheduler
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, executor: Executor, async_scheduling: bool = False) -> None:
+    def __init__(self, scheduler: Scheduler, executor: Executor, async_scheduling: bool | None = False) -> None:
+        """``async_scheduling``: True / False, or None for auto: on where the executor's device works while the
+        host does (``executor.overlaps_host``; a CPU runner computes on the host itself, so scheduling ahead would
+        only delay its outputs)."""
         self.scheduler = scheduler
         self.executor = executor
+        if async_scheduling is None:
+            async_scheduling = bool(getattr(executor, "overlaps_host", False))
         self.async_scheduling = async_scheduling and callable(getattr(executor, "execute_async", None))
         scheduler.async_scheduling = self.async_scheduling
         self._in_flight: tuple[SchedulerOutput, Any] | None = None

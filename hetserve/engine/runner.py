@@ -209,6 +209,11 @@ class ModelRunner(StepInputs, Executor):
         return t * per_token * elt
 
     @property
+    def overlaps_host(self) -> bool:
+        """Whether the device computes while the host goes on (a GPU); the default of async scheduling."""
+        return self._is_cuda
+
+    @property
     def num_kv_blocks(self) -> int:
         return self._num_blocks
 

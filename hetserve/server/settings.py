@@ -66,7 +66,9 @@ class ServerSettings:
     num_blocks: int | None = _opt(None, "KV blocks in the pool (default: sized from memory)")
     gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory the engine may use")
     enable_prefix_caching: bool = _opt(True, "reuse the KV of shared prompt prefixes")
-    async_scheduling: bool = _opt(True, "schedule the next step while the GPU runs this one (one engine on a GPU)")
+    async_scheduling: bool | None = _opt(
+        None, "schedule the next step while the device runs this one (default: on a GPU; off on a CPU, whose "
+              "steps run on the host itself)")
     enforce_eager: bool = _opt(False, "never replay CUDA graphs")
     cuda_graph_max_batch: int = _opt(512, "largest decode batch replayed as a CUDA graph")
     piecewise_graph_max_tokens: int = _opt(

@@ -72,8 +72,16 @@ def test_async_equals_sync(tiny_llama_dir, engine_kw):
     assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_usable_blocks
 
 
-def test_abort_with_a_step_in_flight_frees_everything(tiny_llama_dir):
+def test_auto_is_off_on_a_cpu_runner(tiny_llama_dir):
+    """On a CPU the runner computes on the host, so scheduling ahead would only delay outputs: auto is off."""
     eng = LLMEngine(EngineConfig.from_kwargs(str(tiny_llama_dir), device="cpu", dtype="float32", max_model_len=128))
+    assert eng.config.scheduler.async_scheduling is None
+    assert not eng.executor.overlaps_host and not eng.core.async_scheduling
+
+
+def test_abort_with_a_step_in_flight_frees_everything(tiny_llama_dir):
+    eng = LLMEngine(EngineConfig.from_kwargs(str(tiny_llama_dir), device="cpu", dtype="float32", max_model_len=128,
+                                             async_scheduling=True))
     assert eng.core.async_scheduling
     for i in range(4):
         eng.add_request(f"r{i}", [5 + i, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))

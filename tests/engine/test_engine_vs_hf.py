@@ -69,9 +69,9 @@ def _run(path, prompts, **engine_kw):
         {},
         {"max_num_batched_tokens": 7},  # prefill in chunks of 7
         {"num_blocks": 40, "block_size": 4, "max_num_batched_tokens": 64},  # 156 token slots: preemption
-        {"async_scheduling": False},  # the default schedules one step ahead; this is the plain loop
+        {"async_scheduling": True, "num_blocks": 40, "block_size": 4, "max_num_batched_tokens": 64},  # forced on
     ],
-    ids=["batched", "chunk7", "preempt", "sync"],
+    ids=["batched", "chunk7", "preempt", "async-preempt"],
 )
 def test_greedy_equals_hf(arch_case, engine_kw):
     path, _, prompts, refs = arch_case

@@ -146,9 +146,11 @@ def _parse(argv: list[str]):
 
 
 def test_async_scheduling_flag_reaches_the_engine_config(tiny_llama_dir) -> None:
-    on = _parse([str(tiny_llama_dir)]).engine_config()
+    auto = _parse([str(tiny_llama_dir)]).engine_config()
+    on = _parse([str(tiny_llama_dir), "--async-scheduling"]).engine_config()
     off = _parse([str(tiny_llama_dir), "--no-async-scheduling"]).engine_config()
-    assert (on.scheduler.async_scheduling, off.scheduler.async_scheduling) == (True, False)
+    assert (auto.scheduler.async_scheduling, on.scheduler.async_scheduling, off.scheduler.async_scheduling) == (
+        None, True, False)
     g = _parse([str(tiny_llama_dir), "--enforce-eager", "--cuda-graph-max-batch", "64",
                 "--piecewise-graph-max-tokens", "0"]).engine_config().device
     assert (g.enforce_eager, g.cuda_graph_max_batch, g.piecewise_graph_max_tokens) == (True, 64, 0)
