@@ -196,7 +196,7 @@ class Simulator:
             # with async scheduling a step overlaps its host work with the step before; after an idle gap there
             # is none, so it pays both in series
             after_gap = inst.in_flight == 0 and now > inst.idle_since_s
-            times = self.deployment.stage_times_s(name, so, serial=after_gap and inst.async_cost)
+            times = self.deployment.stage_times_s(name, so, serial=after_gap)
             c = self.contention.get(name)
             if c is not None and ((c.spans and inst.in_flight > 0) or any(
                 o != name and oc.gpu == c.gpu and self.instances[o].in_flight > 0 for o, oc in self.contention.items()
@@ -204,7 +204,7 @@ class Simulator:
                 # another partition of this GPU is busy: its HBM and L2 are shared
                 f = c.memory if so.total_num_scheduled_tokens <= 2 * len(so.scheduled) else c.compute
                 times = [t * f for t in times]
-            if inst.in_flight == 0 and inst.wake_s is not None and now > inst.idle_since_s:
+            if after_gap and inst.wake_s is not None:
                 times = [times[0] + inst.wake_s(now - inst.idle_since_s), *times[1:]]
             t = now
             for i, dt in enumerate(times):

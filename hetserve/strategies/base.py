@@ -114,8 +114,7 @@ class Deployment(ABC):
         stage included); ``serial``: host and device in series (see ``CostModel.step_time_s``)."""
         plan = self.plans[name]
         shape = batch_shape(so)
-        kv = plan.attention_kv_heads
-        times = [c.step_time_s(shape, kv, serial=True) if serial else c.step_time_s(shape, kv) for c in plan.stage_costs]
+        times = [c.step_time_s(shape, plan.attention_kv_heads, serial) for c in plan.stage_costs]
         if plan.num_stages > 1 and plan.stage_link is not None:
             act = plan.cost.activation_bytes(shape.num_tokens)
             hop = plan.stage_link.latency_s + act / plan.stage_link.bandwidth_bytes_per_s

@@ -76,7 +76,7 @@ class ConstantCost:
         self.step_s = step_s
         self.layers = (0, 1)
 
-    def step_time_s(self, shape: Any, num_kv_heads: int | None = None) -> float:
+    def step_time_s(self, shape: Any, num_kv_heads: int | None = None, serial: bool = False) -> float:
         return self.step_s if shape.num_tokens else 0.0
 
 
@@ -207,9 +207,6 @@ class AsyncConstantCost(ConstantCost):
     """Every step takes ``step_s``; the engine schedules one step ahead (async scheduling)."""
 
     async_scheduling = True
-
-    def step_time_s(self, shape: Any, num_kv_heads: int | None = None, serial: bool = False) -> float:
-        return self.step_s if shape.num_tokens else 0.0
 
 
 @pytest.mark.parametrize("lookahead", [False, True])
