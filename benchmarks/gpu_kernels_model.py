@@ -259,6 +259,9 @@ def section_profile(c: Ctx) -> dict[str, Any]:
         ids = ids.clone()
         cases.append((f"decode_b{b}_ctx{gk.CTXS[0]}_eager", lambda ids=ids, meta=meta, b=b: m.compute_logits(
             m(ids, meta.positions, c.kv_caches, meta, backend)[:b], float32=False).argmax(-1)))
+        if gk.DEV.type == "cuda" and c.graphs is not None and c.graphs.graphs.get(b) is not None:
+            # the captured graph's kernels one by one (CUPTI traces kernels inside a replayed graph)
+            cases.append((f"decode_b{b}_ctx{gk.CTXS[0]}_graph", lambda b=b: c.graphs.replay(b)))
     L = gk.MODEL_PREFILL_LENS[2]
     pm = prefill_meta(L)
     pid = torch.randint(0, c.cfg.vocab_size, (L,), device=gk.DEV)

@@ -39,7 +39,8 @@ def main() -> int:
     ap.add_argument("--modes", default="async",
                     help="comma-separated engine modes run side by side on each workload: async, sync "
                          "(async_scheduling off); suffix :G sets cuda_graph_max_batch and :G:P also "
-                         "piecewise_graph_max_tokens (0 = none), e.g. sync:256:0,async:512:0,async:512:1024")
+                         "piecewise_graph_max_tokens (0 = none), and @S max_num_seqs, e.g. "
+                         "sync:256:0,async:512:0,async:512:1024@1024")
     ap.add_argument("--repeats", type=int, default=1, help="runs per mode, interleaved; medians reported")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -95,6 +96,7 @@ def main() -> int:
 def _run_mode(big: Any, work: Workload, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """One offline run in ``mode`` (``async`` / ``sync``, optional ``:G`` graph max batch), with the wall time
     split into the runner's host launch, the host waiting for the device, and everything outside the runner."""
+    mode, _, seqs = mode.partition("@")
     kind, _, rest = mode.partition(":")
     graph, _, piecewise = rest.partition(":")
     if kind not in ("async", "sync"):
@@ -104,7 +106,7 @@ def _run_mode(big: Any, work: Workload, mode: str, args: argparse.Namespace) -> 
         extra["cuda_graph_max_batch"] = int(graph)
     if piecewise:
         extra["piecewise_graph_max_tokens"] = int(piecewise)
-    engine = make_engine(big, num_blocks=None, max_num_seqs=args.max_num_seqs,
+    engine = make_engine(big, num_blocks=None, max_num_seqs=int(seqs) if seqs else args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=8192, extra=extra)
     runner = engine.executor
     spent = {"launch_s": 0.0, "wait_s": 0.0}
@@ -133,7 +135,10 @@ def _run_mode(big: Any, work: Workload, mode: str, args: argparse.Namespace) -> 
     r.update(spent)
     r["runner_s"] = spent["launch_s"] + spent["wait_s"]
     r["outside_runner_s"] = r["wall_s"] - r["runner_s"]
-    r["mode"] = mode
+    r["mode"] = mode + (f"@{seqs}" if seqs else "")
+    r["max_num_seqs"] = engine.config.scheduler.max_num_seqs
+    r["num_kv_blocks"] = runner.num_kv_blocks
+    r["preemptions"] = engine.scheduler.num_preemptions
     r["async_scheduling"] = engine.core.async_scheduling
     r["graph_batch_sizes"] = sorted(runner.graphs.graphs) if runner.graphs is not None else []
     r["piecewise_token_sizes"] = sorted(runner.piecewise.graphs) if runner.piecewise is not None else []
