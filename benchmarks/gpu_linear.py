@@ -88,7 +88,7 @@ def main() -> int:
             ref = F.linear(x, ws[0])
             entry: dict[str, Any] = {}
 
-            def cublas(x: torch.Tensor = x) -> None:
+            def cublas(x: torch.Tensor = x, ws: list[torch.Tensor] = ws) -> None:
                 for w in ws:
                     F.linear(x, w)
 
@@ -101,7 +101,7 @@ def main() -> int:
                     out = skinny_linear(x, ws[0], None, cfg)
                     err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
 
-                    def skinny(x: torch.Tensor = x, cfg: SkinnyConfig = cfg) -> None:
+                    def skinny(x: torch.Tensor = x, cfg: SkinnyConfig = cfg, ws: list[torch.Tensor] = ws) -> None:
                         for w in ws:
                             skinny_linear(x, w, None, cfg)
 
