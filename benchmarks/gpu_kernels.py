@@ -64,6 +64,7 @@ def main() -> int:
     ap.add_argument("--engine-cap-s", type=float, default=60.0)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the script only")
+    ap.add_argument("--no-skinny", action="store_true", help="keep every linear on cuBLAS (no skinny GEMM tuning)")
     args = ap.parse_args()
     if args.cpu_smoke:
         use_cpu_smoke()

@@ -42,6 +42,12 @@ def _setup_model(c: Ctx) -> None:
     c.model = init_random_model(c.cfg, gk.DEV, gk.BF16, seed=0)
     sync()
     log(f"    8B random model on GPU in {time.perf_counter() - t:.1f} s; fused={c.model.projections_fused()}")
+    if gk.DEV.type == "cuda" and not getattr(c.args, "no_skinny", False):
+        from hetserve.engine.model.linears import tune_skinny
+
+        t = time.perf_counter()
+        c.results.setdefault("setup", {})["skinny"] = tune_skinny(c.model, gk.DEV)
+        log(f"    skinny GEMM tuned in {time.perf_counter() - t:.1f} s: {sorted(c.model.linears.configs)}")
     per_block = c.cfg.num_hidden_layers * 2 * BLOCK * gk.KVH * gk.D * gk.BF16.itemsize
     if gk.DEV.type == "cuda":
         free, _ = torch.cuda.mem_get_info()
@@ -177,6 +183,7 @@ def section_decode(c: Ctx) -> dict[str, Any]:
             log(f"    decode step b={b:3d} ctx={ctx}: graph {g_ms:7.2f} ms ({pt['bw_util_graph'] * 100:3.0f}%)  "
                 f"eager {e_ms:7.2f} ms ({pt['bw_util_eager'] * 100:3.0f}%){'  [KV aliased]' if aliased else ''}")
     by = {(p["batch"], p["ctx"]): p for p in pts}
+    cublas = _decode_with_cublas_only(c) if m.linears.configs else []
     for b in (gk.DECODE_BATCHES[0], gk.DECODE_BATCHES[3]):
         for ctx in gk.CTXS:
             p = by[(b, ctx)]
@@ -187,8 +194,44 @@ def section_decode(c: Ctx) -> dict[str, Any]:
     short, long = gk.CTXS
     c.summary.append(f"decode graph ms by batch (ctx {short} | {long}): " + ", ".join(
         f"{b}: {by[(b, short)]['graph_ms']:.1f}|{by[(b, long)]['graph_ms']:.1f}" for b in gk.DECODE_BATCHES))
+    for p in cublas:
+        mine = by[(p["batch"], p["ctx"])]
+        p["skinny_speedup"] = p["graph_ms"] / mine["graph_ms"]
+        c.summary.append(f"decode b={p['batch']:3d} ctx={p['ctx']}: cuBLAS-only linears {p['graph_ms']:.2f} ms vs "
+                         f"{mine['graph_ms']:.2f} ms with the tuned skinny GEMM ({p['skinny_speedup']:.3f}x)")
     return {"points": pts, "weight_bytes_read": wbytes, "weight_bytes_all": wbytes_all, "kv_bytes_per_token": kvt,
+            "skinny_roles": {r: cfg.__dict__ for r, cfg in m.linears.configs.items()},
+            "cublas_only_points": cublas,
             "method": "graph replay (or eager forward) + lm_head on the batch rows + argmax; CUDA events; median"}
+
+
+def _decode_with_cublas_only(c: Ctx) -> list[dict[str, Any]]:
+    """The same decode steps with every linear on cuBLAS (graphs captured again for batch 1 and 8), measured
+    in the same process right after the tuned ones: the skinny GEMM's effect, side by side."""
+    from hetserve.engine.cuda_graphs import CudaGraphRunner
+
+    m = c.model
+    keep, main_graphs = dict(m.linears.configs), c.graphs
+    m.linears.configs = {}
+    pts = []
+    try:
+        c.graphs = CudaGraphRunner(m, c.kv_caches, TritonAttentionBackend(gk.DEV), gk.DEV, [1, 8],
+                                   max_blocks_per_seq=8192 // BLOCK + 1)
+        c.graphs.capture()
+        for ctx in gk.CTXS:
+            for b in (1, 8):
+                with torch.inference_mode():
+                    fill_decode(c, b, ctx)
+
+                    def graph_step(i: int, b: int = b) -> None:
+                        h = c.graphs.replay(b)
+                        m.compute_logits(h[:b], float32=False).argmax(-1)
+
+                    pts.append({"batch": b, "ctx": ctx, "graph_ms": bench_ms(graph_step, graph=False, reps=20)})
+    finally:
+        m.linears.configs = keep
+        c.graphs = main_graphs
+    return pts
 
 
 def prefill_meta(L: int, cached: int = 0) -> AttentionMetadata:

@@ -80,6 +80,11 @@ class DeviceConfig:
         metadata={"help": "largest step (tokens) of any kind run as piecewise CUDA graphs around eager attention "
                           "(mixed prefill + decode steps, pipeline stages); 0 = never"},
     )
+    skinny_gemm: bool = field(
+        default=True,
+        metadata={"help": "on a GPU with CUDA graphs, time the skinny Triton GEMM against cuBLAS per linear layer "
+                          "at load and use it for decode batches of <= 16 rows where it is faster"},
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -32,6 +32,7 @@ from hetserve.core.sampling_params import SamplingParams, SamplingType
 from hetserve.engine.attention import get_attention_backend
 from hetserve.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes
 from hetserve.engine.memory_profile import profile_step_bytes
+from hetserve.engine.model.linears import tune_skinny
 from hetserve.engine.model.loader import load_model
 from hetserve.engine.model.parallel import ParallelSpec, StageIO
 from hetserve.engine.piecewise_graphs import PiecewiseGraphRunner, piecewise_token_sizes, supports_piecewise
@@ -142,6 +143,10 @@ class ModelRunner(StepInputs, Executor):
             self.num_local_kv_heads if cache_kv_heads is None else cache_kv_heads, mc.head_dim,
             dtype=self.dtype, device=self.device).unbind(0))
         self.piecewise: PiecewiseGraphRunner | None = None
+        # per linear role: cuBLAS or the skinny GEMM at decode-batch sizes, timed here before any capture
+        self.skinny_report: dict[str, Any] | None = None
+        if config.device.skinny_gemm and self._graphs_possible(whole=False) and hasattr(self.model, "linears"):
+            self.skinny_report = tune_skinny(self.model, self.device)
         if self._graphs_possible(whole=True):
             max_batch = min(config.device.cuda_graph_max_batch, config.scheduler.max_num_seqs)
             self.graphs = CudaGraphRunner(self.model, self.kv_caches, self.backend, self.device,

@@ -6,7 +6,7 @@ copy bandwidth (``benchmarks/gpu_linear.py``). This kernel splits the output int
 even a 4096-wide output fills every SM, and pipelines the weight loads. The model uses it only for the
 weights where it measured faster (``select_skinny``); everything else stays on cuBLAS.
 
-Accumulates in fp32 like cuBLAS; results may differ from ``F.linear`` in the last bits (summation order).
+Accumulates in fp32 like cuBLAS (fp32 inputs multiply in full fp32, not tf32); results may differ from ``F.linear`` in the last bits (summation order).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ SKINNY_MAX_ROWS = 16
 
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -38,7 +38,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0)
-        acc += tl.dot(x, tl.trans(w))
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -77,7 +77,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_gemm.on(x.device)[grid](
         x2, weight, bias if bias is not None else weight, out, rows, n, k, x2.stride(0), weight.stride(0),
         out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_K=cfg.block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out.reshape(*x.shape[:-1], n)
 
 

@@ -73,6 +73,8 @@ class ServerSettings:
     cuda_graph_max_batch: int = _opt(512, "largest decode batch replayed as a CUDA graph")
     piecewise_graph_max_tokens: int = _opt(
         1024, "largest step (tokens) replayed as piecewise CUDA graphs around eager attention (0 = never)")
+    skinny_gemm: bool = _opt(True, "time a Triton GEMM against cuBLAS per linear layer at load; use it for "
+                                   "decode batches of <= 16 rows where faster")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = _opt("auto", "weights and activations dtype (auto = float32 on CPU, bfloat16 on GPU)",
                       choices=_DTYPES)
@@ -201,6 +203,7 @@ class ServerSettings:
             enforce_eager=self.enforce_eager,
             cuda_graph_max_batch=self.cuda_graph_max_batch,
             piecewise_graph_max_tokens=self.piecewise_graph_max_tokens,
+            skinny_gemm=self.skinny_gemm,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,

@@ -17,8 +17,10 @@ import torch
 
 from hetserve.engine.attention import get_attention_backend
 from hetserve.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes
+from hetserve.engine.model.linears import ROLES
 from hetserve.engine.model.loader import load_model
 from hetserve.kernels import HAS_TRITON
+from hetserve.kernels.skinny_gemm import SkinnyConfig
 from tests.engine.test_model_vs_hf import PagedCache, assert_close, prompt
 
 transformers = pytest.importorskip("transformers")
@@ -37,14 +39,21 @@ def test_graph_batch_sizes() -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
     ("arch", "kwargs"),
-    [("llama", {}), ("qwen3", {"head_dim": 32}), ("mistral", {"sliding_window": 8, "num_kv_heads": 1})],
-    ids=["llama-gqa", "qwen3-qknorm", "mistral-window-mqa"],
+    [("llama", {}), ("qwen3", {"head_dim": 32}), ("mistral", {"sliding_window": 8, "num_kv_heads": 1}),
+     ("llama", {"skinny": True}), ("qwen2", {"skinny": True})],
+    ids=["llama-gqa", "qwen3-qknorm", "mistral-window-mqa", "llama-skinny-linears", "qwen2-bias-skinny-linears"],
 )
 def test_fused_path_matches_hf(tiny_model_factory: Any, arch: str, kwargs: dict[str, Any]) -> None:
-    """Prefill (one prompt in two chunks, the second over the cached first), then decode steps of a batch."""
+    """Prefill (one prompt in two chunks, the second over the cached first), then decode steps of a batch.
+    ``skinny``: every linear role on the skinny Triton GEMM (interpreted) wherever a step has <= 16 rows."""
+    kwargs = dict(kwargs)
+    skinny = kwargs.pop("skinny", False)
     model_dir: Path = tiny_model_factory(arch, **kwargs)
     model, cfg = load_model(model_dir, "cpu", torch.float32)
     model.fused_path = True
+    if skinny:
+        model.linears.configs = dict.fromkeys(ROLES, SkinnyConfig(block_n=16, block_k=32))
+        model.linears.on_cpu = True
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                            attn_implementation="eager").eval()
     backend = get_attention_backend("triton", "cpu")

@@ -27,6 +27,7 @@ from torch import nn
 from hetserve.core.model_config import ModelConfig
 from hetserve.engine.attention.base import AttentionBackend, AttentionMetadata
 from hetserve.engine.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from hetserve.engine.model.linears import Linears
 from hetserve.engine.model.parallel import ParallelSpec
 from hetserve.kernels import HAS_TRITON
 from hetserve.kernels.activation import silu_and_mul as fused_silu_and_mul
@@ -112,6 +113,8 @@ class LlamaAttention(nn.Module):
         # plain attributes, not parameters or buffers: invisible to state_dict and to .to(); see fuse_projections
         self.qkv_weight: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
+        # the fused path's linear kernels by role; the model shares one (``LlamaForCausalLM.linears``)
+        self.linears = Linears()
 
     def fuse_projections(self) -> None:
         self.qkv_weight, self.qkv_bias = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
@@ -144,7 +147,7 @@ class LlamaAttention(nn.Module):
         """One GEMM into q ``[n, heads, dim]``, k and v ``[n, kv_heads, dim]`` (views of its output; q/k normed)."""
         assert self.qkv_weight is not None
         n = hidden.shape[0]
-        qkv = F.linear(hidden, self.qkv_weight, self.qkv_bias)
+        qkv = self.linears("qkv", hidden, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
@@ -158,7 +161,7 @@ class LlamaAttention(nn.Module):
         """``[n, heads * dim]`` attention output -> ``[n, hidden]`` (row-parallel under TP)."""
         if self._all_reduce is not None:
             return _row_parallel(out, self.o_proj, self._all_reduce)
-        return F.linear(out, self.o_proj.weight, self.o_proj.bias)
+        return self.linears("o_proj", out, self.o_proj.weight, self.o_proj.bias)
 
     def forward_fused(
         self,
@@ -193,6 +196,7 @@ class LlamaMLP(nn.Module):
         self._all_reduce = par.all_reduce if par is not None and tp > 1 else None
         self.gate_up_weight: torch.Tensor | None = None
         self.gate_up_bias: torch.Tensor | None = None
+        self.linears = Linears()
 
     def fuse_projections(self) -> None:
         self.gate_up_weight, self.gate_up_bias = _fuse_linears([self.gate_proj, self.up_proj])
@@ -209,10 +213,11 @@ class LlamaMLP(nn.Module):
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         assert self.gate_up_weight is not None
-        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
+        gate_up = self.linears("gate_up", x, self.gate_up_weight, self.gate_up_bias)
         if self._all_reduce is not None:
             return _row_parallel(fused_silu_and_mul(gate_up, impl="triton"), self.down_proj, self._all_reduce)
-        return F.linear(fused_silu_and_mul(gate_up, impl="triton"), self.down_proj.weight, self.down_proj.bias)
+        return self.linears("down", fused_silu_and_mul(gate_up, impl="triton"), self.down_proj.weight,
+                            self.down_proj.bias)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -310,6 +315,10 @@ class LlamaForCausalLM(nn.Module):
         # None: the fused path on CUDA when triton is installed; True/False force it (on CPU tensors the Triton
         # kernels then run interpreted, which is how CI covers the GPU path)
         self.fused_path: bool | None = None
+        # cuBLAS or the skinny GEMM per linear role at decode-batch sizes; a CUDA runner tunes it (linears.py)
+        self.linears = Linears()
+        for layer in self.stage_layers:
+            layer.self_attn.linears = layer.mlp.linears = self.linears
 
     def fuse_projections(self) -> None:
         """(Re)build the fused qkv and gate_up weights from the current parameters and make those parameters
@@ -389,5 +398,5 @@ class LlamaForCausalLM(nn.Module):
         enough for an argmax, since the upcast is exact)."""
         emb = self.model.embed_tokens
         weight = emb.weight if self.lm_head is None else self.lm_head.weight  # type: ignore[union-attr]
-        logits = F.linear(hidden, weight)
+        logits = self.linears("lm_head", hidden, weight)
         return logits.float() if float32 else logits
