@@ -173,9 +173,13 @@ def section_attention(c: Ctx) -> dict[str, Any]:
 def section_tune(c: Ctx) -> dict[str, Any]:
     out: dict[str, Any] = {"decode": [], "prefill": []}
     decode_cfgs = [{}, {"BLOCK_N": 128, "num_stages": 2}, {"BLOCK_N": 32, "num_stages": 4},
-                   {"BLOCK_N": 64, "num_stages": 4}, {"BLOCK_N": 64, "num_warps": 8}]
+                   {"BLOCK_N": 64, "num_stages": 4}, {"BLOCK_N": 64, "num_warps": 8}, {"BLOCK_N": 32, "num_stages": 3},
+                   {"BLOCK_N": 32, "num_stages": 5}, {"BLOCK_N": 128, "num_stages": 3}]
     per_tok = 2 * gk.KVH * gk.D * 2
-    for b, ctx in ((gk.DECODE_BATCHES[0], gk.CTXS[-1]), (gk.DECODE_BATCHES[3], gk.CTXS[-1])):
+    shapes = [(gk.DECODE_BATCHES[0], gk.CTXS[-1]), (gk.DECODE_BATCHES[3], gk.CTXS[-1])]
+    if gk.DEV.type == "cuda":  # the offline run's mixed steps: hundreds of short sequences
+        shapes += [(1, 1024), (64, 1024), (384, 512), (256, 1024)]
+    for b, ctx in shapes:
         variants = max(1, min(64, (256 * 2**20) // (b * ctx * per_tok)))
         p = make_paged([(ctx - 1, 1)] * b, num_variants=variants, seed=7)
         for cfg in decode_cfgs:

@@ -44,6 +44,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="layers of the 8B shape (default: all 32)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--modes", default="0,1024", help="piecewise_graph_max_tokens values, side by side")
+    ap.add_argument("--profile", action="store_true",
+                    help="also split each shape's device time by kernel kind (torch.profiler), last mode only")
     args = ap.parse_args()
     dev = torch.device("cuda")
     big = build_big_model(ROOT / "examples/models/llama-3.1-8b/config.json", args.layers, dev, "bfloat16",
@@ -65,6 +67,11 @@ def main() -> int:
             print(f"piecewise {mode:5d}  {label:45s} {med * 1e3:8.2f} ms  {med / layers * 1e3:6.3f} ms/layer",
                   flush=True)
         results[f"piecewise_max_tokens={mode}"] = {"capture_s": capture, "rows": rows}
+        if args.profile and mode == int(args.modes.split(",")[-1]):
+            for label, seqs in {**SHAPES, "decode 384 (ctx 512)": [(1, 512)] * 384}.items():
+                split = _kernel_split(runner, seqs, big.cfg.vocab_size, dev)
+                rows.setdefault(label, {})["kernel_split_ms"] = split
+                print(f"  kernels {label:45s} " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()), flush=True)
         runner.graphs = None
         runner.piecewise = None
         del runner
@@ -85,6 +92,28 @@ def main() -> int:
     dst.write_text(json.dumps(out, indent=2))
     print(f"wrote {dst}")
     return 0
+
+
+_KINDS = (("attention", ("_paged_attention", "_reduce_kernel")), ("gemm", ("nvjet", "gemm", "cutlass", "sm90_", "_skinny")),
+          ("norm", ("_rms_norm", "_fused_add")), ("rotary", ("_rotary",)), ("silu", ("_silu",)))
+
+
+def _kernel_split(runner: Any, seqs: list[tuple[int, int]], vocab: int, dev: torch.device) -> dict[str, float]:
+    """Device time of one step by kernel kind, ms (median of 3 profiled steps' totals / 3)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner_step_times(runner, seqs, vocab, dev, warmup=1, repeat=1, tag="pw-")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner_step_times(runner, seqs, vocab, dev, warmup=0, repeat=3, tag="pf-")
+    split: dict[str, float] = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0.0) or 0.0
+        if t <= 0:
+            continue
+        kind = next((k for k, pats in _KINDS if any(p in e.key for p in pats)), "other")
+        split[kind] = split.get(kind, 0.0) + t / 1e3 / 4  # 4 executes: the first (new requests) and 3 repeats
+    split["total"] = sum(split.values())
+    return dict(sorted(split.items(), key=lambda kv: -kv[1]))
 
 
 if __name__ == "__main__":
