@@ -118,13 +118,13 @@ def _spawn(args: list[str]) -> tuple[subprocess.Popen[str], str]:
     return proc, proc.stdout.readline().strip()
 
 
-def transport_rows(sizes: list[int], repeats: int, step_ms: float, stream_mib: int) -> list[dict[str, Any]]:
+def transport_rows(sizes: list[int], repeats: int, step_ms: float, stream_mib: int, window: int) -> list[dict[str, Any]]:
     from hetserve.runtime.transport import make_transport
 
     proc, peer = _spawn(["--step-ms", str(step_ms)])
     rows = []
     try:
-        with make_transport("shm") as me:
+        with make_transport("shm", window=window) as me:
             def answered(deadline: float) -> None:
                 me.send(peer, {"reply_to": me.address}, [], deadline)
                 me.recv(30)
@@ -218,6 +218,8 @@ def main() -> None:
     ap.add_argument("--sizes-kib", default=",".join(map(str, SIZES_KIB)))
     ap.add_argument("--stream-mib", type=int, default=128, help="bytes per stream (at least 8 messages)")
     ap.add_argument("--links", default="eth25,pcie4x16")
+    ap.add_argument("--window", type=int, default=1, help="the sender's ShmTransport window (1: send waits "
+                    "for each acknowledgement; the KV endpoints use HETSERVE_SHM_WINDOW, 8)")
     ap.add_argument("--label", default="", help="a note stored in the output (e.g. before / after)")
     ap.add_argument("--out", default="benchmarks/results/kv_stream_cpu.json")
     args = ap.parse_args()
@@ -233,12 +235,12 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "processor": platform.processor() or platform.machine(), "python": platform.python_version()},
         "config": {"repeats": args.repeats, "sizes_kib": sizes, "stream_mib": args.stream_mib,
-                   "busy_step_ms": args.step_ms, "links": args.links, "paced_sizes_kib": PACED_SIZES_KIB,
+                   "busy_step_ms": args.step_ms, "window": args.window, "links": args.links, "paced_sizes_kib": PACED_SIZES_KIB,
                    "transport": "shm", "env": {k: v for k, v in os.environ.items() if k.startswith("HETSERVE_SHM")}},
         "loadavg_before": list(os.getloadavg()),
     }
-    out["idle"] = transport_rows(sizes, args.repeats, 0.0, args.stream_mib)
-    out["busy"] = transport_rows(sizes, args.repeats, args.step_ms, args.stream_mib)
+    out["idle"] = transport_rows(sizes, args.repeats, 0.0, args.stream_mib, args.window)
+    out["busy"] = transport_rows(sizes, args.repeats, args.step_ms, args.stream_mib, args.window)
     out["paced"] = paced_rows(PACED_SIZES_KIB, args.repeats, args.links.split(","))
     out["loadavg_after"] = list(os.getloadavg())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

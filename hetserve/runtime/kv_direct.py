@@ -65,7 +65,14 @@ def open_endpoints(kinds: tuple[str, ...], host: str = "127.0.0.1") -> dict[str,
     for k in kinds:
         if k in out:
             continue
-        out[k] = make_transport(k, bind=f"tcp://{host}:*") if k in ("tcp", "nixl") else make_transport(k)
+        if k in ("tcp", "nixl"):
+            out[k] = make_transport(k, bind=f"tcp://{host}:*")
+        elif k == "shm":
+            # a piece's send returns once its bytes are in shared memory (the sender thread goes on to the next
+            # piece); ``_commit_job`` flushes before it reports the hand-off sent
+            out[k] = make_transport(k, window=int(os.environ.get("HETSERVE_SHM_WINDOW", "8")))
+        else:
+            out[k] = make_transport(k)
     return out
 
 
@@ -321,6 +328,13 @@ class DirectKV:
                 except TransportError as e:
                     st["failed"] = f"{type(e).__name__}: {e}"
                     break
+            if not st["failed"]:
+                for tg in cmd.targets:  # every piece acknowledged (a windowed send's failure shows here)
+                    try:
+                        self._endpoint(tg.kind).flush(tg.address, st["t0"] + cmd.timeout_s)
+                    except TransportError as e:
+                        st["failed"] = f"{type(e).__name__}: {e}"
+                        break
             if link is not None:
                 # the sender's books end when the declared link is through (KVSent's wall): wait for it here
                 LinkPacer(link).wait_until(ready)

@@ -54,6 +54,10 @@ class Transport(ABC):
       as the caller holds them. Raises ``TransferTimeout`` when nothing arrived in ``timeout_s``.
     - Messages from one sender arrive in the order they were sent. ``send`` may be called from several threads
       (sends are serialised); ``recv`` from one thread at a time.
+    - A transport may let ``send`` return once the message is safely in memory the peer reads (the ``shm``
+      transport with ``window`` > 1: written to shared memory, queued, acknowledgement pending); a failure
+      found later is raised by the next ``send`` to that peer or by ``flush(peer, deadline_s)``, which waits
+      for every outstanding acknowledgement. Call ``flush`` before reporting a transfer as delivered.
     - ``close()`` is idempotent; later calls raise ``TransportClosed``; peers sending to it get
       ``PeerUnavailable``.
     """
@@ -75,6 +79,9 @@ class Transport(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def flush(self, peer: str, deadline_s: float) -> None:  # noqa: B027 - most transports never return early
+        """Wait until every message sent to ``peer`` was acknowledged (see the contract); raises TransportError."""
 
     def __enter__(self: _T) -> _T:  # noqa: PYI019 - typing.Self needs Python 3.11
         return self

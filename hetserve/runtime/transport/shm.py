@@ -1,10 +1,14 @@
 """Same-host transport: headers over a zmq ``ipc://`` socket, payloads through shared memory.
 
-The sender writes all buffers of a message into one fresh POSIX shared-memory segment (a file under
-``/dev/shm``), sends its name, waits for the receiver's acknowledgement and unlinks the segment, whether the
-send succeeded or not. The receiver maps the segment read-only and returns memoryviews into the mapping (no
-copy on its side; the mapping outlives the unlink until the last view is dropped). Small messages travel
-inline. Raw ``os.open`` + ``mmap`` is used instead of ``multiprocessing.shared_memory`` so that no resource
+The sender writes all buffers of a message into a range of its pool file for that peer (``shm_pool.py``: one
+sparse ``/dev/shm`` file per peer, mapped once, ranges reused once the receiver released them) and sends the
+range; the receiver returns views into its own mapping of the pool (no copy on its side) and tells the sender
+when the caller dropped them. Only when the pool has no room does a message get a fresh segment of its own,
+unlinked once acknowledged (the receiver's mapping outlives the unlink). Small messages travel inline. With
+``window`` > 1 (default 1; the KV endpoints of ``kv_direct.py`` use ``HETSERVE_SHM_WINDOW``, 8) a host-memory
+message does not wait for its acknowledgement: its bytes are already in shared memory, so ``send`` returns once
+they are queued, and a stream of pieces is not paced by the receiving process's thread hand-offs (``flush``
+waits for the acknowledgements, and raises a late failure). Raw ``os.open`` + ``mmap`` is used instead of ``multiprocessing.shared_memory`` so that no resource
 tracker process unlinks or warns about segments another process owns.
 
 CUDA tensors in ``buffers`` (when CUDA is available and the peer is another process) move by CUDA IPC. The
@@ -37,6 +41,7 @@ import zmq
 from hetserve.runtime.messages import Envelope, MessageDecodeError
 from hetserve.runtime.shm_files import new_owned_file, sweep_dead_owners
 from hetserve.runtime.transport.base import Buffer, as_bytes_view, buffer_nbytes
+from hetserve.runtime.transport.shm_pool import POOL_PREFIX, PoolReader, SlotPool, pool_bytes
 from hetserve.runtime.transport.tcp import ZmqTransport
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -54,26 +59,33 @@ def _is_cuda_tensor(buf: Any) -> bool:
 
 
 def _segment_path(name: str) -> str:
-    if not re.fullmatch(rf"{_PREFIX}-\d+-[0-9a-f]+", name):
+    if not re.fullmatch(rf"({_PREFIX}|{POOL_PREFIX})-\d+-[0-9a-f]+", name):
         raise MessageDecodeError(f"not a segment name: {name!r}")
     return os.path.join(SHM_DIR, name)
 
 
 def sweep_stale_segments() -> int:
-    """Unlink segments left by processes that died mid-send; returns how many."""
-    return sweep_dead_owners(SHM_DIR, _PREFIX)
+    """Unlink segments and pools left by processes that died; returns how many."""
+    return sweep_dead_owners(SHM_DIR, _PREFIX) + sweep_dead_owners(SHM_DIR, POOL_PREFIX)
 
 
 def live_segments() -> list[str]:
-    """Segments this process created that still exist (empty whenever no send is in progress)."""
+    """One-off segments this process created that still exist (empty whenever no send is outstanding)."""
     mine = f"{_PREFIX}-{os.getpid()}-"
+    return sorted(e for e in os.listdir(SHM_DIR) if e.startswith(mine))
+
+
+def live_pools() -> list[str]:
+    """Pool files this process created that still exist (one per peer of an open endpoint)."""
+    mine = f"{POOL_PREFIX}-{os.getpid()}-"
     return sorted(e for e in os.listdir(SHM_DIR) if e.startswith(mine))
 
 
 class ShmTransport(ZmqTransport):
     name = "shm"
 
-    def __init__(self, bind: str | None = None, connect_timeout_s: float = 1.0, max_queued: int = 64) -> None:
+    def __init__(self, bind: str | None = None, connect_timeout_s: float = 1.0, max_queued: int = 64,
+                 window: int = 1) -> None:
         if bind is None:
             sock = os.path.join(tempfile.gettempdir(), f"hetserve-{os.getpid()}-{next(_ids)}-{uuid.uuid4().hex[:6]}")
             bind = f"ipc://{sock}"
@@ -81,7 +93,10 @@ class ShmTransport(ZmqTransport):
         self._staging: dict[int | None, _Staging] = {}
         self._staging_lock = threading.Lock()
         self._imported = _ImportCache()
-        super().__init__(bind, connect_timeout_s, max_queued)
+        self._pools: dict[str, SlotPool] = {}  # peer -> its pool (used under that peer's send lock)
+        self._pool_bytes = pool_bytes()
+        self._reader = PoolReader()
+        super().__init__(bind, connect_timeout_s, max_queued, window=window)
         _local_addresses.add(self.address)
 
     @property
@@ -116,14 +131,21 @@ class ShmTransport(ZmqTransport):
         try:
             total = sum(buffer_nbytes(b) for b in host)
             if total <= _INLINE_MAX_BYTES:
-                return env, [as_bytes_view(b) for b in host], (None, keep, staged)
-            name, spans = _write_segment([as_bytes_view(b) for b in host])
+                if self.window > 1 and not keep and staged is None:  # copied: ``send`` may return before the ack
+                    return env, [bytes(as_bytes_view(b)) for b in host], (None, keep, staged, True)
+                return env, [as_bytes_view(b) for b in host], (None, keep, staged, False)
+            views = [as_bytes_view(b) for b in host]
+            pooled = self._pool_write(peer, msg_id, views)
+            if pooled is not None:
+                env.kind, env.segment, env.spans = "shm", *pooled
+                return env, [], (None, keep, staged, True)
+            name, spans = _write_segment(views)
         except BaseException:
             if staged is not None:
                 staged[0].release()
             raise
         env.kind, env.segment, env.spans = "shm", name, spans
-        return env, [], (name, keep, staged)
+        return env, [], (name, keep, staged, True)
 
     def _stage(self, tensors: list[Any]) -> tuple[Any, list[dict[str, Any]]] | None:
         """Copy ``tensors`` (CUDA, ready) into this endpoint's staging buffer of their device; the per-tensor
@@ -161,8 +183,50 @@ class ShmTransport(ZmqTransport):
               for t, off, n in zip(tensors, offsets, sizes, strict=True)]
         return st, hs
 
+    def _pool_write(self, peer: str, msg_id: int, views: list[memoryview]) -> tuple[str, list[tuple[int, int]]] | None:
+        """``views`` written to a free range of ``peer``'s pool: (pool name, spans); None: no room."""
+        aligns, total = [], 0
+        for v in views:
+            aligns.append(total)
+            total += -(-v.nbytes // _ALIGN) * _ALIGN
+        if total > self._pool_bytes // 2:  # one message may not take the whole pool (a stream needs two)
+            return None
+        pool = self._pools.get(peer)
+        if pool is None:
+            pool = self._pools[peer] = SlotPool(SHM_DIR, self._pool_bytes)
+        off = pool.alloc(msg_id, total)
+        if off is None:
+            return None
+        try:
+            pool.write(off, views, aligns)
+        except BaseException:
+            pool.free([msg_id])
+            raise
+        return pool.name, [(off + a, v.nbytes) for a, v in zip(aligns, views, strict=True)]
+
+    def _may_return_early(self, state: Any) -> bool:  # type: ignore[override]
+        # host bytes are in shared memory already; CUDA staging holds its buffer (a lock) until acknowledged
+        _name, keep, staged, copied = state
+        return copied and staged is None and not keep
+
+    def _on_free(self, peer: str, msg_ids: list[int]) -> None:
+        pool = self._pools.get(peer)
+        if pool is not None:
+            pool.free(msg_ids)
+
+    def _peer_dropped(self, peer: str) -> None:
+        pool = self._pools.pop(peer, None)
+        if pool is not None:
+            pool.close()
+
+    def _wake_fd(self) -> int | None:
+        return self._reader.wake_r
+
+    def _service(self) -> None:
+        self._reader.drain(lambda ident, ids: self._reply_to(ident, {"free": ids}))
+
     def _release(self, state: Any) -> None:
-        name, _keep, staged = state
+        name, _keep, staged, _copied = state
         if staged is not None:
             staged[0].release()
         if name is not None:
@@ -175,7 +239,11 @@ class ShmTransport(ZmqTransport):
         elif env.kind == "shm":
             if len(env.spans) != env.num_buffers:
                 raise MessageDecodeError(f"{env.num_buffers} buffers announced, {len(env.spans)} spans")
-            fd = os.open(_segment_path(env.segment), os.O_RDONLY)
+            path = _segment_path(env.segment)
+            if env.segment.startswith(POOL_PREFIX):
+                bufs = self._reader.views(path, self._unpacking_for, env.msg_id, [tuple(s) for s in env.spans])
+                return self._cuda_handles(env, bufs)
+            fd = os.open(path, os.O_RDONLY)
             try:
                 size = os.fstat(fd).st_size
                 mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ) if size else b""
@@ -187,6 +255,9 @@ class ShmTransport(ZmqTransport):
             bufs = [view[off : off + n] for off, n in env.spans]
         else:
             raise MessageDecodeError(f"unknown buffer kind {env.kind!r}")
+        return self._cuda_handles(env, bufs)
+
+    def _cuda_handles(self, env: Envelope, bufs: list[Buffer]) -> list[Buffer]:
         staged = [(i, c) for i, c in enumerate(env.handles) if c is not None and "span" in c]
         for i, c in enumerate(env.handles):
             if c is not None and "span" not in c:
@@ -201,6 +272,9 @@ class ShmTransport(ZmqTransport):
             return
         _local_addresses.discard(self.address)
         super().close()
+        self._reader.close()
+        for peer in list(self._pools):
+            self._peer_dropped(peer)
         if self.address.startswith("ipc://"):  # zmq leaves the socket file behind
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.address.removeprefix("ipc://"))

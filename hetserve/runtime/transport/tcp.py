@@ -8,7 +8,12 @@ an acknowledgement that had already arrived). Payload frames are sent zero-copy
 (``copy=False``) and received zero-copy (the returned memoryviews point into the zmq messages). A failed send
 closes that peer's socket with linger 0: nothing of the message stays queued.
 
-Subclasses change where buffers travel (``_pack`` / ``_unpack`` / ``_release``), e.g. shared memory.
+Subclasses change where buffers travel (``_pack`` / ``_unpack`` / ``_release``), e.g. shared memory. A
+subclass whose ``_pack`` copies the buffers (``_may_return_early``) may let ``send`` return before the
+acknowledgement (``window`` > 1: up to ``window`` messages per peer unacknowledged); what ``_pack`` set up is then
+released when the acknowledgement comes (or the peer is dropped), and a late failure is raised by the next
+``send`` to that peer or by ``flush``. The receiving thread takes every message that is there at once (one wake-up
+per batch, not per message: it shares the GIL with the process's main loop).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class _Peer:
         self.lost = False
         self.refused = False
         self.created_s = time.monotonic()
+        # sent, not yet acknowledged: msg_id -> (deadline, what ``_release`` frees once acknowledged)
+        self.outstanding: dict[int, tuple[float, Any]] = {}
         self.sock.connect(address)
 
     def pump(self, timeout_ms: int = 0) -> None:
@@ -92,7 +99,11 @@ class ZmqTransport(Transport):
         connect_timeout_s: float = 1.0,
         max_queued: int = 64,
         advertise: str | None = None,
+        window: int = 1,
     ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = window
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
@@ -108,6 +119,7 @@ class ZmqTransport(Transport):
         self._peer_locks: dict[str, threading.Lock] = {}
         self._table_lock = threading.Lock()
         self._msg_ids = itertools.count(1)
+        self._unpacking_for = b""  # the ROUTER identity of the message ``_unpack`` is working on
         self._closed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"zmq-recv {self._address}", daemon=True)
@@ -135,6 +147,28 @@ class ZmqTransport(Transport):
     def _release(self, state: Any) -> None:
         """The send is over (delivered or failed): drop what ``_pack`` set up."""
 
+    def _may_return_early(self, state: Any) -> bool:
+        """May ``send`` return before this message is acknowledged? Not when the frames still reference the
+        caller's buffers (zero-copy), as here."""
+        return False
+
+    def _on_free(self, peer: str, msg_ids: list[int]) -> None:
+        """The receiver no longer reads what messages ``msg_ids`` left in memory the sender owns."""
+
+    def _peer_dropped(self, peer: str) -> None:
+        """``peer``'s socket was dropped (failure, close): free what is kept for it."""
+
+    def _wake_fd(self) -> int | None:
+        """A file descriptor that wakes the receiving thread for ``_service`` (None: none)."""
+        return None
+
+    def _service(self) -> None:
+        """Called by the receiving thread after each wake-up (it owns the ROUTER socket)."""
+
+    def _reply_to(self, ident: bytes, reply: Any) -> None:
+        """Send ``reply`` to the sender ``ident`` (receiving thread only)."""
+        self._router.send_multipart([ident, encode(reply)])
+
     # ---- sending ------------------------------------------------------------------------------
     def send(self, peer: str, header: Header, buffers: Sequence[Buffer], deadline_s: float) -> None:
         if self._closed:
@@ -146,20 +180,36 @@ class ZmqTransport(Transport):
             if self._closed:
                 raise TransportClosed(f"{self._address} is closed")
             conn = self._connection(peer)
-            state: Any = None
             try:
                 self._wait_ready(conn, deadline_s)
+                self._wait_acks(conn, self.window - 1, deadline_s)  # room in the window; earlier failures
                 msg_id = next(self._msg_ids)
                 env, frames, state = self._pack(peer, msg_id, buffers)
+                conn.outstanding[msg_id] = (deadline_s, state)  # released on its acknowledgement or the drop
                 self._send_frames(conn, [encode(env), head, *frames], deadline_s)
-                self._wait_ack(conn, msg_id, deadline_s)
+                early = self.window > 1 and self._may_return_early(state)
+                self._wait_acks(conn, self.window - 1 if early else 0, deadline_s)
             except BaseException:
                 # a half-sent or unacknowledged message must not linger: drop the socket with it
                 self._drop(peer)
                 raise
-            finally:
-                if state is not None:
-                    self._release(state)
+
+    def flush(self, peer: str, deadline_s: float) -> None:
+        """Wait until every message sent to ``peer`` was acknowledged; raises what a late one failed with."""
+        with self._table_lock:
+            lock = self._peer_locks.get(peer)
+        if lock is None:
+            return
+        with lock:
+            with self._table_lock:
+                conn = self._peers.get(peer)
+            if conn is None or not conn.outstanding:
+                return
+            try:
+                self._wait_acks(conn, 0, deadline_s)
+            except BaseException:
+                self._drop(peer)
+                raise
 
     def _connection(self, peer: str) -> _Peer:
         with self._table_lock:
@@ -184,6 +234,11 @@ class ZmqTransport(Transport):
             conn = self._peers.pop(peer, None)
         if conn is not None:
             conn.close()
+            for _, state in conn.outstanding.values():
+                if state is not None:
+                    self._release(state)
+            conn.outstanding.clear()
+            self._peer_dropped(peer)
 
     def _wait_ready(self, conn: _Peer, deadline_s: float) -> None:
         give_up_s = min(deadline_s, conn.created_s + self.connect_timeout_s) if not conn.ready else deadline_s
@@ -210,54 +265,86 @@ class ZmqTransport(Transport):
         except zmq.Again:
             raise TransferTimeout(f"{conn.address} did not take the message before the deadline") from None
 
-    def _wait_ack(self, conn: _Peer, msg_id: int, deadline_s: float) -> None:
+    def _wait_acks(self, conn: _Peer, limit: int, deadline_s: float) -> None:
+        """Take the peer's replies (acknowledgements, frees) until at most ``limit`` messages are unacknowledged;
+        each may take until its own deadline (``deadline_s`` bounds only a wait with nothing outstanding)."""
+        self._take_replies(conn)
+        if len(conn.outstanding) <= limit:
+            return
         poller = zmq.Poller()
         poller.register(conn.sock, zmq.POLLIN)
         poller.register(conn.monitor, zmq.POLLIN)
-        while True:
+        while len(conn.outstanding) > limit:
             if self._closed:
                 raise TransportClosed(f"{self._address} was closed during a send")
-            left = remaining_s(deadline_s)
+            left = remaining_s(min(d for d, _ in conn.outstanding.values()))
             if left <= 0:
                 raise TransferTimeout(f"{conn.address} did not acknowledge before the deadline")
             events = dict(poller.poll(max(1, min(_POLL_MS, int(left * 1000) + 1))))
             # the acknowledgement first: a peer that acknowledged and then closed did take the message
-            while conn.sock.poll(0):
-                reply = decode(conn.sock.recv())
-                if isinstance(reply, Ack) and reply.msg_id == msg_id:
-                    if not reply.ok:
-                        raise TransportError(f"{conn.address} refused the message: {reply.error}")
-                    return
+            self._take_replies(conn)
+            if len(conn.outstanding) <= limit:
+                return
             if conn.monitor in events:
                 conn.pump()
                 if conn.lost or not conn.ready:
                     self._lost.add(conn.address)
                     raise PeerUnavailable(f"connection to {conn.address} lost during the transfer")
 
+    def _take_replies(self, conn: _Peer) -> None:
+        while conn.sock.poll(0):
+            reply = decode(conn.sock.recv())
+            if isinstance(reply, Ack):
+                entry = conn.outstanding.pop(reply.msg_id, None)
+                if entry is None:
+                    continue
+                if entry[1] is not None:
+                    self._release(entry[1])
+                if not reply.ok:
+                    self._on_free(conn.address, [reply.msg_id])  # refused: it holds nothing of ours
+                    raise TransportError(f"{conn.address} refused the message: {reply.error}")
+            elif isinstance(reply, dict) and isinstance(reply.get("free"), list):
+                self._on_free(conn.address, [int(m) for m in reply["free"]])
+
     # ---- receiving ----------------------------------------------------------------------------
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
+        wake = self._wake_fd()
+        if wake is not None:
+            poller.register(wake, zmq.POLLIN)
         while not self._stop.is_set():
             if not poller.poll(_POLL_MS):
                 continue
-            frames = self._router.recv_multipart(copy=False)
-            ident, rest = frames[0], frames[1:]
-            env: Any = None
-            try:
-                if len(rest) < 2:
-                    raise MessageDecodeError("a message has an envelope and a header frame")
-                env = decode(rest[0].buffer)
-                if not isinstance(env, Envelope):
-                    raise MessageDecodeError("the first frame is not an envelope")
-                item = (decode(rest[1].buffer), self._unpack(env, rest[2:]))
-            except (MessageDecodeError, OSError, ValueError) as e:
-                msg_id = env.msg_id if isinstance(env, Envelope) else -1
-                self._router.send_multipart([ident, encode(Ack(msg_id=msg_id, ok=False, error=str(e)))])
-                continue
-            if not self._offer(item):
-                return
-            self._router.send_multipart([ident, encode(Ack(msg_id=env.msg_id))])
+            # every message already there, then the service: one wake-up (one GIL hand-off) per batch
+            while True:
+                try:
+                    frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if not self._take(frames):
+                    return
+            self._service()
+
+    def _take(self, frames: list[zmq.Frame]) -> bool:
+        ident, rest = frames[0], frames[1:]
+        env: Any = None
+        try:
+            if len(rest) < 2:
+                raise MessageDecodeError("a message has an envelope and a header frame")
+            env = decode(rest[0].buffer)
+            if not isinstance(env, Envelope):
+                raise MessageDecodeError("the first frame is not an envelope")
+            self._unpacking_for = ident.bytes
+            item = (decode(rest[1].buffer), self._unpack(env, rest[2:]))
+        except (MessageDecodeError, OSError, ValueError) as e:
+            msg_id = env.msg_id if isinstance(env, Envelope) else -1
+            self._router.send_multipart([ident, encode(Ack(msg_id=msg_id, ok=False, error=str(e)))])
+            return True
+        if not self._offer(item):
+            return False
+        self._router.send_multipart([ident, encode(Ack(msg_id=env.msg_id))])
+        return True
 
     def _offer(self, item: tuple[Header, list[Buffer]]) -> bool:
         # a full inbox holds the ack back, so a receiver that stops reading stalls its senders (deadline)
