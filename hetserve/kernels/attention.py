@@ -316,12 +316,18 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int, max_splits
     return max(1, min(max_splits, math.ceil(2 * num_sms / programs)))
 
 
-def _launch_config(group_p2: int, head_dim_p2: int, decode: bool, dtype: torch.dtype) -> dict[str, int]:
+def _launch_config(group_p2: int, head_dim_p2: int, decode: bool, dtype: torch.dtype,
+                   split_kv: bool = True) -> dict[str, int]:
     """Tile shapes: decode tiles are 16 rows high (memory bound, GQA group packed into rows); prefill tiles
-    are 128 rows (compute bound, tensor-core sized)."""
+    are 128 rows (compute bound, tensor-core sized). A decode batch large enough to run unsplit (one program
+    per sequence and KV head, scanning its whole context) streams 32-key tiles four deep: 12-14% faster at 64
+    sequences of 1k-4k keys on an H100, equal at 256-384 (``results/gpu-kernels-tune-s5.json``); split
+    programs scan short ranges and keep 64-key tiles."""
     elt = 4 if dtype == torch.float32 else 2
     if decode:
         block_q = max(1, 16 // group_p2)
+        if not split_kv and elt == 2 and head_dim_p2 <= 128:
+            return {"BLOCK_Q": block_q, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4}
         return {"BLOCK_Q": block_q, "BLOCK_N": 64 if head_dim_p2 <= 128 else 32, "num_warps": 4,
                 "num_stages": 3 if elt == 2 else 2}
     block_m = 128 if head_dim_p2 <= 128 else 64
@@ -355,11 +361,11 @@ def _launch(
     group = num_heads // num_kv_heads
     group_p2 = next_power_of_2(group)
     head_dim_p2 = max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
-    cfg = _launch_config(group_p2, head_dim_p2, decode, q.dtype)
-    if launch_config:
-        cfg.update(launch_config)
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, num_kv_heads, device_num_sms(q.device)) if decode else 1
+    cfg = _launch_config(group_p2, head_dim_p2, decode, q.dtype, split_kv=num_splits > 1)
+    if launch_config:
+        cfg.update(launch_config)
     block_q = cfg.pop("BLOCK_Q")
     # block numbers of these sequences span [token_lo // block_q, token_hi // block_q + num_seqs)
     qb_base = token_lo // block_q

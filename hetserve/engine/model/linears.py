@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hetserve.kernels.activation import silu_and_mul as fused_silu_and_mul
 from hetserve.kernels.skinny_gemm import SKINNY_MAX_ROWS, SkinnyConfig, skinny_linear
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,13 @@ class Linears:
         if cfg is not None and (x.is_cuda or self.on_cpu) and x.shape[0] <= SKINNY_MAX_ROWS:
             return skinny_linear(x, weight, bias, cfg, impl="triton")
         return F.linear(x, weight, bias)
+
+    def down_silu(self, gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``down(silu(gate) * up)``: on the skinny path the activation is computed inside the GEMM."""
+        cfg = self.configs.get("down")
+        if cfg is not None and (gate_up.is_cuda or self.on_cpu) and gate_up.shape[0] <= SKINNY_MAX_ROWS:
+            return skinny_linear(gate_up, weight, bias, cfg, impl="triton", silu_mul=True)
+        return F.linear(fused_silu_and_mul(gate_up, impl="triton"), weight, bias)
 
 
 def role_weights(model: Any) -> dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]:
