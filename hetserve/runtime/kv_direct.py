@@ -65,14 +65,9 @@ def open_endpoints(kinds: tuple[str, ...], host: str = "127.0.0.1") -> dict[str,
     for k in kinds:
         if k in out:
             continue
-        if k in ("tcp", "nixl"):
-            out[k] = make_transport(k, bind=f"tcp://{host}:*")
-        elif k == "shm":
-            # a piece's send returns once its bytes are in shared memory (the sender thread goes on to the next
-            # piece); ``_commit_job`` flushes before it reports the hand-off sent
-            out[k] = make_transport(k, window=int(os.environ.get("HETSERVE_SHM_WINDOW", "8")))
-        else:
-            out[k] = make_transport(k)
+        # shm: a piece's send returns once its bytes are in shared memory; ``_commit_job`` flushes before KVSent
+        kw = {"window": int(os.environ.get("HETSERVE_SHM_WINDOW", "8"))} if k == "shm" else {}
+        out[k] = make_transport(k, bind=f"tcp://{host}:*") if k in ("tcp", "nixl") else make_transport(k, **kw)
     return out
 
 
