@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from suite_common import git_commit
 
+from hetserve.kernels.activation import silu_and_mul
 from hetserve.kernels.skinny_gemm import SkinnyConfig, skinny_linear
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
-          "lm_head": (128256, 4096)}
+          "down+silu": (4096, 14336), "lm_head": (128256, 4096)}
 
 
 def _graph_ms(fn: Any, reps: int = 7) -> float:
@@ -69,6 +70,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rows", default="1,4,8,16")
     ap.add_argument("--quick", action="store_true", help="a small config grid")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     args = ap.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
     copy_bps = _copy_bps()
@@ -79,18 +81,21 @@ def main() -> int:
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
     for name, (n, k) in SHAPES.items():
+        if name not in args.shapes.split(","):
+            continue
+        silu = name == "down+silu"  # the input is the gate/up pair; cuBLAS gets silu_and_mul's output
         copies = 1 if name == "lm_head" else 32
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(copies)]
         nbytes = copies * n * k * 2
         per: dict[str, Any] = {}
         for rows in rows_list:
-            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            ref = F.linear(x, ws[0])
+            x = torch.randn(rows, 2 * k if silu else k, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(silu_and_mul(x) if silu else x, ws[0])
             entry: dict[str, Any] = {}
 
-            def cublas(x: torch.Tensor = x, ws: list[torch.Tensor] = ws) -> None:
+            def cublas(x: torch.Tensor = x, ws: list[torch.Tensor] = ws, silu: bool = silu) -> None:
                 for w in ws:
-                    F.linear(x, w)
+                    F.linear(silu_and_mul(x) if silu else x, w)
 
             ms = _graph_ms(cublas)
             entry["cublas"] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bw_util": nbytes / (ms * 1e-3) / copy_bps}
@@ -98,12 +103,13 @@ def main() -> int:
             cands = []
             for cfg in grid:
                 try:
-                    out = skinny_linear(x, ws[0], None, cfg)
+                    out = skinny_linear(x, ws[0], None, cfg, silu_mul=silu)
                     err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
 
-                    def skinny(x: torch.Tensor = x, cfg: SkinnyConfig = cfg, ws: list[torch.Tensor] = ws) -> None:
+                    def skinny(x: torch.Tensor = x, cfg: SkinnyConfig = cfg, ws: list[torch.Tensor] = ws,
+                               silu: bool = silu) -> None:
                         for w in ws:
-                            skinny_linear(x, w, None, cfg)
+                            skinny_linear(x, w, None, cfg, silu_mul=silu)
 
                     ms = _graph_ms(skinny)
                 except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory) is skipped

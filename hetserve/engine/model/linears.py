@@ -103,21 +103,24 @@ def _graph_ms(fn: Callable[[], None], reps: int = 5) -> float:
 
 def tune_skinny(model: Any, device: torch.device, rows: tuple[int, ...] = (1, SKINNY_MAX_ROWS),
                 candidates: tuple[SkinnyConfig, ...] = CANDIDATES) -> dict[str, Any]:
-    """Time cuBLAS and each candidate per role on ``model``'s weights; set ``model.linears.configs`` to the
-    winners that beat cuBLAS by :data:`MARGIN`. Returns the timings (ms per pass over the role's layers)."""
+    """Time cuBLAS and each candidate per role on ``model``'s weights, through the same :class:`Linears` calls
+    the model makes (the down projection with its SiLU-and-mul); set ``model.linears.configs`` to the winners
+    that beat cuBLAS by :data:`MARGIN`. Returns the timings (ms per pass over the role's layers)."""
     report: dict[str, Any] = {}
     chosen: dict[str, SkinnyConfig] = {}
     with torch.inference_mode():
         for role, ws in role_weights(model).items():
-            k = ws[0][0].shape[1]
+            # the inputs and calls the model makes: the down projection takes the gate/up pair (silu inside)
+            k = ws[0][0].shape[1] * (2 if role == "down" else 1)
             xs = [torch.randn(r, k, device=device, dtype=ws[0][0].dtype) for r in rows]
 
-            def one_pass(x: torch.Tensor, cfg: SkinnyConfig | None, ws: list[Any] = ws) -> None:
+            def one_pass(x: torch.Tensor, cfg: SkinnyConfig | None, role: str = role, ws: list[Any] = ws) -> None:
+                lin = Linears({} if cfg is None else {role: cfg}, on_cpu=True)
                 for w, b in ws:
-                    if cfg is None:
-                        F.linear(x, w, b)
+                    if role == "down":
+                        lin.down_silu(x, w, b)
                     else:
-                        skinny_linear(x, w, b, cfg, impl="triton")
+                        lin(role, x, w, b)
 
             def run(cfg: SkinnyConfig | None, xs: list[torch.Tensor] = xs,
                     one_pass: Callable[..., None] = one_pass) -> float:
