@@ -27,11 +27,9 @@ import torch
 import torch.nn.functional as F
 from suite_common import git_commit
 
-from hetserve.kernels.activation import silu_and_mul
 from hetserve.kernels.skinny_gemm import SkinnyConfig, skinny_linear
 
-SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
-          "down+silu": (4096, 14336), "lm_head": (128256, 4096)}
+SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "lm_head": (128256, 4096)}
 
 
 def _graph_ms(fn: Any, reps: int = 7) -> float:
@@ -83,19 +81,18 @@ def main() -> int:
     for name, (n, k) in SHAPES.items():
         if name not in args.shapes.split(","):
             continue
-        silu = name == "down+silu"  # the input is the gate/up pair; cuBLAS gets silu_and_mul's output
         copies = 1 if name == "lm_head" else 32
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(copies)]
         nbytes = copies * n * k * 2
         per: dict[str, Any] = {}
         for rows in rows_list:
-            x = torch.randn(rows, 2 * k if silu else k, device="cuda", dtype=torch.bfloat16)
-            ref = F.linear(silu_and_mul(x) if silu else x, ws[0])
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x, ws[0])
             entry: dict[str, Any] = {}
 
-            def cublas(x: torch.Tensor = x, ws: list[torch.Tensor] = ws, silu: bool = silu) -> None:
+            def cublas(x: torch.Tensor = x, ws: list[torch.Tensor] = ws) -> None:
                 for w in ws:
-                    F.linear(silu_and_mul(x) if silu else x, w)
+                    F.linear(x, w)
 
             ms = _graph_ms(cublas)
             entry["cublas"] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bw_util": nbytes / (ms * 1e-3) / copy_bps}
@@ -103,13 +100,12 @@ def main() -> int:
             cands = []
             for cfg in grid:
                 try:
-                    out = skinny_linear(x, ws[0], None, cfg, silu_mul=silu)
+                    out = skinny_linear(x, ws[0], None, cfg)
                     err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
 
-                    def skinny(x: torch.Tensor = x, cfg: SkinnyConfig = cfg, ws: list[torch.Tensor] = ws,
-                               silu: bool = silu) -> None:
+                    def skinny(x: torch.Tensor = x, cfg: SkinnyConfig = cfg, ws: list[torch.Tensor] = ws) -> None:
                         for w in ws:
-                            skinny_linear(x, w, None, cfg, silu_mul=silu)
+                            skinny_linear(x, w, None, cfg)
 
                     ms = _graph_ms(skinny)
                 except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory) is skipped

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from hetserve.kernels import Impl, dual_kernel, tl, use_triton
-from hetserve.kernels.activation import silu_and_mul
 
 #: rows of ``x`` one launch handles; the kernel pads to this (tensor-core tiles need 16 rows)
 SKINNY_MAX_ROWS = 16
@@ -25,7 +24,7 @@ SKINNY_MAX_ROWS = 16
 
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SILU_MUL: tl.constexpr):
+                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -38,12 +37,6 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride
         k_ok = kk < K
         x_mask = m_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=x_mask, other=0.0)
-        if SILU_MUL:
-            # x is a gate/up pair [rows, 2K]: the input is silu(gate) * up, rounded as silu_and_mul rounds it
-            up = tl.load(x_ptr + rm[:, None] * stride_xm + K + kk[None, :], mask=x_mask, other=0.0)
-            g32 = x.to(tl.float32)
-            silu = (g32 / (1.0 + tl.exp(-g32))).to(x.dtype)
-            x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
         w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0)
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
@@ -67,21 +60,16 @@ class SkinnyConfig:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: SkinnyConfig | None = None, impl: Impl = "auto", silu_mul: bool = False) -> torch.Tensor:
+                  config: SkinnyConfig | None = None, impl: Impl = "auto") -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x`` of at most :data:`SKINNY_MAX_ROWS` rows (after flattening the
-    leading dims); more rows fall back to ``F.linear``. ``silu_mul``: ``x`` is a fused gate/up projection
-    ``[..., 2 * K]`` and the input is ``silu(gate) * up`` (``kernels.activation.silu_and_mul``), computed
-    in the kernel instead of by a kernel of its own."""
+    leading dims); more rows fall back to ``F.linear``."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not use_triton(x, impl) or rows > SKINNY_MAX_ROWS or rows == 0:
-        if silu_mul:
-            x = silu_and_mul(x, impl="triton" if use_triton(x, impl) else "torch")
         return F.linear(x, weight, bias)
     cfg = config or SkinnyConfig()
     n, k = weight.shape
-    if x.shape[-1] != (2 * k if silu_mul else k):
-        raise ValueError(f"skinny_linear: input width {x.shape[-1]} does not match the weight's {k}"
-                         + (" (x 2 for silu_mul)" if silu_mul else ""))
+    if x.shape[-1] != k:
+        raise ValueError(f"skinny_linear: input width {x.shape[-1]} does not match the weight's {k}")
     x2 = x.reshape(rows, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -92,8 +80,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_gemm.on(x.device)[grid](
         x2, weight, bias if bias is not None else weight, out, rows, n, k, x2.stride(0), weight.stride(0),
         out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SILU_MUL=silu_mul,
-        num_warps=cfg.num_warps,
+        BLOCK_K=cfg.block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return out.reshape(*x.shape[:-1], n)
 

@@ -49,16 +49,12 @@ class _Recorder(Linears):
         self.seen.append((role, weight.data_ptr()))
         return F.linear(x, weight, bias)
 
-    def down_silu(self, gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        self.seen.append(("down", weight.data_ptr()))
-        d = gate_up.shape[-1] // 2
-        return F.linear(F.silu(gate_up[..., :d]) * gate_up[..., d:], weight, bias)
 
 
 def test_dispatch_sends_only_small_batches_to_the_skinny_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
 
-    def fake(x: torch.Tensor, w: torch.Tensor, b: Any, cfg: Any, impl: str, silu_mul: bool = False) -> torch.Tensor:
+    def fake(x: torch.Tensor, w: torch.Tensor, b: Any, cfg: Any, impl: str) -> torch.Tensor:
         calls.append(x.shape[0])
         return F.linear(x, w, b)
 

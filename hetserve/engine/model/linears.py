@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hetserve.kernels.activation import silu_and_mul as fused_silu_and_mul
 from hetserve.kernels.skinny_gemm import SKINNY_MAX_ROWS, SkinnyConfig, skinny_linear
 
 logger = logging.getLogger(__name__)
@@ -48,13 +47,6 @@ class Linears:
         if cfg is not None and (x.is_cuda or self.on_cpu) and x.shape[0] <= SKINNY_MAX_ROWS:
             return skinny_linear(x, weight, bias, cfg, impl="triton")
         return F.linear(x, weight, bias)
-
-    def down_silu(self, gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``down(silu(gate) * up)``: on the skinny path the activation is computed inside the GEMM."""
-        cfg = self.configs.get("down")
-        if cfg is not None and (gate_up.is_cuda or self.on_cpu) and gate_up.shape[0] <= SKINNY_MAX_ROWS:
-            return skinny_linear(gate_up, weight, bias, cfg, impl="triton", silu_mul=True)
-        return F.linear(fused_silu_and_mul(gate_up, impl="triton"), weight, bias)
 
 
 def role_weights(model: Any) -> dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]:
@@ -104,23 +96,19 @@ def _graph_ms(fn: Callable[[], None], reps: int = 5) -> float:
 def tune_skinny(model: Any, device: torch.device, rows: tuple[int, ...] = (1, SKINNY_MAX_ROWS),
                 candidates: tuple[SkinnyConfig, ...] = CANDIDATES) -> dict[str, Any]:
     """Time cuBLAS and each candidate per role on ``model``'s weights, through the same :class:`Linears` calls
-    the model makes (the down projection with its SiLU-and-mul); set ``model.linears.configs`` to the winners
+    the model makes; set ``model.linears.configs`` to the winners
     that beat cuBLAS by :data:`MARGIN`. Returns the timings (ms per pass over the role's layers)."""
     report: dict[str, Any] = {}
     chosen: dict[str, SkinnyConfig] = {}
     with torch.inference_mode():
         for role, ws in role_weights(model).items():
-            # the inputs and calls the model makes: the down projection takes the gate/up pair (silu inside)
-            k = ws[0][0].shape[1] * (2 if role == "down" else 1)
+            k = ws[0][0].shape[1]
             xs = [torch.randn(r, k, device=device, dtype=ws[0][0].dtype) for r in rows]
 
             def one_pass(x: torch.Tensor, cfg: SkinnyConfig | None, role: str = role, ws: list[Any] = ws) -> None:
-                lin = Linears({} if cfg is None else {role: cfg}, on_cpu=True)
+                lin = Linears({} if cfg is None else {role: cfg}, on_cpu=True)  # the calls the model makes
                 for w, b in ws:
-                    if role == "down":
-                        lin.down_silu(x, w, b)
-                    else:
-                        lin(role, x, w, b)
+                    lin(role, x, w, b)
 
             def run(cfg: SkinnyConfig | None, xs: list[torch.Tensor] = xs,
                     one_pass: Callable[..., None] = one_pass) -> float:

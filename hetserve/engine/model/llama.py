@@ -216,7 +216,8 @@ class LlamaMLP(nn.Module):
         gate_up = self.linears("gate_up", x, self.gate_up_weight, self.gate_up_bias)
         if self._all_reduce is not None:
             return _row_parallel(fused_silu_and_mul(gate_up, impl="triton"), self.down_proj, self._all_reduce)
-        return self.linears.down_silu(gate_up, self.down_proj.weight, self.down_proj.bias)
+        return self.linears("down", fused_silu_and_mul(gate_up, impl="triton"), self.down_proj.weight,
+                            self.down_proj.bias)
 
 
 class LlamaDecoderLayer(nn.Module):
