@@ -195,6 +195,27 @@ def section_tune(c: Ctx) -> dict[str, Any]:
                 out["decode"].append({"batch": b, "ctx": ctx, "config": cfg, "error": repr(e)[:200]})
             log(f"    {out['decode'][-1]}")
         del p
+    # split-KV counts for small decode batches (the graphs' shapes): auto vs fixed counts
+    out["splits"] = []
+    if gk.DEV.type == "cuda":
+        from hetserve.kernels import device_num_sms
+        from hetserve.kernels.attention import decode_num_splits
+
+        sms = device_num_sms(gk.DEV)
+        for b in (1, 2, 4, 8, 16):
+            for ctx in (1024, 4096):
+                variants = max(1, min(64, (256 * 2**20) // (b * ctx * per_tok)))
+                p = make_paged([(ctx - 1, 1)] * b, num_variants=variants, seed=11)
+                auto = decode_num_splits(b, gk.KVH, sms)
+                for ns in sorted({auto, 8, 16, 24, 32, 48, 64}):
+                    ms = bench_ms(lambda i, p=p, ns=ns: paged_attention(
+                        p["q"], p["kv"], p["qsl"], p["seq_lens"], p["tables"][i], gk.D**-0.5, decode=True,
+                        num_splits=ns), variants=variants)
+                    out["splits"].append({"batch": b, "ctx": ctx, "num_splits": ns, "auto": ns == auto,
+                                          "us": ms * 1e3})
+                best = min((r for r in out["splits"] if r["batch"] == b and r["ctx"] == ctx), key=lambda r: r["us"])
+                log(f"    splits b={b} ctx={ctx}: auto {auto} -> best {best['num_splits']} ({best['us']:.1f} us)")
+                del p
     prefill_cfgs = [{}, {"num_stages": 3}, {"BLOCK_Q": 16, "num_warps": 4, "num_stages": 3},
                     {"BLOCK_N": 32, "num_stages": 3}, {"num_warps": 4}]
     L = gk.ATTN_PREFILL_LENS[3]
