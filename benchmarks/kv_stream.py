@@ -164,7 +164,7 @@ def transport_rows(sizes: list[int], repeats: int, step_ms: float, stream_mib: i
     return rows
 
 
-def paced_rows(sizes: list[int], repeats: int, link_names: list[str]) -> list[dict[str, Any]]:
+def paced_rows(sizes: list[int], repeats: int, link_names: list[str], window: int = 1) -> list[dict[str, Any]]:
     from hetserve.core.devices import LINKS
     from hetserve.runtime.kv_transfer import KVTransferEngine
     from hetserve.runtime.transport import make_transport
@@ -175,7 +175,7 @@ def paced_rows(sizes: list[int], repeats: int, link_names: list[str]) -> list[di
     n_blocks = max(sizes) * 1024 // TOKEN_BYTES // 16 + 2
     caches = _caches(n_blocks, 2)
     try:
-        with make_transport("shm") as me, make_transport("shm") as answers:
+        with make_transport("shm", window=window) as me, make_transport("shm") as answers:
             n = 0
             for name in link_names:
                 link = LINKS[name]
@@ -220,6 +220,7 @@ def main() -> None:
     ap.add_argument("--links", default="eth25,pcie4x16")
     ap.add_argument("--window", type=int, default=1, help="the sender's ShmTransport window (1: send waits "
                     "for each acknowledgement; the KV endpoints use HETSERVE_SHM_WINDOW, 8)")
+    ap.add_argument("--sections", default="idle,busy,paced", help="which rows to measure (comma-separated)")
     ap.add_argument("--label", default="", help="a note stored in the output (e.g. before / after)")
     ap.add_argument("--out", default="benchmarks/results/kv_stream_cpu.json")
     args = ap.parse_args()
@@ -239,9 +240,13 @@ def main() -> None:
                    "transport": "shm", "env": {k: v for k, v in os.environ.items() if k.startswith("HETSERVE_SHM")}},
         "loadavg_before": list(os.getloadavg()),
     }
-    out["idle"] = transport_rows(sizes, args.repeats, 0.0, args.stream_mib, args.window)
-    out["busy"] = transport_rows(sizes, args.repeats, args.step_ms, args.stream_mib, args.window)
-    out["paced"] = paced_rows(PACED_SIZES_KIB, args.repeats, args.links.split(","))
+    sections = args.sections.split(",")
+    if "idle" in sections:
+        out["idle"] = transport_rows(sizes, args.repeats, 0.0, args.stream_mib, args.window)
+    if "busy" in sections:
+        out["busy"] = transport_rows(sizes, args.repeats, args.step_ms, args.stream_mib, args.window)
+    if "paced" in sections:
+        out["paced"] = paced_rows(PACED_SIZES_KIB, args.repeats, args.links.split(","), args.window)
     out["loadavg_after"] = list(os.getloadavg())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

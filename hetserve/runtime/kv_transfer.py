@@ -15,8 +15,11 @@ The scheduler side (which blocks, pins, deadlines, re-prefill on failure) lives 
 The receiver's result is the one that decides the request's fate: a sender can see a failure (its deadline
 passed while the acknowledgement was on its way) for KV that did land.
 
-Pacing emulates a slower link: the bytes really move, then the sender waits until ``latency + bytes /
-bandwidth`` has passed since the send began, and only then lets the receiver use the KV (``KVCommit``).
+Pacing emulates a slower link: the bytes really move, and the receiver may use the KV only once ``latency +
+bytes / bandwidth`` has passed since the send began. Between processes of one host (``shm``, ``local``: one
+monotonic clock) the sender commits at once with ``not_before_s`` (that instant) and the receiver holds the KV
+until then, so the commit's round trip overlaps the wait and the declared time is the only cost when the real
+movement is faster. Elsewhere (``tcp``, ``nixl``: maybe another host) the commit goes out after the wait.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from hetserve.runtime.messages import KVCommit, KVData, TensorMeta
 from hetserve.runtime.transport.base import TransferTimeout, Transport, TransportError
 
 KVCaches = Sequence[torch.Tensor] | torch.Tensor
+# transports whose two ends share one host, and so one ``time.monotonic()`` clock (``not_before_s`` commits)
+ONE_HOST_TRANSPORTS = ("shm", "local")
 
 
 # ---- cache <-> payload ---------------------------------------------------------------------------
@@ -214,6 +219,11 @@ class _Incoming:
     pieces: dict[int, KVPayload] = field(default_factory=dict)
     committed: set[int] = field(default_factory=set)
     num_bytes: int = 0
+    ready_at: float = 0.0  # the latest commit's ``not_before_s``: the KV is not used before then
+
+    @property
+    def complete(self) -> bool:
+        return self.committed == set(self.need)
 
 
 class KVTransferEngine:
@@ -295,10 +305,18 @@ class KVTransferEngine:
         try:
             self.transport.send(peer, msg, buffers, deadline_s)
             if self.pacer.link is not None:
-                # never early: the commit (one small round trip) goes out once the declared time has passed
-                self.pacer.wait_until(t_send + need_s)
-                self.transport.send(peer, KVCommit(transfer_id=transfer_id, req_id=req_id,
-                                                   src_rank=self.desc.tp_rank), [], deadline_s)
+                ready_s = t_send + need_s
+                commit = KVCommit(transfer_id=transfer_id, req_id=req_id, src_rank=self.desc.tp_rank)
+                if self.transport.name in ONE_HOST_TRANSPORTS:
+                    # the receiver holds the KV until ``ready_s`` itself: the commit's round trip (and, with a send
+                    # window, the data's acknowledgement) overlaps the wait
+                    commit.not_before_s = ready_s
+                    self.transport.send(peer, commit, [], deadline_s)
+                    self.pacer.wait_until(ready_s)
+                else:  # another host's clock: never early, the commit goes out once the declared time has passed
+                    self.pacer.wait_until(ready_s)
+                    self.transport.send(peer, commit, [], deadline_s)
+            self.transport.flush(peer, deadline_s)  # delivered: every acknowledgement is in
         except TransportError as e:
             t1 = self.clock()
             return TransferResult(transfer_id, req_id, False, payload.num_bytes, t1 - t0, t_send - t0,
@@ -342,10 +360,14 @@ class KVTransferEngine:
         return len(self._incoming)
 
     def poll(self, timeout_s: float = 0.0) -> list[TransferResult]:
-        """Take what arrived (waiting up to ``timeout_s`` for the first message), finish complete transfers
-        and fail expired ones. Returns one result per transfer that ended."""
+        """Take what arrived (waiting up to ``timeout_s`` for the first message, or less when a committed transfer
+        becomes usable sooner), finish complete transfers whose KV may be used by now and fail expired ones.
+        Returns one result per transfer that ended."""
         results, self._done = self._done, []
         wait = 0.0 if results else timeout_s
+        held = [inc.ready_at for inc in self._incoming.values() if inc.complete]
+        if held:
+            wait = max(0.0, min(wait, min(held) - self.clock()))
         while True:
             try:
                 header, buffers = self.transport.recv(wait)
@@ -366,7 +388,10 @@ class KVTransferEngine:
                 self._orphans.setdefault(tid, []).append((self.clock(), header, buffers))
         now = self.clock()
         for tid, inc in list(self._incoming.items()):
-            if now > inc.deadline_s:
+            if inc.complete and inc.ready_at <= now + self.pacer.spin_s:  # (``_take`` failed any past the deadline)
+                self.pacer.wait_until(inc.ready_at)  # the last fraction of a millisecond: never early
+                results.append(self._finish(tid))
+            elif now > inc.deadline_s:
                 del self._incoming[tid]
                 self._close(tid)
                 missing = sorted(set(inc.need) - inc.committed)
@@ -387,6 +412,7 @@ class KVTransferEngine:
             self._closed_ids.popitem(last=False)
 
     def _take(self, tid: str, header: object, buffers: list[object]) -> TransferResult | None:
+        """Keep a piece or a commit; the transfer's result once it is complete and its KV may be used now."""
         inc = self._incoming[tid]
         try:
             if isinstance(header, KVData):
@@ -400,20 +426,35 @@ class KVTransferEngine:
                     inc.committed.add(header.src_rank)
             elif isinstance(header, KVCommit) and header.src_rank in inc.pieces:
                 inc.committed.add(header.src_rank)
-            if inc.committed != set(inc.need):
-                return None
+                inc.ready_at = max(inc.ready_at, header.not_before_s)
+        except (ValueError, TypeError, RuntimeError, HetserveError) as e:
+            return self._fail(tid, e)
+        if not inc.complete:
+            return None
+        if inc.ready_at > inc.deadline_s:  # the declared link would deliver it too late: it never counts
+            return self._fail(tid, TransferTimeout(f"the KV may be used only {inc.ready_at - inc.deadline_s:.4f} s "
+                                                   "after the deadline"))
+        if inc.ready_at > self.clock():  # held until the declared link would have delivered it (``poll``)
+            return None
+        return self._finish(tid)
+
+    def _finish(self, tid: str) -> TransferResult:
+        inc = self._incoming[tid]
+        try:
             t = self.clock()
             pieces = [inc.pieces[s] for s in sorted(inc.need)]
             kv = convert(pieces, pieces[0].desc, self.desc, inc.num_tokens, dst_scales=self.kv_scales)
             insert_blocks(self.kv_caches, inc.block_ids, kv, self.desc)
             conv_s = self.clock() - t
         except (ValueError, TypeError, RuntimeError, HetserveError) as e:
-            # a malformed or mismatched message fails this transfer, not the worker
-            del self._incoming[tid]
-            self._close(tid)
-            return TransferResult(tid, inc.req_id, False, inc.num_bytes, self.clock() - inc.start_s, 0.0,
-                                  f"{type(e).__name__}: {e}")
+            return self._fail(tid, e)
         del self._incoming[tid]
         self._close(tid)
         return TransferResult(tid, inc.req_id, True, inc.num_bytes, self.clock() - inc.start_s, conv_s)
 
+    def _fail(self, tid: str, e: Exception) -> TransferResult:
+        # a malformed or mismatched message fails this transfer, not the worker
+        inc = self._incoming.pop(tid)
+        self._close(tid)
+        return TransferResult(tid, inc.req_id, False, inc.num_bytes, self.clock() - inc.start_s, 0.0,
+                              f"{type(e).__name__}: {e}")
