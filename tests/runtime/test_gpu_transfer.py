@@ -120,13 +120,13 @@ def test_cuda_ipc_staging_is_exported_once_and_opened_once() -> None:
                 else:
                     a.send(peer, {"i": i}, xs, time.monotonic() + 60)
                 for x in xs:
-                    x.fill_(-7)  # copied into the staging ring before send returned
+                    x.fill_(-7)  # the peer copied before it acknowledged
                 want.append([[float(i + j) * numel, [numel], "torch.bfloat16" if j else "torch.float32", True]
                              for j in range(4)])
             a.send(peer, {"stop": True, "reply_to": a.address}, [], time.monotonic() + 60)
             header, _ = a.recv(60)
         assert header["sums"] == want
-        assert header["opened"] == 2  # 16 MiB first, then grown once (a 60 MiB ring); the 200 MiB one exported apart
+        assert header["opened"] == 2  # 16 MiB first, then grown once (30 MiB); the 200 MiB one exported apart
         assert proc.wait(60) == 0
     finally:
         os.environ.pop("HETSERVE_SHM_STAGING_MAX_MB", None)

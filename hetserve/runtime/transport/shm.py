@@ -12,16 +12,11 @@ waits for the acknowledgements, and raises a late failure). Raw ``os.open`` + ``
 tracker process unlinks or warns about segments another process owns.
 
 CUDA tensors in ``buffers`` (when CUDA is available and the peer is another process) move by CUDA IPC. The
-sender copies them (on a copy stream of its own, synchronised) into a span of a persistent staging ring per
-(peer, device), exported once; the receiver opens each exported buffer once and keeps it open (opening an IPC
-handle costs milliseconds, and one handle per tensor per message made a hand-off of 32 layers slow), enqueues
-the copy of the message's span into its own memory as one tensor (on its own copy stream, a blocking event
-behind it) and acknowledges at once: the sender may reuse its tensors once ``send`` returns (with ``window`` > 1
-before the acknowledgement), and the span once the receiver reports the copy complete (``{"span_free": ids}``,
-sent by a thread waiting on the events: ``staging_ring.py``); a send waits only when the ring is full. ``recv``
-makes the caller's current stream wait for the copy (and records the tensors on it): work queued after ``recv``
-on that stream sees the data; another stream must synchronise first. A dropped peer retires its rings (never
-written again; a new connection gets new ones). The copy stream waits for the caller's current
+sender copies them (on a copy stream of its own) into one persistent staging buffer per device, exported once;
+the receiver opens each exported buffer once and keeps it open (opening an IPC handle costs milliseconds, and
+one handle per tensor per message made a hand-off of 32 layers slow), copies the message's span into its own
+memory as one tensor (on its own copy stream) and synchronises before it acknowledges, so the sender may reuse
+its tensors, and the staging buffer, once ``send`` returns. The copy stream waits for the caller's current
 stream, unless the caller says its tensors are ready (``with buffers_ready():`` after synchronising the work
 that wrote them, e.g. on an event): on the legacy default stream that wait would hold the copy behind every
 kernel queued on the device, a whole model step included. A message larger than ``HETSERVE_SHM_STAGING_MAX_MB`` (default 1024) exports its
@@ -30,7 +25,6 @@ tensors one by one instead. This path needs a GPU and is exercised only by the `
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import itertools
 import mmap
@@ -48,7 +42,6 @@ from hetserve.runtime.messages import Envelope, MessageDecodeError
 from hetserve.runtime.shm_files import new_owned_file, sweep_dead_owners
 from hetserve.runtime.transport.base import Buffer, as_bytes_view, buffer_nbytes
 from hetserve.runtime.transport.shm_pool import POOL_PREFIX, PoolReader, SlotPool, pool_bytes
-from hetserve.runtime.transport.staging_ring import CopyReleaser, Released, SpanRing, ring_capacity
 from hetserve.runtime.transport.tcp import ZmqTransport
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -97,13 +90,9 @@ class ShmTransport(ZmqTransport):
             sock = os.path.join(tempfile.gettempdir(), f"hetserve-{os.getpid()}-{next(_ids)}-{uuid.uuid4().hex[:6]}")
             bind = f"ipc://{sock}"
         sweep_stale_segments()
-        self._staging: dict[tuple[str, int | None], _Staging] = {}  # (peer, device) -> ring, under the peer's lock
-        self._retired: collections.deque[_Staging] = collections.deque(maxlen=4)  # dropped peers': never rewritten
+        self._staging: dict[int | None, _Staging] = {}
         self._staging_lock = threading.Lock()
         self._imported = _ImportCache()
-        self._released = Released()  # copies out of senders' spans complete, to report (receiving thread)
-        self._releaser: CopyReleaser | None = None
-        self._waits: dict[int, tuple[Any, list[Any]]] = {}  # id(buffers) -> (copy done event, tensors), for recv
         self._pools: dict[str, SlotPool] = {}  # peer -> its pool (used under that peer's send lock)
         self._pool_bytes = pool_bytes()
         self._reader = PoolReader()
@@ -118,7 +107,7 @@ class ShmTransport(ZmqTransport):
             return False
         return torch.cuda.is_available()
 
-    def _pack(self, peer: str, msg_id: int, buffers: Sequence[Buffer]) -> tuple[Envelope, list[Any], Any] | None:
+    def _pack(self, peer: str, msg_id: int, buffers: Sequence[Buffer]) -> tuple[Envelope, list[Any], Any]:
         env = Envelope(msg_id=msg_id, sender=self.address, num_buffers=len(buffers))
         same_process = peer in _local_addresses  # CUDA IPC cannot open a handle in the process that made it
         handles: list[dict[str, Any] | None] = [None] * len(buffers)
@@ -127,9 +116,7 @@ class ShmTransport(ZmqTransport):
         cuda = [i for i, b in enumerate(buffers) if _is_cuda_tensor(b) and not same_process]
         staged = None
         if cuda:
-            staged = self._stage(peer, msg_id, [buffers[i] for i in cuda])
-            if staged is _FULL:
-                return None  # the ring is full: ``send`` waits for the receiver's span releases
+            staged = self._stage([buffers[i] for i in cuda])
             if staged is None:  # too large for the staging buffer: one export per tensor
                 for i in cuda:
                     t = buffers[i].contiguous()
@@ -144,26 +131,25 @@ class ShmTransport(ZmqTransport):
         try:
             total = sum(buffer_nbytes(b) for b in host)
             if total <= _INLINE_MAX_BYTES:
-                if self.window > 1 and not keep:  # copied: ``send`` may return before the ack
-                    return env, [bytes(as_bytes_view(b)) for b in host], (None, keep, True)
-                return env, [as_bytes_view(b) for b in host], (None, keep, False)
+                if self.window > 1 and not keep and staged is None:  # copied: ``send`` may return before the ack
+                    return env, [bytes(as_bytes_view(b)) for b in host], (None, keep, staged, True)
+                return env, [as_bytes_view(b) for b in host], (None, keep, staged, False)
             views = [as_bytes_view(b) for b in host]
             pooled = self._pool_write(peer, msg_id, views)
             if pooled is not None:
                 env.kind, env.segment, env.spans = "shm", *pooled
-                return env, [], (None, keep, True)
+                return env, [], (None, keep, staged, True)
             name, spans = _write_segment(views)
         except BaseException:
             if staged is not None:
-                staged[0].ring.free([msg_id])  # never sent: nobody reads the span
+                staged[0].release()
             raise
         env.kind, env.segment, env.spans = "shm", name, spans
-        return env, [], (name, keep, True)
+        return env, [], (name, keep, staged, True)
 
-    def _stage(self, peer: str, msg_id: int, tensors: list[Any]) -> Any:
-        """Copy ``tensors`` (CUDA, ready) into a span of the staging ring for ``peer`` on their device; the span
-        stays held until the receiver reports its copy out complete. -> (ring, per-tensor handles: the buffer's
-        export plus a span); None: too large for a ring (one export per tensor); ``_FULL``: no room yet."""
+    def _stage(self, tensors: list[Any]) -> tuple[Any, list[dict[str, Any]]] | None:
+        """Copy ``tensors`` (CUDA, ready) into this endpoint's staging buffer of their device; the per-tensor
+        handles (the buffer's export plus a span). Holds the buffer until ``_release``. None: too large."""
         import torch
 
         dev = tensors[0].device
@@ -176,29 +162,24 @@ class ShmTransport(ZmqTransport):
             total += -(-n // _ALIGN) * _ALIGN
         if total > _staging_max_bytes():
             return None
-        key = (peer, dev.index)
-        st = self._staging.get(key)
-        if st is None or not st.ring.fits(total):  # a new (larger) buffer: a new export, the old one retired
-            cap = ring_capacity(total, 0 if st is None else st.ring.capacity, _staging_max_bytes())
-            with self._staging_lock:
-                if st is not None:
-                    self._retired.append(st)
-                st = self._staging[key] = _Staging(dev, cap)
-        base = st.ring.alloc(msg_id, total)
-        if base is None:
-            return _FULL
+        with self._staging_lock:
+            st = self._staging.get(dev.index)
+            if st is None:
+                st = self._staging[dev.index] = _Staging(dev)
+        st.lock.acquire()
         try:
+            st.reserve(total)
             if not getattr(_ready, "on", False):
                 st.stream.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.device(dev), torch.cuda.stream(st.stream):
                 for t, off, n in zip(tensors, offsets, sizes, strict=True):
                     if n:
-                        st.buf.narrow(0, base + off, n).copy_(t.contiguous().reshape(-1).view(torch.uint8))
+                        st.buf.narrow(0, off, n).copy_(t.contiguous().reshape(-1).view(torch.uint8))
             st.stream.synchronize()
         except BaseException:
-            st.ring.free([msg_id])
+            st.lock.release()
             raise
-        hs = [dict(st.export, span=[base + off, n], dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape))
+        hs = [dict(st.export, span=[off, n], dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape))
               for t, off, n in zip(tensors, offsets, sizes, strict=True)]
         return st, hs
 
@@ -224,43 +205,30 @@ class ShmTransport(ZmqTransport):
         return pool.name, [(off + a, v.nbytes) for a, v in zip(aligns, views, strict=True)]
 
     def _may_return_early(self, state: Any) -> bool:  # type: ignore[override]
-        # host bytes are in shared memory, device bytes in a staging span (held until the receiver's copy is done)
-        _name, keep, copied = state
-        return copied and not keep
+        # host bytes are in shared memory already; CUDA staging holds its buffer (a lock) until acknowledged
+        _name, keep, staged, copied = state
+        return copied and staged is None and not keep
 
     def _on_free(self, peer: str, msg_ids: list[int]) -> None:
         pool = self._pools.get(peer)
         if pool is not None:
             pool.free(msg_ids)
 
-    def _on_span_free(self, peer: str, msg_ids: list[int]) -> None:
-        for (p, _dev), st in list(self._staging.items()):
-            if p == peer:
-                st.ring.free(msg_ids)
-
     def _peer_dropped(self, peer: str) -> None:
         pool = self._pools.pop(peer, None)
         if pool is not None:
             pool.close()
-        with self._staging_lock:  # the receiver may still copy out of spans it never reported: never rewrite them
-            for key in [k for k in self._staging if k[0] == peer]:
-                self._retired.append(self._staging.pop(key))
 
     def _wake_fd(self) -> int | None:
         return self._reader.wake_r
 
     def _service(self) -> None:
         self._reader.drain(lambda ident, ids: self._reply_to(ident, {"free": ids}))
-        for ident, ids in self._released.drain().items():
-            self._reply_to(ident, {"span_free": ids})
-
-    def _copied_out(self, ident: bytes, msg_id: int) -> None:
-        """(the releaser's thread) The copy out of ``msg_id``'s span is complete: report it from the receiving thread."""
-        self._released.add(ident, msg_id)
-        self._reader.wake()
 
     def _release(self, state: Any) -> None:
-        name, _keep, _copied = state
+        name, _keep, staged, _copied = state
+        if staged is not None:
+            staged[0].release()
         if name is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(SHM_DIR, name))
@@ -295,38 +263,15 @@ class ShmTransport(ZmqTransport):
             if c is not None and "span" not in c:
                 bufs[i] = _import_cuda(c)
         if staged:
-            try:
-                tensors, done = self._imported.take([c for _, c in staged])  # enqueued, not waited for
-            except RuntimeError as e:  # an IPC handle that does not open: refuse the message, not the thread
-                raise MessageDecodeError(f"cannot take the staged tensors: {e}") from e
-            if self._releaser is None:
-                self._releaser = CopyReleaser(self._copied_out)
-            self._releaser.add(done, self._unpacking_for, env.msg_id)
-            for i, t in zip([i for i, _ in staged], tensors, strict=True):
+            for i, t in zip([i for i, _ in staged], self._imported.take([c for _, c in staged]), strict=True):
                 bufs[i] = t
-            self._waits[id(bufs)] = (done, tensors)
         return bufs
-
-    def recv(self, timeout_s: float) -> tuple[Any, list[Buffer]]:
-        header, bufs = super().recv(timeout_s)
-        wait = self._waits.pop(id(bufs), None)
-        if wait is not None:  # staged CUDA tensors: the caller's stream waits for the copy, which may be in flight
-            import torch
-
-            done, tensors = wait
-            stream = torch.cuda.current_stream(tensors[0].device)
-            stream.wait_event(done.event)
-            for t in tensors:
-                t.record_stream(stream)  # the copy stream's block is not reused while this stream reads it
-        return header, bufs
 
     def close(self) -> None:
         if self._closed:
             return
         _local_addresses.discard(self.address)
         super().close()
-        if self._releaser is not None:
-            self._releaser.close()
         self._reader.close()
         for peer in list(self._pools):
             self._peer_dropped(peer)
@@ -409,21 +354,31 @@ def _staging_max_bytes() -> int:
 
 
 class _Staging:
-    """A staging ring for one peer on one device: a buffer of ``capacity`` bytes exported once, its span
-    bookkeeping (``SpanRing``) and the copy stream. A larger message gets a new ring (a new export)."""
+    """A device's persistent staging buffer (grown by doubling; a new buffer is a new export) and its copy
+    stream; ``lock`` is held from the copy in to the receiver's acknowledgement."""
 
-    def __init__(self, device: Any, capacity: int) -> None:
+    def __init__(self, device: Any) -> None:
         import torch
 
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
-        self.ring = SpanRing(capacity)
-        self.buf = torch.empty(capacity, dtype=torch.uint8, device=device)
+        self.lock = threading.Lock()
+        self.buf: Any = None
+        self.export: dict[str, Any] = {}
+
+    def reserve(self, nbytes: int) -> None:
+        import torch
+
+        if self.buf is not None and self.buf.numel() >= nbytes:
+            return
+        size = max(nbytes, 2 * (0 if self.buf is None else self.buf.numel()), 16 * 2**20)
+        self.buf = None
+        self.buf = torch.empty(size, dtype=torch.uint8, device=self.device)
         self.export = _export_cuda(self.buf)
         self.export["staging"] = uuid.uuid4().hex  # names this buffer for the receiver's cache
 
-
-_FULL = object()  # ``_stage``: the ring has no room until the receiver releases a span
+    def release(self) -> None:
+        self.lock.release()
 
 
 class _ImportCache:
@@ -434,14 +389,13 @@ class _ImportCache:
         self.opened: dict[str, Any] = {}
         self._streams: dict[int, Any] = {}
 
-    def take(self, handles: list[dict[str, Any]]) -> tuple[list[Any], Any]:
-        """Copies of the spans ``handles`` name: one device copy of the range they cover (enqueued on the copy
-        stream, not waited for), views into it; and a blocking event recorded behind the copy."""
+    def take(self, handles: list[dict[str, Any]]) -> list[Any]:
+        """Copies of the spans ``handles`` name: one device copy of the range they cover, views into it."""
         import torch
 
         key = handles[0]["staging"]
         if any(c["staging"] != key for c in handles):  # one staging buffer per message by construction
-            raise MessageDecodeError("a message's staged tensors span more than one staging buffer")
+            return [self.take([c])[0] for c in handles]
         src = self.opened.pop(key, None)
         if src is None:
             c = dict(handles[0], shape=[handles[0]["storage_size"] - handles[0]["tensor_offset"]], stride=[1],
@@ -456,32 +410,12 @@ class _ImportCache:
         stream = self._streams.get(dev)
         if stream is None:
             stream = self._streams[dev] = torch.cuda.Stream(device=src.device)
-        if lo < 0 or hi > src.numel():
-            raise MessageDecodeError(f"spans [{lo}, {hi}) outside the {src.numel()}-byte staging buffer")
         with torch.cuda.device(dev), torch.cuda.stream(stream):
             whole = src.narrow(0, lo, hi - lo).clone()
-            done = _CopyDone(torch.cuda.Event(blocking=True), src)
-            done.event.record(stream)
-        try:
-            out = []
-            for c in handles:
-                off, n = c["span"]
-                dtype = getattr(torch, c["dtype"])
-                out.append(whole.narrow(0, off - lo, n).view(dtype).view(c["shape"]))
-        except BaseException:
-            done.synchronize()  # refused: the sender frees the span at once, so the copy must be over
-            raise
-        return out, done
-
-
-class _CopyDone:
-    """A receiver's copy out of a staging span: its event, and the opened buffer kept open until it completed
-    (an evicted buffer closes its IPC mapping when dropped)."""
-
-    def __init__(self, event: Any, src: Any) -> None:
-        self.event = event
-        self.src: Any = src
-
-    def synchronize(self) -> None:
-        self.event.synchronize()
-        self.src = None
+        stream.synchronize()
+        out = []
+        for c in handles:
+            off, n = c["span"]
+            dtype = getattr(torch, c["dtype"])
+            out.append(whole.narrow(0, off - lo, n).view(dtype).view(c["shape"]))
+        return out

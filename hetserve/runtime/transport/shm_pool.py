@@ -124,10 +124,6 @@ class PoolReader:
 
     def _on_release(self, ident: bytes, msg_id: int) -> None:
         self.freed.append((ident, msg_id))
-        self.wake()
-
-    def wake(self) -> None:
-        """Wake the transport's thread (any thread may call it)."""
         with self._lock:
             if not self._closed:
                 with contextlib.suppress(OSError):  # a full pipe already wakes the thread

@@ -134,9 +134,8 @@ class ZmqTransport(Transport):
         return len(self._peers)
 
     # ---- where buffers travel (overridden by same-host transports) ----------------------------
-    def _pack(self, peer: str, msg_id: int, buffers: Sequence[Buffer]) -> tuple[Envelope, list[Any], Any] | None:
-        """-> (envelope, payload frames, state for ``_release``); None: no room yet in memory the peer still
-        reads from (``send`` waits for the peer's replies, then calls again)."""
+    def _pack(self, peer: str, msg_id: int, buffers: Sequence[Buffer]) -> tuple[Envelope, list[Any], Any]:
+        """-> (envelope, payload frames, state for ``_release``)."""
         env = Envelope(msg_id=msg_id, sender=self._address, num_buffers=len(buffers))
         return env, [as_bytes_view(b) for b in buffers], None
 
@@ -155,9 +154,6 @@ class ZmqTransport(Transport):
 
     def _on_free(self, peer: str, msg_ids: list[int]) -> None:
         """The receiver no longer reads what messages ``msg_ids`` left in memory the sender owns."""
-
-    def _on_span_free(self, peer: str, msg_ids: list[int]) -> None:
-        """The receiver's copies out of device staging spans of messages ``msg_ids`` are complete."""
 
     def _peer_dropped(self, peer: str) -> None:
         """``peer``'s socket was dropped (failure, close): free what is kept for it."""
@@ -188,11 +184,7 @@ class ZmqTransport(Transport):
                 self._wait_ready(conn, deadline_s)
                 self._wait_acks(conn, self.window - 1, deadline_s)  # room in the window; earlier failures
                 msg_id = next(self._msg_ids)
-                packed = self._pack(peer, msg_id, buffers)
-                while packed is None:  # no room in memory the peer still reads from: wait for its releases
-                    self._wait_reply(conn, deadline_s)
-                    packed = self._pack(peer, msg_id, buffers)
-                env, frames, state = packed
+                env, frames, state = self._pack(peer, msg_id, buffers)
                 conn.outstanding[msg_id] = (deadline_s, state)  # released on its acknowledgement or the drop
                 self._send_frames(conn, [encode(env), head, *frames], deadline_s)
                 early = self.window > 1 and self._may_return_early(state)
@@ -299,23 +291,6 @@ class ZmqTransport(Transport):
                     self._lost.add(conn.address)
                     raise PeerUnavailable(f"connection to {conn.address} lost during the transfer")
 
-    def _wait_reply(self, conn: _Peer, deadline_s: float) -> None:
-        """Wait (up to a poll interval) for any reply of the peer and take it; raise at the deadline or on a lost
-        connection."""
-        left = remaining_s(deadline_s)
-        if left <= 0:
-            raise TransferTimeout(f"{conn.address} did not release room for the message before the deadline")
-        poller = zmq.Poller()
-        poller.register(conn.sock, zmq.POLLIN)
-        poller.register(conn.monitor, zmq.POLLIN)
-        events = dict(poller.poll(max(1, min(_POLL_MS, int(left * 1000) + 1))))
-        self._take_replies(conn)
-        if conn.monitor in events:
-            conn.pump()
-            if conn.lost or not conn.ready:
-                self._lost.add(conn.address)
-                raise PeerUnavailable(f"connection to {conn.address} lost while waiting for room")
-
     def _take_replies(self, conn: _Peer) -> None:
         while conn.sock.poll(0):
             reply = decode(conn.sock.recv())
@@ -325,14 +300,11 @@ class ZmqTransport(Transport):
                     continue
                 if entry[1] is not None:
                     self._release(entry[1])
-                if not reply.ok:  # refused: it holds nothing of ours, and copies nothing out of it
-                    self._on_free(conn.address, [reply.msg_id])
-                    self._on_span_free(conn.address, [reply.msg_id])
+                if not reply.ok:
+                    self._on_free(conn.address, [reply.msg_id])  # refused: it holds nothing of ours
                     raise TransportError(f"{conn.address} refused the message: {reply.error}")
             elif isinstance(reply, dict) and isinstance(reply.get("free"), list):
                 self._on_free(conn.address, [int(m) for m in reply["free"]])
-            elif isinstance(reply, dict) and isinstance(reply.get("span_free"), list):
-                self._on_span_free(conn.address, [int(m) for m in reply["span_free"]])
 
     # ---- receiving ----------------------------------------------------------------------------
     def _serve(self) -> None:
