@@ -72,8 +72,11 @@ def role_weights(model: Any) -> dict[str, list[tuple[torch.Tensor, torch.Tensor 
 
 
 def _graph_ms(fn: Callable[[], None], reps: int = 5) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
+    # capture on the caller's stream when it is not the legacy default one (which cannot capture): a stream of
+    # a green-context partition keeps the timed kernels on the partition's SMs, a fresh side stream would not
+    current = torch.cuda.current_stream()
+    stream = current if current != torch.cuda.default_stream() else torch.cuda.Stream()
+    stream.wait_stream(current)
     with torch.cuda.stream(stream):
         fn()  # compile / pick algorithms outside the capture
         graph = torch.cuda.CUDAGraph()
@@ -88,7 +91,7 @@ def _graph_ms(fn: Callable[[], None], reps: int = 5) -> float:
             b.record(stream)
             b.synchronize()
             times.append(a.elapsed_time(b))
-    torch.cuda.current_stream().wait_stream(stream)
+    current.wait_stream(stream)
     del graph
     return statistics.median(times)
 
