@@ -203,10 +203,12 @@ def test_decode_num_splits_fills_the_gpu() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
-@pytest.mark.parametrize("decode", [False, True])
-def test_bf16_llama8b_shape_on_gpu(decode: bool) -> None:
-    """Llama-3-8B attention shape (32 heads, 8 KV heads, head_dim 128, block 16) in bf16, compiled."""
-    chunks = [(500, 1)] * 6 if decode else [(0, 300), (200, 77), (0, 129)]
+@pytest.mark.parametrize(("decode", "num_seqs"), [(False, 0), (True, 6), (True, 64)],
+                         ids=["prefill", "decode-split", "decode-unsplit"])
+def test_bf16_llama8b_shape_on_gpu(decode: bool, num_seqs: int) -> None:
+    """Llama-3-8B attention shape (32 heads, 8 KV heads, head_dim 128, block 16) in bf16, compiled; decode both
+    split-KV (6 sequences) and unsplit (64: its own 32-key tiles, ``_launch_config(split_kv=False)``)."""
+    chunks = [(500, 1)] * num_seqs if decode else [(0, 300), (200, 77), (0, 129)]
     case = make_case(chunks, 32, 8, 128, 16, seed=1, device="cuda", dtype=torch.bfloat16)
     ref_out, _ = reference(case, 128**-0.5, None)
     cache = case.kv_cache.clone()
@@ -216,8 +218,9 @@ def test_bf16_llama8b_shape_on_gpu(decode: bool) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
-def test_compiles_for_hopper_without_spills(decode: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("decode", "split_kv"), [(False, False), (True, True), (True, False)],
+                         ids=["prefill", "decode", "decode-unsplit"])
+def test_compiles_for_hopper_without_spills(decode: bool, split_kv: bool, tmp_path: Path) -> None:
     """Compile the bf16 attention kernel for sm_90 on this machine (Triton frontend + the bundled ptxas; no GPU
     needed) with the Llama-8B launch shape: prefill tiles must use wgmma, loads must be pipelined with
     cp.async, and nothing may spill to local memory."""
@@ -229,9 +232,9 @@ def test_compiles_for_hopper_without_spills(decode: bool, tmp_path: Path) -> Non
 
     from hetserve.kernels import attention as attn
 
-    cfg = attn._launch_config(4, 128, decode, torch.bfloat16)
+    cfg = attn._launch_config(4, 128, decode, torch.bfloat16, split_kv=split_kv)
     consts = {"GROUP": 4, "GROUP_P2": 4, "HEAD_DIM": 128, "HEAD_DIM_P2": 128, "BLOCK_Q": cfg["BLOCK_Q"],
-              "BLOCK_N": cfg["BLOCK_N"], "PAGE": 16, "SPLIT_KV": decode, "USE_WINDOW": False, "IEEE": False}
+              "BLOCK_N": cfg["BLOCK_N"], "PAGE": 16, "SPLIT_KV": split_kv, "USE_WINDOW": False, "IEEE": False}
     pointer_types = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "out_ptr": "*bf16", "part_out_ptr": "*fp32",
                      "part_lse_ptr": "*fp32", "qsl_ptr": "*i32", "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32"}
     names = list(inspect.signature(attn._paged_attention.fn).parameters)
