@@ -37,6 +37,9 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--smoke-cpu", action="store_true")
+    ap.add_argument("--steps", action="store_true",
+                    help="also record every real step (its batch shape, launch and result times) for "
+                         "benchmarks/fidelity_steps.py")
     ap.add_argument("--resim", metavar="RESULT.json", default=None,
                     help="no GPU: re-simulate a measured result's requests with today's profile (same seeds)")
     args = ap.parse_args()
@@ -102,6 +105,7 @@ def main() -> int:
     replay(engine, workload(trace, 16, 50.0, 256, 16, seed=7, scale=scale), vocab_range=(10, vocab_hi))  # warm-up
     for rate in [float(r) for r in args.rates.split(",")]:
         wl = workload(trace, args.num_requests, rate, max_in, max_out, seed=int(rate * 10) + 1, scale=scale)
+        steps = _record_steps(engine) if args.steps else None
         records, dur = replay(engine, wl, vocab_range=(10, vocab_hi))
         real = compute_metrics(records, dur)
         plan = InstancePlan(name="dev", device_ids=("dev",), role="mixed", stage_costs=(cm,), num_kv_blocks=blocks,
@@ -110,6 +114,8 @@ def main() -> int:
         err = {k: (sim[k] - real[k]) / real[k] if real.get(k) else None for k in KEYS}
         rows.append({"rate": rate, "num_requests": len(wl), "real": {k: real[k] for k in KEYS},
                      "simulated": {k: sim[k] for k in KEYS}, "relative_error": err})
+        if steps is not None:
+            rows[-1]["steps"] = steps.finish()
         print(f"rate {rate:5.1f}: " + "  ".join(f"{k} {real[k]:.1f}/{sim[k]:.1f} ({100 * (err[k] or 0):+.0f}%)"
                                                 for k in KEYS), flush=True)
     out = {"benchmark": "simulator fidelity, online replay on one device (issue 6)",
@@ -128,6 +134,54 @@ def main() -> int:
     dest.write_text(json.dumps(out, indent=1, default=str))
     print(f"wrote {dest}")
     return 0
+
+
+class _StepLog:
+    """Per step the runner launched: its batch shape (``BatchShape`` fields), when the launch started and ended,
+    and when its result was ready (after the host waited for it)."""
+
+    FIELDS = ("launch_start_s", "launch_end_s", "ready_s", "num_decode_seqs", "decode_context_tokens",
+              "prefill_chunks", "num_sampled", "num_new_seqs", "new_seq_tokens")
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.inner = runner.execute_async
+        self.rows: list[list[Any]] = []
+
+    def execute_async(self, so: Any) -> Any:
+        from hetserve.planner.batch_shape import BatchShape
+
+        t0 = time.perf_counter()
+        res = self.inner(so)
+        t1 = time.perf_counter()
+        shape = BatchShape.from_scheduler_output(so)
+        row = [t0, t1, None, shape.num_decode_seqs, shape.decode_context_tokens, [list(c) for c in shape.prefill_chunks],
+               shape.num_sampled, shape.num_new_seqs, shape.new_seq_tokens]
+        self.rows.append(row)
+
+        class Ready:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(res, name)
+
+            def result(self) -> Any:
+                out = res.result()
+                if row[2] is None:
+                    row[2] = time.perf_counter()
+                return out
+
+        return Ready()
+
+    def finish(self) -> dict[str, Any]:
+        self.runner.execute_async = self.inner
+        rows = [r for r in self.rows if r[2] is not None]
+        return {"fields": list(self.FIELDS), "rows": rows}
+
+
+def _record_steps(engine: Any) -> _StepLog:
+    runner = engine.executor if hasattr(engine, "executor") else engine.core.executor
+    log = _StepLog(runner)
+    runner.execute_async = log.execute_async
+    return log
 
 
 def resim(path: Path, args: argparse.Namespace) -> int:
