@@ -50,11 +50,11 @@ def analyse(steps: dict[str, Any], cm: CostModel, piecewise_max: int) -> dict[st
     f = {name: i for i, name in enumerate(steps["fields"])}
     rows = sorted(steps["rows"], key=lambda r: r[f["ready_s"]])
     by: dict[str, dict[str, list[float]]] = {}
+    shapes = [BatchShape(tuple(tuple(c) for c in r[f["prefill_chunks"]]), r[f["num_decode_seqs"]],
+                         r[f["decode_context_tokens"]], r[f["num_sampled"]], r[f["num_new_seqs"]],
+                         r[f["new_seq_tokens"]]) for r in rows]
     prev_ready = None
-    for r in rows:
-        shape = BatchShape(tuple(tuple(c) for c in r[f["prefill_chunks"]]), r[f["num_decode_seqs"]],
-                           r[f["decode_context_tokens"]], r[f["num_sampled"]], r[f["num_new_seqs"]],
-                           r[f["new_seq_tokens"]])
+    for i, (r, shape) in enumerate(zip(rows, shapes, strict=True)):
         ready, start = r[f["ready_s"]], r[f["launch_start_s"]]
         if prev_ready is None:
             prev_ready = ready
@@ -62,7 +62,11 @@ def analyse(steps: dict[str, Any], cm: CostModel, piecewise_max: int) -> dict[st
         after_gap = start - prev_ready > IDLE_GAP_S
         real = ready - (start if after_gap else prev_ready)
         pred = cm.step_time_s(shape, serial=after_gap)
-        key = classify(shape, piecewise_max) + (" after gap" if after_gap else "")
+        key = classify(shape, piecewise_max)
+        if key == "decode" and i + 1 < len(shapes) and shapes[i + 1].prefill_chunks:
+            # its result is read after the next step's launch: a long launch lands in this step's cadence
+            key += f" (before {classify(shapes[i + 1], piecewise_max)})"
+        key += " after gap" if after_gap else ""
         d = by.setdefault(key, {"real": [], "pred": []})
         d["real"].append(real)
         d["pred"].append(pred)
@@ -80,17 +84,80 @@ def analyse(steps: dict[str, Any], cm: CostModel, piecewise_max: int) -> dict[st
     return out
 
 
+def real_summary(steps: dict[str, Any], piecewise_max: int) -> dict[str, Any]:
+    """The real step sequence in a few numbers per class: steps, mean decode batch, mean tokens."""
+    f = {name: i for i, name in enumerate(steps["fields"])}
+    shapes = [BatchShape(tuple(tuple(c) for c in r[f["prefill_chunks"]]), r[f["num_decode_seqs"]],
+                         r[f["decode_context_tokens"]]) for r in steps["rows"]]
+    return _summary(shapes, None, piecewise_max)
+
+
+def _summary(shapes: list[BatchShape], times: list[float] | None, piecewise_max: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for i, sh in enumerate(shapes):
+        d = out.setdefault(classify(sh, piecewise_max), {"steps": 0, "decodes": 0, "tokens": 0, "time_s": 0.0})
+        d["steps"] += 1
+        d["decodes"] += sh.num_decode_seqs
+        d["tokens"] += sh.num_tokens
+        if times is not None:
+            d["time_s"] += times[i]
+    for d in out.values():
+        d["mean_decode_batch"] = d["decodes"] / d["steps"]
+        d["mean_tokens"] = d["tokens"] / d["steps"]
+    return out
+
+
+def sim_summary(res: dict[str, Any], row: dict[str, Any], cm: CostModel, piecewise_max: int,
+                max_input: int, max_output: int) -> dict[str, Any]:
+    """The simulator's own step sequence for the same requests (as ``gpu_online_fidelity.py --resim`` builds
+    them), summarised like the real one, with the simulator's step times."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_cluster import workload
+
+    from hetserve.sim.simulator import Simulator
+    from hetserve.strategies.base import InstancePlan
+    from hetserve.strategies.dp import DPDeployment
+
+    c = res["config"]
+    trace = next((p for p in (ROOT / ".data/azure_llm_2023_conv.csv",
+                              ROOT.parent / "shared/data/azure_llm_2023_conv.csv") if p.exists()), None)
+    rate = row["rate"]
+    wl = workload(trace, row["num_requests"], rate, max_input, max_output, seed=int(rate * 10) + 1)
+    plan = InstancePlan(name="dev", device_ids=("dev",), role="mixed", stage_costs=(cm,),
+                        num_kv_blocks=c["num_kv_blocks"], block_size=16, max_num_seqs=c["max_num_seqs"],
+                        max_num_batched_tokens=c["max_num_batched_tokens"], max_model_len=c["max_model_len"])
+    dep = DPDeployment([plan], lambda a, b: None)  # type: ignore[arg-type,return-value]
+    shapes: list[BatchShape] = []
+    times: list[float] = []
+    inner = dep.stage_times_s
+
+    def recording(name: str, so: Any, serial: bool = False) -> list[float]:
+        t = inner(name, so, serial)
+        shapes.append(BatchShape.from_scheduler_output(so))
+        times.append(t[0])
+        return t
+
+    dep.stage_times_s = recording  # type: ignore[method-assign]
+    Simulator(dep).run(wl)
+    return _summary(shapes, times, piecewise_max)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("result")
     ap.add_argument("--profile", default=str(ROOT / "profiles/h100-sxm-llama-3.1-8b.json"))
     ap.add_argument("--device", default="H100-SXM")
     ap.add_argument("--piecewise-max", type=int, default=1024)
+    ap.add_argument("--sim", action="store_true", help="also run the simulator on the same requests and compare "
+                                                      "its step sequence (steps, batch sizes) with the real one")
+    ap.add_argument("--max-input", type=int, default=2048)
+    ap.add_argument("--max-output", type=int, default=384)
     args = ap.parse_args()
     res = json.loads(Path(args.result).read_text())
     mc = ModelConfig.from_path(ROOT / "examples/models/llama-3.1-8b")
     cm = CostModel(mc, get_device(args.device), "bfloat16", profile=load_profile(args.profile))
     cm.async_scheduling = bool(res.get("config", {}).get("sim_async_overlap", True))
+    cm.schedules_ahead = bool(res.get("config", {}).get("async_scheduling", True))
     report: dict[str, Any] = {"source": args.result, "profile": args.profile, "rates": {}}
     for row in res["results"]:
         if "steps" not in row:
@@ -98,6 +165,16 @@ def main() -> int:
         table = analyse(row["steps"], cm, args.piecewise_max)
         report["rates"][str(row["rate"])] = table
         print(f"rate {row['rate']}:")
+        if args.sim:
+            real_seq = real_summary(row["steps"], args.piecewise_max)
+            sim_seq = sim_summary(res, row, cm, args.piecewise_max, args.max_input, args.max_output)
+            report["rates"][str(row["rate"])] = {"cadence": table, "real_sequence": real_seq, "sim_sequence": sim_seq}
+            for key in sorted(set(real_seq) | set(sim_seq)):
+                r, m = real_seq.get(key, {}), sim_seq.get(key, {})
+                print(f"  sequence {key:14s} steps real {r.get('steps', 0):5d} sim {m.get('steps', 0):5d}  "
+                      f"decode batch {r.get('mean_decode_batch', 0):5.1f} / {m.get('mean_decode_batch', 0):5.1f}  "
+                      f"tokens {r.get('mean_tokens', 0):6.1f} / {m.get('mean_tokens', 0):6.1f}  "
+                      f"sim time {m.get('time_s', 0):6.2f} s")
         tot = table["all steps"]
         print(f"  all {tot['steps']} steps: real {tot['real_s']:.2f} s, model {tot['pred_s']:.2f} s "
               f"({100 * tot['error']:+.1f}%)")
