@@ -13,6 +13,9 @@ series, as the simulator charges it) is set beside it, per class of step:
 
 Prints a table and writes ``RESULT-steps.json`` beside the input.
 
+With ``device_span_s`` (CUDA events around each launch), each step's span on the device, idle gaps inside it
+included, is set beside the model too (``device span <class>``).
+
 Caveat: an eager step's launch keeps the host busy for most of its device time, so the result of the step
 before it is read late: that step's cadence grows and the eager step's shrinks. Compare the classes on either
 side of eager steps together, or the totals.
@@ -62,6 +65,11 @@ def analyse(steps: dict[str, Any], cm: CostModel, piecewise_max: int) -> dict[st
         after_gap = start - prev_ready > IDLE_GAP_S
         real = ready - (start if after_gap else prev_ready)
         pred = cm.step_time_s(shape, serial=after_gap)
+        if "device_span_s" in f and r[f["device_span_s"]] is not None:
+            dkey = "device span " + classify(shape, piecewise_max)
+            dd = by.setdefault(dkey, {"real": [], "pred": []})
+            dd["real"].append(r[f["device_span_s"]])
+            dd["pred"].append(pred)
         key = classify(shape, piecewise_max)
         if key == "decode" and i + 1 < len(shapes) and shapes[i + 1].prefill_chunks:
             # its result is read after the next step's launch: a long launch lands in this step's cadence
@@ -71,9 +79,10 @@ def analyse(steps: dict[str, Any], cm: CostModel, piecewise_max: int) -> dict[st
         d["real"].append(real)
         d["pred"].append(pred)
         prev_ready = ready
-    total_real = sum(sum(d["real"]) for d in by.values()) or 1.0
-    total_pred = sum(sum(d["pred"]) for d in by.values())
-    out: dict[str, Any] = {"all steps": {"steps": sum(len(d["real"]) for d in by.values()), "real_s": total_real,
+    cadence = {k: d for k, d in by.items() if not k.startswith("device span")}
+    total_real = sum(sum(d["real"]) for d in cadence.values()) or 1.0
+    total_pred = sum(sum(d["pred"]) for d in cadence.values())
+    out: dict[str, Any] = {"all steps": {"steps": sum(len(d["real"]) for d in cadence.values()), "real_s": total_real,
                                          "pred_s": total_pred, "error": (total_pred - total_real) / total_real}}
     for key, d in sorted(by.items()):
         real, pred = sum(d["real"]), sum(d["pred"])

@@ -141,22 +141,38 @@ class _StepLog:
     and when its result was ready (after the host waited for it)."""
 
     FIELDS = ("launch_start_s", "launch_end_s", "ready_s", "num_decode_seqs", "decode_context_tokens",
-              "prefill_chunks", "num_sampled", "num_new_seqs", "new_seq_tokens")
+              "prefill_chunks", "num_sampled", "num_new_seqs", "new_seq_tokens", "device_span_s")
 
     def __init__(self, runner: Any) -> None:
+        import torch
+
         self.runner = runner
         self.inner = runner.execute_async
         self.rows: list[list[Any]] = []
+        # on CUDA, an event before and after each launch: the stream reaches the first once the step before is
+        # done, the second once this step is; their gap is the step's span on the device, idle gaps included
+        self.cuda = torch.cuda.is_available() and getattr(runner, "device", None) is not None \
+            and runner.device.type == "cuda"
+        self.events: list[tuple[Any, Any]] = []
 
     def execute_async(self, so: Any) -> Any:
         from hetserve.planner.batch_shape import BatchShape
 
         t0 = time.perf_counter()
+        if self.cuda:
+            import torch
+
+            e0 = torch.cuda.Event(enable_timing=True)
+            e0.record()
         res = self.inner(so)
+        if self.cuda:
+            e1 = torch.cuda.Event(enable_timing=True)
+            e1.record()
+            self.events.append((e0, e1))
         t1 = time.perf_counter()
         shape = BatchShape.from_scheduler_output(so)
         row = [t0, t1, None, shape.num_decode_seqs, shape.decode_context_tokens, [list(c) for c in shape.prefill_chunks],
-               shape.num_sampled, shape.num_new_seqs, shape.new_seq_tokens]
+               shape.num_sampled, shape.num_new_seqs, shape.new_seq_tokens, None]
         self.rows.append(row)
 
         class Ready:
@@ -173,6 +189,12 @@ class _StepLog:
 
     def finish(self) -> dict[str, Any]:
         self.runner.execute_async = self.inner
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            for row, (e0, e1) in zip(self.rows, self.events, strict=True):
+                row[9] = e0.elapsed_time(e1) / 1e3
         rows = [r for r in self.rows if r[2] is not None]
         return {"fields": list(self.FIELDS), "rows": rows}
 
