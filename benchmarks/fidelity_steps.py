@@ -128,8 +128,9 @@ def sim_summary(res: dict[str, Any], row: dict[str, Any], cm: CostModel, piecewi
     from hetserve.strategies.dp import DPDeployment
 
     c = res["config"]
-    trace = next((p for p in (ROOT / ".data/azure_llm_2023_conv.csv",
-                              ROOT.parent / "shared/data/azure_llm_2023_conv.csv") if p.exists()), None)
+    from gpu_online_fidelity import find_trace
+
+    trace = find_trace(c.get("trace", "conv"))
     rate = row["rate"]
     wl = workload(trace, row["num_requests"], rate, max_input, max_output, seed=int(rate * 10) + 1)
     plan = InstancePlan(name="dev", device_ids=("dev",), role="mixed", stage_costs=(cm,),

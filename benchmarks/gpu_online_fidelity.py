@@ -37,6 +37,9 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--smoke-cpu", action="store_true")
+    ap.add_argument("--profile", default=str(ROOT / "profiles/h100-sxm-llama-3.1-8b.json"),
+                    help="the device profile the simulator side uses")
+    ap.add_argument("--trace", default="conv", choices=["conv", "code"], help="Azure LLM 2023 trace for the lengths")
     ap.add_argument("--steps", action="store_true",
                     help="also record every real step (its batch shape, launch and result times) for "
                          "benchmarks/fidelity_steps.py")
@@ -58,8 +61,7 @@ def main() -> int:
     from hetserve.strategies.base import InstancePlan
     from hetserve.strategies.dp import DPDeployment
 
-    trace = next((p for p in (ROOT / ".data/azure_llm_2023_conv.csv",
-                              ROOT.parent / "shared/data/azure_llm_2023_conv.csv") if p.exists()), None)
+    trace = find_trace(args.trace)
     t_start = time.monotonic()
     if args.smoke_cpu:
         from hetserve.core.config import EngineConfig
@@ -92,7 +94,7 @@ def main() -> int:
         engine = make_engine(big, num_blocks=None, max_num_seqs=seqs, max_num_batched_tokens=mnbt,
                              max_model_len=max_len)
         blocks = engine.executor.num_kv_blocks if hasattr(engine, "executor") else engine.core.executor.num_kv_blocks
-        prof = load_profile(ROOT / "profiles/h100-sxm-llama-3.1-8b.json")
+        prof = load_profile(Path(args.profile))
         dev = get_device("H100-SXM")
         vocab_hi, scale, max_in, max_out = 120000, 1, args.max_input, args.max_output
         device_desc, dtype = torch.cuda.get_device_name(0), "bfloat16"
@@ -126,6 +128,7 @@ def main() -> int:
                        f"Poisson arrivals", "config": {"num_kv_blocks": blocks, "max_num_seqs": seqs,
                                                         "max_num_batched_tokens": mnbt, "max_model_len": max_len,
                                                         "async_scheduling": bool(engine.core.async_scheduling),
+                                                        "trace": args.trace,
                                                         "sim_async_overlap": cm.async_scheduling},
            "wall_s": time.monotonic() - t_start, "results": rows}
     name = "gpu-online-fidelity.json" if not args.smoke_cpu else "cpu-online-fidelity-smoke.json"
@@ -134,6 +137,12 @@ def main() -> int:
     dest.write_text(json.dumps(out, indent=1, default=str))
     print(f"wrote {dest}")
     return 0
+
+
+def find_trace(name: str) -> Path | None:
+    """The Azure LLM 2023 trace ``name`` (conv or code) from ``.data/`` or ``../shared/data/``; None: uniform."""
+    fname = f"azure_llm_2023_{name}.csv"
+    return next((p for p in (ROOT / ".data" / fname, ROOT.parent / "shared/data" / fname) if p.exists()), None)
 
 
 class _StepLog:
@@ -220,10 +229,9 @@ def resim(path: Path, args: argparse.Namespace) -> int:
 
     old = json.loads(path.read_text())
     c = old["config"]
-    trace = next((p for p in (ROOT / ".data/azure_llm_2023_conv.csv",
-                              ROOT.parent / "shared/data/azure_llm_2023_conv.csv") if p.exists()), None)
+    trace = find_trace(c.get("trace", "conv"))
     mc = ModelConfig.from_path(ROOT / "examples/models/llama-3.1-8b")
-    prof = load_profile(ROOT / "profiles/h100-sxm-llama-3.1-8b.json")
+    prof = load_profile(Path(args.profile))
     cm = CostModel(mc, get_device("H100-SXM"), "bfloat16", profile=prof)
     # files from before async scheduling (no such key) measured the engine's steps in series
     cm.async_scheduling = bool(c.get("async_scheduling", False))
