@@ -13,7 +13,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,40 +26,17 @@ import torch
 import torch.nn.functional as F
 from suite_common import git_commit
 
+from hetserve.engine.model.linears import graph_ms
 from hetserve.kernels.skinny_gemm import SkinnyConfig, skinny_linear
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "lm_head": (128256, 4096)}
-
-
-def _graph_ms(fn: Any, reps: int = 7) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def _copy_bps() -> float:
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = _graph_ms(lambda: dst.copy_(src))
+    ms = graph_ms(lambda: dst.copy_(src))
     return 2 * n / (ms * 1e-3)
 
 
@@ -94,7 +70,7 @@ def main() -> int:
                 for w in ws:
                     F.linear(x, w)
 
-            ms = _graph_ms(cublas)
+            ms = graph_ms(cublas)
             entry["cublas"] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bw_util": nbytes / (ms * 1e-3) / copy_bps}
             best: tuple[float, SkinnyConfig] | None = None
             cands = []
@@ -107,7 +83,7 @@ def main() -> int:
                         for w in ws:
                             skinny_linear(x, w, None, cfg)
 
-                    ms = _graph_ms(skinny)
+                    ms = graph_ms(skinny)
                 except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory) is skipped
                     cands.append({"config": cfg.__dict__, "error": f"{type(e).__name__}: {str(e)[:120]}"})
                     continue
@@ -130,7 +106,7 @@ def main() -> int:
     out = {"benchmark": "decode-batch linear layers, cuBLAS vs skinny Triton GEMM", "command": " ".join(sys.argv),
            "git_commit": git_commit(), "device": torch.cuda.get_device_name(), "emulation": None, "emulated": False,
            "copy_gb_s": copy_bps / 1e9, "config": {"rows": rows_list, "grid": [c.__dict__ for c in grid],
-                                                   "timing": "median of 7 CUDA-graph replays, one call per copy"},
+                                                   "timing": "median of 5 CUDA-graph replays (linears.graph_ms), one call per copy"},
            "results": results, "wall_s": time.perf_counter() - t0}
     dst = Path(os.environ.get("OUT", ROOT / "benchmarks/results")) / "gpu-linear.json"
     dst.write_text(json.dumps(out, indent=2))

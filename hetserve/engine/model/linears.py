@@ -71,7 +71,8 @@ def role_weights(model: Any) -> dict[str, list[tuple[torch.Tensor, torch.Tensor 
     return {r: ws for r, ws in out.items() if ws}
 
 
-def _graph_ms(fn: Callable[[], None], reps: int = 5) -> float:
+def graph_ms(fn: Callable[[], None], reps: int = 5) -> float:
+    """Median ms of ``fn`` captured once in a CUDA graph and replayed (no host launch time counted)."""
     # capture on the caller's stream when it is not the legacy default one (which cannot capture): a stream of
     # a green-context partition keeps the timed kernels on the partition's SMs, a fresh side stream would not
     current = torch.cuda.current_stream()
@@ -109,13 +110,13 @@ def tune_skinny(model: Any, device: torch.device, rows: tuple[int, ...] = (1, SK
             xs = [torch.randn(r, k, device=device, dtype=ws[0][0].dtype) for r in rows]
 
             def one_pass(x: torch.Tensor, cfg: SkinnyConfig | None, role: str = role, ws: list[Any] = ws) -> None:
-                lin = Linears({} if cfg is None else {role: cfg}, on_cpu=True)  # the calls the model makes
+                lin = Linears({} if cfg is None else {role: cfg})  # the calls the model makes
                 for w, b in ws:
                     lin(role, x, w, b)
 
             def run(cfg: SkinnyConfig | None, xs: list[torch.Tensor] = xs,
                     one_pass: Callable[..., None] = one_pass) -> float:
-                return sum(_graph_ms(functools.partial(one_pass, x, cfg)) for x in xs)
+                return sum(graph_ms(functools.partial(one_pass, x, cfg)) for x in xs)
 
             base = run(None)
             timed = {"cublas": base}
@@ -138,4 +139,4 @@ def tune_skinny(model: Any, device: torch.device, rows: tuple[int, ...] = (1, SK
     return report
 
 
-__all__ = ["CANDIDATES", "ROLES", "Linears", "role_weights", "tune_skinny"]
+__all__ = ["CANDIDATES", "ROLES", "Linears", "graph_ms", "role_weights", "tune_skinny"]
