@@ -121,22 +121,13 @@ def sim_summary(res: dict[str, Any], row: dict[str, Any], cm: CostModel, piecewi
     """The simulator's own step sequence for the same requests (as ``gpu_online_fidelity.py --resim`` builds
     them), summarised like the real one, with the simulator's step times."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gpu_cluster import workload
+    from gpu_online_fidelity import find_trace, rate_workload, sim_deployment
 
     from hetserve.sim.simulator import Simulator
-    from hetserve.strategies.base import InstancePlan
-    from hetserve.strategies.dp import DPDeployment
 
     c = res["config"]
-    from gpu_online_fidelity import find_trace
-
-    trace = find_trace(c.get("trace", "conv"))
-    rate = row["rate"]
-    wl = workload(trace, row["num_requests"], rate, max_input, max_output, seed=int(rate * 10) + 1)
-    plan = InstancePlan(name="dev", device_ids=("dev",), role="mixed", stage_costs=(cm,),
-                        num_kv_blocks=c["num_kv_blocks"], block_size=16, max_num_seqs=c["max_num_seqs"],
-                        max_num_batched_tokens=c["max_num_batched_tokens"], max_model_len=c["max_model_len"])
-    dep = DPDeployment([plan], lambda a, b: None)  # type: ignore[arg-type,return-value]
+    wl = rate_workload(find_trace(c.get("trace", "conv")), row["num_requests"], row["rate"], max_input, max_output)
+    dep = sim_deployment(cm, c)
     shapes: list[BatchShape] = []
     times: list[float] = []
     inner = dep.stage_times_s

@@ -58,8 +58,6 @@ def main() -> int:
     from hetserve.planner.costmodel import CostModel
     from hetserve.planner.profile import load_profile
     from hetserve.sim.simulator import Simulator
-    from hetserve.strategies.base import InstancePlan
-    from hetserve.strategies.dp import DPDeployment
 
     trace = find_trace(args.trace)
     t_start = time.monotonic()
@@ -106,13 +104,13 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     replay(engine, workload(trace, 16, 50.0, 256, 16, seed=7, scale=scale), vocab_range=(10, vocab_hi))  # warm-up
     for rate in [float(r) for r in args.rates.split(",")]:
-        wl = workload(trace, args.num_requests, rate, max_in, max_out, seed=int(rate * 10) + 1, scale=scale)
+        wl = rate_workload(trace, args.num_requests, rate, max_in, max_out, scale=scale)
         steps = _record_steps(engine) if args.steps else None
         records, dur = replay(engine, wl, vocab_range=(10, vocab_hi))
         real = compute_metrics(records, dur)
-        plan = InstancePlan(name="dev", device_ids=("dev",), role="mixed", stage_costs=(cm,), num_kv_blocks=blocks,
-                            block_size=16, max_num_seqs=seqs, max_num_batched_tokens=mnbt, max_model_len=max_len)
-        sim = Simulator(DPDeployment([plan], lambda a, b: None)).run(wl).metrics()  # type: ignore[arg-type,return-value]
+        limits = {"num_kv_blocks": blocks, "max_num_seqs": seqs, "max_num_batched_tokens": mnbt,
+                  "max_model_len": max_len}
+        sim = Simulator(sim_deployment(cm, limits)).run(wl).metrics()
         err = {k: (sim[k] - real[k]) / real[k] if real.get(k) else None for k in KEYS}
         rows.append({"rate": rate, "num_requests": len(wl), "real": {k: real[k] for k in KEYS},
                      "simulated": {k: sim[k] for k in KEYS}, "relative_error": err})
@@ -137,6 +135,26 @@ def main() -> int:
     dest.write_text(json.dumps(out, indent=1, default=str))
     print(f"wrote {dest}")
     return 0
+
+
+def rate_workload(trace: Path | None, num_requests: int, rate: float, max_input: int, max_output: int,
+                  scale: int = 1) -> Any:
+    """The requests of one rate, the same in the real run, ``--resim`` and ``fidelity_steps.py --sim``."""
+    from gpu_cluster import workload
+
+    return workload(trace, num_requests, rate, max_input, max_output, seed=int(rate * 10) + 1, scale=scale)
+
+
+def sim_deployment(cm: Any, config: dict[str, Any]) -> Any:
+    """One simulated instance with the real engine's limits (``config``: the result file's config keys)."""
+    from hetserve.strategies.base import InstancePlan
+    from hetserve.strategies.dp import DPDeployment
+
+    plan = InstancePlan(name="dev", device_ids=("dev",), role="mixed", stage_costs=(cm,),
+                        num_kv_blocks=config["num_kv_blocks"], block_size=16, max_num_seqs=config["max_num_seqs"],
+                        max_num_batched_tokens=config["max_num_batched_tokens"],
+                        max_model_len=config["max_model_len"])
+    return DPDeployment([plan], lambda a, b: None)  # type: ignore[arg-type,return-value]
 
 
 def find_trace(name: str) -> Path | None:
@@ -217,15 +235,13 @@ def _record_steps(engine: Any) -> _StepLog:
 
 def resim(path: Path, args: argparse.Namespace) -> int:
     """Re-run the simulator side of a measured GPU result (same lengths, arrivals and engine limits)."""
-    from gpu_cluster import git_commit, workload
+    from gpu_cluster import git_commit
 
     from hetserve.core.devices import get_device
     from hetserve.core.model_config import ModelConfig
     from hetserve.planner.costmodel import CostModel
     from hetserve.planner.profile import load_profile
     from hetserve.sim.simulator import Simulator
-    from hetserve.strategies.base import InstancePlan
-    from hetserve.strategies.dp import DPDeployment
 
     old = json.loads(path.read_text())
     c = old["config"]
@@ -239,11 +255,8 @@ def resim(path: Path, args: argparse.Namespace) -> int:
     rows = []
     for row in old["results"]:
         rate = row["rate"]
-        wl = workload(trace, row["num_requests"], rate, args.max_input, args.max_output, seed=int(rate * 10) + 1)
-        plan = InstancePlan(name="dev", device_ids=("dev",), role="mixed", stage_costs=(cm,),
-                            num_kv_blocks=c["num_kv_blocks"], block_size=16, max_num_seqs=c["max_num_seqs"],
-                            max_num_batched_tokens=c["max_num_batched_tokens"], max_model_len=c["max_model_len"])
-        sim = Simulator(DPDeployment([plan], lambda a, b: None)).run(wl).metrics()  # type: ignore[arg-type,return-value]
+        wl = rate_workload(trace, row["num_requests"], rate, args.max_input, args.max_output)
+        sim = Simulator(sim_deployment(cm, c)).run(wl).metrics()
         real = row["real"]
         err = {k: (sim[k] - real[k]) / real[k] if real.get(k) else None for k in KEYS}
         rows.append({"rate": rate, "num_requests": row["num_requests"], "real": real,
