@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
 from suite_common import build_big_model, git_commit, make_runner, runner_step_times
 
+from hetserve.kernels import attention
+
 # (label, [(new tokens, cached tokens) per request])
 SHAPES = {
     "mixed 8 decodes + 24-token chunk": [(1, 512)] * 8 + [(24, 0)],
@@ -44,6 +46,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="layers of the 8B shape (default: all 32)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--modes", default="0,1024", help="piecewise_graph_max_tokens values, side by side")
+    ap.add_argument("--ordinary-launch", action="store_true",
+                    help="also time each shape with attention plans launching through Triton's ordinary path "
+                         "(kernels.attention.PLAN_FAST_LAUNCH off), side by side")
     ap.add_argument("--profile", action="store_true",
                     help="also split each shape's device time by kernel kind (torch.profiler), last mode only")
     args = ap.parse_args()
@@ -59,13 +64,24 @@ def main() -> int:
         capture = runner.piecewise.capture_s if runner.piecewise is not None else 0.0
         rows = {}
         for label, seqs in SHAPES.items():
-            times = runner_step_times(runner, seqs, big.cfg.vocab_size, dev, warmup=3, repeat=args.repeat,
-                                      tag=f"m{mode}-")
-            med = statistics.median(times)
-            rows[label] = {"tokens": sum(n for n, _ in seqs), "median_s": med, "per_layer_s": med / layers,
-                           "times_s": times}
-            print(f"piecewise {mode:5d}  {label:45s} {med * 1e3:8.2f} ms  {med / layers * 1e3:6.3f} ms/layer",
-                  flush=True)
+            row: dict[str, Any] = {"tokens": sum(n for n, _ in seqs)}
+            for fast in ([True, False] if args.ordinary_launch else [True]):
+                attention.PLAN_FAST_LAUNCH = fast
+                launch: list[float] = []
+                times = runner_step_times(runner, seqs, big.cfg.vocab_size, dev, warmup=3, repeat=args.repeat,
+                                          tag=f"m{mode}-", launch_times=launch)
+                med = statistics.median(times)
+                sub = {"median_s": med, "per_layer_s": med / layers, "launch_median_s": statistics.median(launch),
+                       "times_s": times, "launch_s": launch}
+                if fast:
+                    row.update(sub)
+                else:
+                    row["ordinary_launch"] = sub
+                print(f"piecewise {mode:5d}  {label:45s} {'' if fast else 'ordinary '}{med * 1e3:8.2f} ms  "
+                      f"{med / layers * 1e3:6.3f} ms/layer  launch {sub['launch_median_s'] * 1e3:7.2f} ms",
+                      flush=True)
+            attention.PLAN_FAST_LAUNCH = True
+            rows[label] = row
         results[f"piecewise_max_tokens={mode}"] = {"capture_s": capture, "rows": rows}
         if args.profile and mode == int(args.modes.split(",")[-1]):
             for label, seqs in {**SHAPES, "decode 384 (ctx 512)": [(1, 512)] * 384}.items():

@@ -243,8 +243,10 @@ def run_offline(engine: Any, work: Workload, deadline_s: float, device: torch.de
 
 
 def runner_step_times(runner: Any, seqs: Sequence[tuple[int, int]], vocab: int, device: torch.device,
-                      warmup: int, repeat: int, tag: str, stream: Any = None) -> list[float]:
-    """Wall times of ``runner.execute`` for one synthetic step (per request: new tokens, cached tokens)."""
+                      warmup: int, repeat: int, tag: str, stream: Any = None,
+                      launch_times: list[float] | None = None) -> list[float]:
+    """Wall times of ``runner.execute`` for one synthetic step (per request: new tokens, cached tokens);
+    ``launch_times`` also gets the host seconds until ``execute_async`` returned (the launch alone)."""
     from hetserve.profiling import synthetic_step
 
     named = [(f"{tag}{i}", n, c) for i, (n, c) in enumerate(seqs)]
@@ -259,10 +261,14 @@ def runner_step_times(runner: Any, seqs: Sequence[tuple[int, int]], vocab: int, 
         sync(device)
         for i in range(warmup + repeat):
             t0 = time.perf_counter()
-            runner.execute(again if decode else first)
+            res = runner.execute_async(again if decode else first)
+            t1 = time.perf_counter()
+            res.result()
             sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
+                if launch_times is not None:
+                    launch_times.append(t1 - t0)
         runner.execute(SchedulerOutput([], 0, finished_req_ids={r for r, _, _ in named}))
     return times
 

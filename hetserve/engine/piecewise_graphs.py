@@ -175,12 +175,12 @@ class PiecewiseGraphRunner:
             assert self.hidden_in is not None and self.residual_in is not None
             self.hidden_in[:n].copy_(intermediate[0])
             self.residual_in[:n].copy_(intermediate[1])
-        q, attn = self.q[:n], self.attn[:n]
+        q = self.q[:n]
+        attn = self.attn[:n].view(n, self.num_heads, self.head_dim)  # the o_proj piece's input, written in place
         for i, layer in enumerate(self.layers):
             self._replay(i, t)
             a = layer.self_attn
-            out = self.backend.attend(q, self.kv_caches[i], meta, a.scale, a.sliding_window)
-            attn.copy_(out.view(n, -1))
+            self.backend.attend(q, self.kv_caches[i], meta, a.scale, a.sliding_window, out=attn)
         self._replay(len(self.layers), t)
         return self.outputs[t]
 

@@ -261,3 +261,53 @@ def test_compiles_for_hopper_without_spills(decode: bool, split_kv: bool, tmp_pa
         usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
                                text=True, check=False).stdout
         assert "STACK:0 " in usage and "LOCAL:0 " in usage, f"register spills: {usage.strip()[-200:]}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["decodes-then-prefill", "decode-long-window", "mixed-gqa4-window"])
+def test_one_plan_serves_every_layer_of_a_step(name: str, device: str) -> None:
+    """The backend binds a step's attention once (``PagedAttentionPlan``) and runs it for each layer's cache:
+    three layers with different caches each match the reference; on a GPU the later layers go through the
+    compiled kernels' launchers directly, and a plan with that path turned off gives identical bits."""
+    import hetserve.kernels.attention as attn_mod
+
+    chunks, heads, kv_heads, dim, block, window = SCENARIOS[name]
+    scale = dim**-0.5
+    # every layer the same step layout (metadata), different q, k, v and cache contents (NaN slots kept)
+    base = make_case(chunks, heads, kv_heads, dim, block, seed=7, device=device)
+    cases = [Case(base.q * (1 + 0.5 * layer), base.k - layer, base.v * (1 - 0.3 * layer),
+                  base.kv_cache * (1 + 0.2 * layer) + 0.1 * layer, base.meta) for layer in range(3)]
+    meta = base.meta
+    backend = TritonAttentionBackend(device)
+    n = meta.query_start_loc_cpu[-1]
+    outs = []
+    for case in cases:
+        ref_out, _ = reference(case, scale, window)
+        write_kv_cache(case.k, case.v, case.kv_cache, meta.slot_mapping, impl="triton")
+        out = torch.full_like(case.q, float("nan"))
+        got = backend.attend(case.q, case.kv_cache, meta, scale, window, out=out)
+        assert got is out
+        assert_rows_close(out, ref_out, n, torch.float32)
+        outs.append(out)
+    assert len(backend._plans) == 1, "one plan per step layout, not one per layer"
+    plan = next(iter(backend._plans.values()))
+    if device == "cuda":
+        assert plan._fast is not None, "the compiled launchers were not kept"
+        try:
+            attn_mod.PLAN_FAST_LAUNCH = False
+            slow = TritonAttentionBackend(device)
+            for case, fast_out in zip(cases, outs, strict=True):
+                out = slow.attend(case.q, case.kv_cache, meta, scale, window)
+                assert torch.equal(out[:n], fast_out[:n])
+        finally:
+            attn_mod.PLAN_FAST_LAUNCH = True
+    # a layer with another layout cannot reuse the step's plan: it gets its own
+    wide = cases[0].q.repeat(1, 2, 1)[:, : heads * 2]
+    backend.attend(wide.contiguous(), cases[0].kv_cache, meta, scale, window)
+    assert len(backend._plans) == 2
+    with pytest.raises(ValueError, match="plan for q"):
+        plan.run(wide.contiguous(), cases[0].kv_cache)
+    # a new step (new metadata) drops the old plans
+    backend.attend(cases[0].q, cases[0].kv_cache, make_case(chunks, heads, kv_heads, dim, block, 1, device).meta,
+                   scale, window)
+    assert len(backend._plans) == 1

@@ -11,11 +11,13 @@ kernel instead of two per layer); the model uses it when ``fuses_rotary`` is set
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from hetserve.engine.attention.base import AttentionBackend, AttentionMetadata
 from hetserve.kernels import Impl
-from hetserve.kernels.attention import decode_prefix_len, paged_attention, write_kv_cache
+from hetserve.kernels.attention import PagedAttentionPlan, decode_prefix_len, write_kv_cache
 from hetserve.kernels.rotary import rotary_and_store_kv
 
 
@@ -30,6 +32,10 @@ class TritonAttentionBackend(AttentionBackend):
         # the step whose decode prefix was last computed (one scan per step, not per layer)
         self._prefix_meta: AttentionMetadata | None = None
         self._prefix: tuple[int, int] | None = None
+        # the step's attention plans (one per q / cache layout, scale and window), bound on its first layer and
+        # run by every layer: the per-layer host work is then the launches alone (PagedAttentionPlan)
+        self._plans_meta: AttentionMetadata | None = None
+        self._plans: dict[tuple[Any, ...], PagedAttentionPlan] = {}
 
     def _decode_prefix(self, meta: AttentionMetadata) -> tuple[int, int] | None:
         """Leading one-token sequences of a mixed step (the scheduler puts running decodes first): they get
@@ -43,14 +49,27 @@ class TritonAttentionBackend(AttentionBackend):
 
     def attend(
         self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-        sliding_window: int | None,
+        sliding_window: int | None, out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of ``q`` (rotated) over what the cache holds: the step's K/V must be written already (by
-        :meth:`forward` / :meth:`forward_rotary`, or by a piecewise CUDA graph)."""
-        return paged_attention(
-            q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, sliding_window,
-            decode=meta.max_query_len == 1, impl=self._impl, decode_prefix=self._decode_prefix(meta),
-        )
+        :meth:`forward` / :meth:`forward_rotary`, or by a piecewise CUDA graph). Written into ``out`` (same
+        shape as q) when given."""
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if self._plans_meta is not meta:  # a new step (the runner builds new metadata for each)
+            self._plans_meta, self._plans = meta, {}
+        # a plan's split-KV scratch is allocated when it is built: one built outside a CUDA-graph capture must
+        # not be baked into a graph (its memory goes back to the allocator with the plan), nor the reverse
+        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+        key = (tuple(q.shape), q.stride(), q.dtype, tuple(kv_cache.shape), kv_cache.stride(), kv_cache.dtype,
+               scale, sliding_window, capturing)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = PagedAttentionPlan(
+                q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, sliding_window,
+                decode=meta.max_query_len == 1, impl=self._impl, decode_prefix=self._decode_prefix(meta),
+            )
+        return plan.run(q, kv_cache, out)
 
     def forward(
         self,
