@@ -473,6 +473,7 @@ class PagedAttentionPlan:
         # kernel's parameter order, the positions of the per-layer values in it)
         self._fast: list[tuple[Any, ...]] | None = None
         self._fast_key: tuple[Any, ...] | None = None
+        self.direct_runs = 0  # runs that called the compiled launchers directly
 
     def run(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
@@ -485,8 +486,8 @@ class PagedAttentionPlan:
         if not self.specs:
             return out
         key = (q.data_ptr() % 16, kv_cache.data_ptr() % 16, out.data_ptr() % 16, out.dtype, out.stride())
-        if self._fast is not None and key == self._fast_key and PLAN_FAST_LAUNCH \
-                and _knobs.runtime.launch_enter_hook is None:
+        if self._fast is not None and key == self._fast_key and PLAN_FAST_LAUNCH and not _launch_hooked():
+            self.direct_runs += 1
             stream = _driver.active.get_current_stream(q.device.index)
             values = (q, kv_cache, out, out.stride(0), out.stride(1))
             for launcher, function, packed, grid, full, slots in self._fast:
@@ -506,6 +507,15 @@ class PagedAttentionPlan:
 
 
 _PLACEHOLDERS = (_Q, _KV, _OUT, _OUT_STRIDE0, _OUT_STRIDE1)
+
+
+def _launch_hooked() -> bool:
+    """Whether a Triton launch hook is installed (a profiler's, say): then every launch goes through Triton's
+    ordinary path, which calls it. Triton 3.6 keeps an empty hook chain there, older ones None."""
+    for hook in (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
 
 
 def _layout(q: torch.Tensor, kv_cache: torch.Tensor) -> tuple[Any, ...]:
