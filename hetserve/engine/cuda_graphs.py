@@ -25,17 +25,12 @@ import time
 
 import torch
 
+from hetserve.core.graph_sizes import graph_batch_sizes
 from hetserve.engine.attention.base import AttentionBackend, AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-
-def graph_batch_sizes(max_batch: int) -> list[int]:
-    """1, 2, 4, 8, then every multiple of 8 up to ``max_batch`` (and ``max_batch`` itself)."""
-    sizes = [b for b in (1, 2, 4, 8) if b <= max_batch] + list(range(16, max_batch + 1, 8))
-    if not sizes or sizes[-1] != max_batch:
-        sizes.append(max_batch)
-    return sorted(set(sizes))
+__all__ = ["CudaGraphRunner", "graph_batch_sizes"]
 
 
 class CudaGraphRunner:

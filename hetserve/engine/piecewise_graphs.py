@@ -33,22 +33,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hetserve.core.graph_sizes import piecewise_token_sizes
 from hetserve.engine.attention.base import AttentionBackend, AttentionMetadata
 from hetserve.kernels.norm import fused_add_rms_norm
 from hetserve.kernels.rotary import rotary_and_store_kv
 
 logger = logging.getLogger(__name__)
 
-
-def piecewise_token_sizes(max_tokens: int) -> list[int]:
-    """16, 32, 48, 64, then steps of 32 to 512, of 64 to 1024, of 128 beyond, up to ``max_tokens``."""
-    sizes = [s for s in (16, 32, 48, 64) if s <= max_tokens]
-    sizes += list(range(96, min(max_tokens, 512) + 1, 32))
-    sizes += list(range(576, min(max_tokens, 1024) + 1, 64))
-    sizes += list(range(1152, max_tokens + 1, 128))
-    if max_tokens >= 1 and (not sizes or sizes[-1] != max_tokens):
-        sizes.append(max_tokens)
-    return sorted(set(sizes))
+__all__ = ["PiecewiseGraphRunner", "piecewise_token_sizes", "supports_piecewise"]
 
 
 def supports_piecewise(model: torch.nn.Module, backend: AttentionBackend) -> bool:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from hetserve.core.devices import DeviceSpec, LinkSpec, canonical_dtype, get_link
 from hetserve.core.errors import ValidationError
+from hetserve.core.graph_sizes import graph_batch_sizes, padded, piecewise_token_sizes
 from hetserve.core.model_config import ModelConfig, dtype_num_bytes
 from hetserve.planner.batch_shape import BatchShape
 from hetserve.planner.profile import DeviceProfile, model_shape_hash
@@ -169,6 +170,10 @@ class CostModel:
         # Llama-3.1-8B took 13 ms eager vs 7 ms graphed, 0.41 ms a layer). Plans set ``graph_max_batch`` to 0
         # where the runtime never captures graphs.
         graphed = profile is not None and (profile.meta.get("timing") or {}).get("dense_s_per_layer") == "graph"
+        # a runtime that replays graphs runs a graph step's dense layers at the captured size the step pads to
+        # (decode batches, piecewise token counts: core/graph_sizes.py), not at its own token count
+        self.graphed = graphed
+        self._pad_sizes: dict[tuple[str, int], list[int]] = {}
         self.eager_floor_s_per_layer = float(profile.meta.get("eager_floor_s_per_layer", EAGER_FLOOR_S_PER_LAYER)) \
             if graphed and profile is not None else 0.0
         whole = self.num_layers == num_layers_total and tp == 1
@@ -286,7 +291,7 @@ class CostModel:
         L = self.num_layers
         rows = batch.num_reqs if batch.num_sampled is None else batch.num_sampled
         out = {
-            "dense": L * self._dense_layer_s(T),
+            "dense": L * self._dense_layer_s(self._dense_tokens(batch)),
             "attention": L * self._attn_layer_s(batch, num_kv_heads),
             "allreduce": L * 2 * self.ring_time_s(T * self._allreduce_bytes_per_token),
         }
@@ -302,6 +307,24 @@ class CostModel:
     def _eager_layers_s(self, batch: BatchShape, layers_s: float) -> float:
         """The decoder layers' seconds as the runtime spends them: graphed, or floored by eager launches."""
         return max(layers_s, self._launch_floor_s(batch))
+
+    def _dense_tokens(self, batch: BatchShape) -> int:
+        """Rows the dense layers compute for ``batch``: its tokens, padded to the captured graph size where the
+        runtime replays one (a graph-timed profile only: a runtime without graphs pads nothing)."""
+        T = batch.num_tokens
+        if not self.graphed:
+            return T
+        if not batch.prefill_chunks and batch.num_reqs <= self.graph_max_batch:
+            kind, limit = "decode", self.graph_max_batch
+        elif T <= self.piecewise_max_tokens:
+            kind, limit = "piecewise", self.piecewise_max_tokens
+        else:
+            return T
+        sizes = self._pad_sizes.get((kind, limit))
+        if sizes is None:
+            sizes = graph_batch_sizes(limit) if kind == "decode" else piecewise_token_sizes(limit)
+            self._pad_sizes[(kind, limit)] = sizes
+        return padded(sizes, T)
 
     def _launch_floor_s(self, batch: BatchShape) -> float:
         """Host seconds launching the step's layers when it is not one graph replay (0 for a graph step): the
@@ -337,7 +360,7 @@ class CostModel:
         T = batch.num_tokens
         if T == 0:
             return 0.0
-        t = self._dense_layer_s(T) + self._attn_layer_s(batch, num_kv_heads)
+        t = self._dense_layer_s(self._dense_tokens(batch)) + self._attn_layer_s(batch, num_kv_heads)
         if self.tp > 1:
             t += 2 * self.ring_time_s(T * self._allreduce_bytes_per_token)
         layers = t * self.num_layers

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from hetserve.core.errors import ValidationError
+from hetserve.core.graph_sizes import piecewise_token_sizes
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}
@@ -66,8 +67,12 @@ class ProfileGrid:
                 (0, 2048),
                 (1, 8, 64),
             )
+        # dense: powers of two, and every piecewise-graph size up to 1024 (a piecewise step's dense layers run
+        # at one of those; between two powers of two GEMM time is a staircase of tiles, not the line that
+        # interpolation draws: at 257-511 tokens the line was up to 15% short on an H100)
+        dense = sorted({1, 2, 4, 8, *piecewise_token_sizes(1024), 1536, 2048, 3072, 4096, 6144, 8192, 16384})
         return cls(
-            (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
+            tuple(dense),
             (1, 4, 8, 16, 32, 64, 128, 256),
             (128, 512, 1024, 2048, 4096, 8192),
             (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192),

@@ -347,7 +347,10 @@ def test_graph_timed_profile_floors_the_steps_the_runtime_runs_eagerly() -> None
     plain = CostModel(TOY, DEV, profile=_toy_profile())  # eager-timed (a CPU profile): no floor
     L = TOY.num_hidden_layers
     decode = BatchShape((), 3, 30)
-    assert cm.step_time_s(decode) == pytest.approx(plain.step_time_s(decode), rel=1e-12)  # a graph step
+    # a graph step: no floor; its dense layers run at the batch of the decode graph it replays (3 -> 4)
+    pad = L * (plain._dense_layer_s(4) - plain._dense_layer_s(3))
+    assert pad > 0
+    assert cm.step_time_s(decode) == pytest.approx(plain.step_time_s(decode) + pad, rel=1e-12)
     assert cm.piecewise_max_tokens == PIECEWISE_MAX_TOKENS
     past = CostModel(TOY, DEV, profile=graphed)
     past.piecewise_max_tokens = MIXED.num_tokens - 1  # the same step, past the largest piecewise bucket
@@ -364,7 +367,8 @@ def test_graph_timed_profile_floors_the_steps_the_runtime_runs_eagerly() -> None
         assert layers < floor  # the toy's layers are tiny: the launch floor decides
         assert model.step_time_s(b) == pytest.approx(plain.step_time_s(b) - layers + floor, rel=1e-12)
         assert sum(model.breakdown(b).values()) == pytest.approx(model.step_time_s(b), rel=1e-12)
-        assert model.breakdown(b)["eager_launch"] == pytest.approx(floor - layers, rel=1e-12)
+        mb = model.breakdown(b)  # its layers at the padded size, still under the floor
+        assert mb["eager_launch"] == pytest.approx(floor - mb["dense"] - mb["attention"] - mb["allreduce"], rel=1e-12)
     # a pipeline stage never replays a whole-model graph, but its steps run piecewise
     stage = CostModel(TOY, DEV, profile=graphed, layers=(0, 1))
     assert stage.graph_max_batch == 0
@@ -375,7 +379,9 @@ def test_graph_timed_profile_floors_the_steps_the_runtime_runs_eagerly() -> None
     # a measured floor in the profile wins over the default; GPU time above the floor is not floored
     slow = CostModel(TOY, DEV, profile=_toy_profile(meta={"timing": {"dense_s_per_layer": "graph"},
                                                           "piecewise_floor_s_per_layer": 1e-9}))
-    assert slow.step_time_s(MIXED) == pytest.approx(plain.step_time_s(MIXED), rel=1e-12)
+    pad = TOY.num_hidden_layers * (plain._dense_layer_s(slow._dense_tokens(MIXED))
+                                   - plain._dense_layer_s(MIXED.num_tokens))  # its piecewise bucket
+    assert slow.step_time_s(MIXED) == pytest.approx(plain.step_time_s(MIXED) + pad, rel=1e-12)
 
 
 def test_async_scheduling_overlaps_host_and_device() -> None:
@@ -394,3 +400,19 @@ def test_async_scheduling_overlaps_host_and_device() -> None:
         assert asy.step_time_s(b) <= sync.step_time_s(b) + 1e-15
         assert sum(asy.breakdown(b).values()) == pytest.approx(asy.step_time_s(b), rel=1e-12)
         assert asy.breakdown(b)["async_overlap"] <= 0.0
+
+
+def test_graph_steps_pay_for_their_padded_size() -> None:
+    """A runtime that replays CUDA graphs runs a step's dense layers at the captured size it pads to: decode
+    batches 1, 2, 4, 8, then multiples of 8; piecewise token counts 16, 32, 48, 64, then multiples of 32 to
+    512 and of 64 to 1024. Eager steps (past 1024 tokens) and runtimes without graphs pad nothing."""
+    graphed = CostModel(TOY, DEV, profile=_toy_profile(meta={"timing": {"dense_s_per_layer": "graph"}}))
+    plain = CostModel(TOY, DEV, profile=_toy_profile())
+    by_hand = [(BatchShape((), 3, 30), 4), (BatchShape((), 17, 170), 24), (BatchShape((), 64, 640), 64),
+               (BatchShape(((300, 0),), 21, 210), 352), (BatchShape(((17, 0),), 0, 0), 32),
+               (BatchShape(((600, 0),), 1, 10), 640), (BatchShape(((1100, 0),), 0, 0), 1100)]
+    for batch, rows in by_hand:
+        assert graphed._dense_tokens(batch) == rows, batch
+        assert plain._dense_tokens(batch) == batch.num_tokens
+        assert graphed.breakdown(batch)["dense"] == pytest.approx(TOY.num_hidden_layers
+                                                                  * plain._dense_layer_s(rows), rel=1e-12)
