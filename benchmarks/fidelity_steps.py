@@ -55,7 +55,8 @@ def analyse(steps: dict[str, Any], cm: CostModel, piecewise_max: int) -> dict[st
     by: dict[str, dict[str, list[float]]] = {}
     shapes = [BatchShape(tuple(tuple(c) for c in r[f["prefill_chunks"]]), r[f["num_decode_seqs"]],
                          r[f["decode_context_tokens"]], r[f["num_sampled"]], r[f["num_new_seqs"]],
-                         r[f["new_seq_tokens"]]) for r in rows]
+                         r[f["new_seq_tokens"]],
+                         r[f["decode_max_context"]] if "decode_max_context" in f else 0) for r in rows]
     prev_ready = None
     for i, (r, shape) in enumerate(zip(rows, shapes, strict=True)):
         ready, start = r[f["ready_s"]], r[f["launch_start_s"]]

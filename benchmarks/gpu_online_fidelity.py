@@ -168,7 +168,8 @@ class _StepLog:
     and when its result was ready (after the host waited for it)."""
 
     FIELDS = ("launch_start_s", "launch_end_s", "ready_s", "num_decode_seqs", "decode_context_tokens",
-              "prefill_chunks", "num_sampled", "num_new_seqs", "new_seq_tokens", "device_span_s")
+              "prefill_chunks", "num_sampled", "num_new_seqs", "new_seq_tokens", "device_span_s",
+              "decode_max_context")
 
     def __init__(self, runner: Any) -> None:
         import torch
@@ -199,7 +200,7 @@ class _StepLog:
         t1 = time.perf_counter()
         shape = BatchShape.from_scheduler_output(so)
         row = [t0, t1, None, shape.num_decode_seqs, shape.decode_context_tokens, [list(c) for c in shape.prefill_chunks],
-               shape.num_sampled, shape.num_new_seqs, shape.new_seq_tokens, None]
+               shape.num_sampled, shape.num_new_seqs, shape.new_seq_tokens, None, shape.decode_max_context]
         self.rows.append(row)
 
         class Ready:

@@ -18,7 +18,9 @@ class BatchShape:
     ``num_decode_seqs``: requests with exactly one new token; ``decode_context_tokens``: the sum of their
     cached tokens before this step. ``num_sampled``: rows through the LM head (None: one per request).
     ``num_new_seqs``: requests the executor has not seen before (first step, or resumed after preemption);
-    ``new_seq_tokens``: their tokens this step. Both only add host overhead.
+    ``new_seq_tokens``: their tokens this step. Both only add host overhead. ``decode_max_context``: the
+    largest of the decode requests' cached tokens (0: unknown, taken as the mean): a batch of uneven contexts
+    takes longer in attention than one of the same keys spread evenly (the long ones finish last).
     """
 
     prefill_chunks: tuple[tuple[int, int], ...] = ()
@@ -27,6 +29,7 @@ class BatchShape:
     num_sampled: int | None = None
     num_new_seqs: int = 0
     new_seq_tokens: int = 0
+    decode_max_context: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -42,13 +45,15 @@ class BatchShape:
         chunks: list[tuple[int, int]] = []
         num_decode = 0
         decode_ctx = 0
+        decode_max = 0
         for n, c in zip(num_scheduled_tokens, num_computed_before, strict=True):
             if n == 1:
                 num_decode += 1
                 decode_ctx += c
+                decode_max = max(decode_max, c)
             elif n > 1:
                 chunks.append((n, c))
-        return cls(tuple(chunks), num_decode, decode_ctx)
+        return cls(tuple(chunks), num_decode, decode_ctx, decode_max_context=decode_max)
 
     @classmethod
     def from_scheduler_output(cls, out: SchedulerOutput) -> BatchShape:
@@ -59,15 +64,17 @@ class BatchShape:
         num_sampled = 0
         num_new = 0
         new_tokens = 0
+        decode_max = 0
         for sr in out.scheduled:
             n = sr.num_tokens
             if n == 1:
                 num_decode += 1
                 decode_ctx += sr.num_computed_tokens
+                decode_max = max(decode_max, sr.num_computed_tokens)
             elif n > 1:
                 chunks.append((n, sr.num_computed_tokens))
             num_sampled += sr.sample
             if sr.new is not None:
                 num_new += 1
                 new_tokens += n
-        return cls(tuple(chunks), num_decode, decode_ctx, num_sampled, num_new, new_tokens)
+        return cls(tuple(chunks), num_decode, decode_ctx, num_sampled, num_new, new_tokens, decode_max)

@@ -235,7 +235,15 @@ class CostModel:
         n = batch.num_decode_seqs
         if n:
             if p is not None and p.decode_attn is not None:
-                total += p.decode_attn(n, batch.decode_context_tokens / n) * frac * self._profile_scale
+                mean = batch.decode_context_tokens / n
+                t = p.decode_attn(n, mean) * frac * self._profile_scale
+                cmax = batch.decode_max_context
+                if p.decode_attn_skew is not None and cmax > mean > 0:
+                    # uneven contexts: the long sequences finish last (profile.SkewTable); never more than if
+                    # every sequence had the longest context
+                    scaled = t * (1.0 + max(0.0, p.decode_attn_skew(n)) * (cmax / mean - 1.0))
+                    t = min(scaled, max(t, p.decode_attn(n, cmax) * frac * self._profile_scale))
+                total += t
             else:
                 keys = batch.decode_context_tokens + n
                 compute = self._attn_flops_per_pair_head * self.heads_dev * frac * keys / self._attn_peak

@@ -29,6 +29,10 @@ A profile is a JSON file (times in seconds, per layer unless said otherwise)::
   activation) for a step of ``num_tokens`` tokens.
 * ``decode_attn_s_per_layer``: attention of ``num_seqs`` sequences, one new token each, every one with
   ``context_len`` cached tokens (a batch of mixed lengths is looked up at its mean).
+* ``decode_attn_skew``: ``{"num_seqs": [...], "slope": [...], "context_len": c, "max_over_mean": [...]}``:
+  decode batches of uneven contexts (mean ``c``, largest / mean = ``max_over_mean``) timed beside the even
+  ones; ``slope = (uneven / even - 1) / (max_over_mean - 1)``. A batch whose largest context is ``m`` times its
+  mean is looked up at the mean and scaled by ``1 + slope x (m - 1)``. Optional (no scaling when absent).
 * ``prefill_attn_s_per_layer``: attention of one chunk of ``num_tokens`` new tokens over ``context_len`` cached
   tokens before it (causal within the chunk). A step's chunks are looked up one by one and summed.
 * ``lm_head_s``: final norm, LM head and sampling for ``num_tokens`` sampled rows (whole step, not per layer).
@@ -197,6 +201,43 @@ class Table2D:
 
 
 @dataclass(frozen=True)
+class SkewTable:
+    """Decode attention over uneven contexts: per batch size, the extra time per unit of (largest / mean
+    context - 1), measured at ``context_len`` mean context (see the module docstring)."""
+
+    num_seqs: tuple[float, ...]
+    slope: tuple[float, ...]
+    context_len: float
+    max_over_mean: tuple[float, ...]
+
+    def __call__(self, num_seqs: float) -> float:
+        return Table1D(self.num_seqs, self.slope)(num_seqs)
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str) -> SkewTable:
+        keys = ("num_seqs", "slope", "context_len", "max_over_mean")
+        if not isinstance(d, dict) or any(k not in d for k in keys):
+            raise ValidationError(path, "must be {num_seqs: [...], slope: [...], context_len: N, max_over_mean: [...]}")
+        xs = _check_grid(d["num_seqs"], f"{path}.num_seqs")
+        slope = d["slope"]
+        if not isinstance(slope, list) or len(slope) != len(xs) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in slope):
+            raise ValidationError(f"{path}.slope", f"must be {len(xs)} finite numbers")
+        ctx = d["context_len"]
+        if not isinstance(ctx, (int, float)) or isinstance(ctx, bool) or ctx <= 0:
+            raise ValidationError(f"{path}.context_len", f"must be a positive number, got {ctx!r}")
+        ratios = d["max_over_mean"]
+        if not isinstance(ratios, list) or len(ratios) != len(xs) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in ratios):
+            raise ValidationError(f"{path}.max_over_mean", f"must be {len(xs)} numbers >= 1")
+        return cls(xs, tuple(float(v) for v in slope), float(ctx), tuple(float(v) for v in ratios))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_seqs": list(self.num_seqs), "slope": list(self.slope), "context_len": self.context_len,
+                "max_over_mean": list(self.max_over_mean)}
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     device_name: str
     emulation: str | None
@@ -217,6 +258,7 @@ class DeviceProfile:
     new_seq_overhead_per_token_s: float = 0.0
     idle_wake: Table1D | None = None
     num_hidden_layers: int | None = None
+    decode_attn_skew: SkewTable | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def matches(self, model: ModelConfig) -> bool:
@@ -239,6 +281,8 @@ class DeviceProfile:
             tables["lm_head_s"] = self.lm_head.to_dict("num_tokens")
         if self.idle_wake is not None:
             tables["idle_wake_s"] = self.idle_wake.to_dict("idle_s")
+        if self.decode_attn_skew is not None:
+            tables["decode_attn_skew"] = self.decode_attn_skew.to_dict()
         return {
             "format": PROFILE_FORMAT,
             "version": PROFILE_VERSION,
@@ -331,6 +375,8 @@ class DeviceProfile:
                 else None
             ),
             num_hidden_layers=model.get("num_hidden_layers"),
+            decode_attn_skew=(SkewTable.from_dict(tables["decode_attn_skew"], f"{p}.decode_attn_skew")
+                              if "decode_attn_skew" in tables else None),
             meta=dict(d.get("meta") or {}),
         )
 

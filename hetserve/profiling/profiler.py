@@ -49,7 +49,7 @@ from hetserve.core.config import CacheConfig, DeviceConfig, EngineConfig, Schedu
 from hetserve.core.errors import ValidationError
 from hetserve.core.model_config import ModelConfig
 from hetserve.engine.attention import AttentionBackend, AttentionMetadata
-from hetserve.planner.profile import DeviceProfile, Table1D, Table2D, model_shape_hash
+from hetserve.planner.profile import DeviceProfile, SkewTable, Table1D, Table2D, model_shape_hash
 from hetserve.profiling.grid import _TORCH_DTYPES, ProfileGrid, ProfileOptions, canonical_torch_dtype
 from hetserve.profiling.host import HostCosts, measure_host_costs
 from hetserve.profiling.synthetic import NoAttention, build_metadata, truncated_config
@@ -71,6 +71,23 @@ class _Tables:
     decode: dict[int, list[float]] = field(default_factory=dict)
     prefill: dict[int, list[float]] = field(default_factory=dict)
     lm_head: dict[int, float] = field(default_factory=dict)
+    # decode over uneven contexts: num_seqs -> (slope, max / mean), at skew_context mean context
+    skew: dict[int, tuple[float, float]] = field(default_factory=dict)
+    skew_context: int = 0
+
+
+# the longest context of an uneven decode batch over its mean, as online batches have it (Azure-conv prompts
+# capped at 2048 plus decoded tokens: 1.7-2.4, median ~2.2; results/engine-s6/gpu-attn-skew.json)
+SKEW_MAX_OVER_MEAN = 2.2
+
+
+def skewed_contexts(num_seqs: int, mean: int) -> list[int]:
+    """``num_seqs`` decode contexts with mean ``mean``, spread like an online batch: the quantiles of an
+    exponential distribution clipped where the largest is ``SKEW_MAX_OVER_MEAN`` times the mean (1.87)."""
+    clip = 1.87  # clip / (1 - exp(-clip)) = 2.2: the clipped exponential's max over its mean
+    raw = [min(clip, -math.log(1.0 - (i + 0.5) / num_seqs)) for i in range(num_seqs)]
+    scale = mean * num_seqs / sum(raw)
+    return [max(1, round(r * scale)) for r in raw]
 
 
 class Profiler:
@@ -226,6 +243,22 @@ class Profiler:
                 row.append(self.timer(self._attn_call(backend, kv, meta, window)))
             tables.decode[b] = row
         self.timing["decode_attn_s_per_layer"] = mode_delta(before, self.timer.modes)
+        # the same batches with uneven contexts (profile.SkewTable), beside even ones of the same mean
+        fits = [c for c in g.decode_context_lens if SKEW_MAX_OVER_MEAN * c <= max(g.decode_context_lens)]
+        if fits:
+            ctx = min(fits, key=lambda c: abs(c - 1024))
+            tables.skew_context = ctx
+            for b in g.decode_num_seqs:
+                if b < 2 or b not in tables.decode:
+                    continue
+                ctxs = skewed_contexts(b, ctx)
+                mean = sum(ctxs) / b
+                uneven = self.timer(self._attn_call(backend, kv, build_metadata([(1, c) for c in ctxs], bs,
+                                                                                   self.device, pool), window))
+                even = self.timer(self._attn_call(backend, kv, build_metadata([(1, round(mean))] * b, bs,
+                                                                                 self.device, pool), window))
+                ratio = max(ctxs) / mean
+                tables.skew[b] = ((uneven / even - 1.0) / (ratio - 1.0) if even > 0 else 0.0, ratio)
         t0 = time.perf_counter()
         before = dict(self.timer.modes)
         for i, n in enumerate(g.prefill_num_tokens):
@@ -359,6 +392,11 @@ class Profiler:
             ks = sorted(t.prefill)
             prefill = Table2D(tuple(float(k) for k in ks), tuple(float(c) for c in self.grid.prefill_context_lens),
                               tuple(tuple(t.prefill[k]) for k in ks))
+        skew = None
+        if t.skew:
+            ks = sorted(t.skew)
+            skew = SkewTable(tuple(float(k) for k in ks), tuple(t.skew[k][0] for k in ks), float(t.skew_context),
+                             tuple(t.skew[k][1] for k in ks))
         if t.lm_head:
             ks = sorted(t.lm_head)
             lm = Table1D(tuple(float(k) for k in ks), tuple(t.lm_head[k] for k in ks))
@@ -374,6 +412,7 @@ class Profiler:
             tp=1,
             dense=dense,
             decode_attn=decode,
+            decode_attn_skew=skew,
             prefill_attn=prefill,
             lm_head=lm,
             copy_bytes_per_s=copy_bw,

@@ -267,7 +267,7 @@ def test_profile_must_match_model_dtype_and_device() -> None:
 
 def test_batch_shape_from_lists() -> None:
     b = BatchShape.from_lists([5, 1, 1, 0, 300], [0, 10, 20, 7, 1000])
-    assert b == BatchShape(((5, 0), (300, 1000)), 2, 30)
+    assert b == BatchShape(((5, 0), (300, 1000)), 2, 30, decode_max_context=20)
     assert b.num_tokens == 307 and b.num_reqs == 4
 
 
@@ -283,7 +283,7 @@ def test_batch_shape_from_scheduler_output() -> None:
     out = SchedulerOutput(
         scheduled=[sr(8, 4, False), sr(1, 10, True), sr(1, 12, True), sr(1, 8, True)], total_num_scheduled_tokens=11
     )
-    assert BatchShape.from_scheduler_output(out) == BatchShape(((8, 4),), 3, 30, 3)
+    assert BatchShape.from_scheduler_output(out) == BatchShape(((8, 4),), 3, 30, 3, decode_max_context=12)
     # requests the executor sees for the first time carry NewRequestInfo: counted with their tokens
     info = NewRequestInfo(prompt_token_ids=[5] * 12, output_token_ids=[], sampling_params=SamplingParams(),
                           eos_token_ids=[])
@@ -416,3 +416,50 @@ def test_graph_steps_pay_for_their_padded_size() -> None:
         assert plain._dense_tokens(batch) == batch.num_tokens
         assert graphed.breakdown(batch)["dense"] == pytest.approx(TOY.num_hidden_layers
                                                                   * plain._dense_layer_s(rows), rel=1e-12)
+
+
+def test_uneven_decode_contexts_scale_attention_by_the_skew_table() -> None:
+    """A decode batch whose longest context is m times its mean costs its even-context attention times
+    ``1 + slope(n) x (m - 1)`` (slope interpolated over batch sizes, by hand below), but never more than the
+    batch with every context at the longest; without the table, or with even contexts, nothing changes."""
+    from hetserve.planner.profile import SkewTable
+
+    skew = SkewTable((1.0, 4.0), (0.0, 0.3), 50.0, (1.0, 2.2))
+    steep_ctx = Table2D((1.0, 4.0), (0.0, 100.0), ((1e-6, 2e-5), (3e-6, 5e-5)))  # attention grows with context
+    plain = CostModel(TOY, DEV, profile=_toy_profile(decode_attn=steep_ctx))
+    skewed = CostModel(TOY, DEV, profile=_toy_profile(decode_attn=steep_ctx, decode_attn_skew=skew))
+    # 3 sequences with contexts 10, 5, 15: mean 10, largest 15 (m = 1.5); slope at 3 seqs = 0.3 * 2 / 3 = 0.2
+    batch = BatchShape.from_lists([1, 1, 1], [10, 5, 15])
+    assert (batch.num_decode_seqs, batch.decode_context_tokens, batch.decode_max_context) == (3, 30, 15)
+    even = plain._attn_layer_s(batch, None)
+    assert skewed._attn_layer_s(batch, None) == pytest.approx(even * (1 + 0.2 * 0.5), rel=1e-12)
+    assert plain._attn_layer_s(batch, None) == pytest.approx(even, rel=1e-12)  # no table: the mean alone
+    flat = BatchShape.from_lists([1, 1, 1], [10, 10, 10])
+    assert skewed._attn_layer_s(flat, None) == pytest.approx(plain._attn_layer_s(flat, None), rel=1e-12)
+    # a steep slope is capped by the batch with every context at the longest (3 x 90 keys)
+    steep = CostModel(TOY, DEV, profile=_toy_profile(decode_attn=steep_ctx, decode_attn_skew=SkewTable(
+        (1.0, 4.0), (9.0, 9.0), 50.0, (2.2, 2.2))))
+    wide = BatchShape.from_lists([1, 1, 1, 8], [90, 0, 0, 4])
+    assert wide.decode_max_context == 90 and wide.prefill_chunks == ((8, 4),)
+    cap = plain._attn_layer_s(BatchShape((), 3, 270), None) + plain._attn_layer_s(BatchShape(((8, 4),)), None)
+    assert steep._attn_layer_s(wide, None) == pytest.approx(cap, rel=1e-12)
+    # the scheduler's view gives the same shape
+    from hetserve.core.outputs import SchedulerOutput, ScheduledRequest
+
+    so = SchedulerOutput([ScheduledRequest(req_id=f"r{i}", token_ids=[], num_computed_tokens=c, num_tokens=1,
+                                           new_block_ids=[], sample=True) for i, c in enumerate([10, 5, 15])], 3)
+    assert BatchShape.from_scheduler_output(so).decode_max_context == 15
+
+
+def test_skew_table_round_trips_and_names_bad_fields(tmp_path) -> None:
+    from hetserve.planner.profile import SkewTable, load_profile
+
+    prof = _toy_profile(decode_attn_skew=SkewTable((1.0, 4.0), (0.0, 0.3), 50.0, (1.0, 2.2)))
+    path = tmp_path / "p.json"
+    prof.save(path)
+    assert load_profile(path).decode_attn_skew == prof.decode_attn_skew
+    d = prof.to_dict()
+    d["tables"]["decode_attn_skew"]["max_over_mean"] = [0.5, 2.2]
+    path.write_text(__import__("json").dumps(d))
+    with pytest.raises(ValidationError, match="decode_attn_skew.max_over_mean"):
+        load_profile(path)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +73,13 @@ def test_cli_quick_profile_loads_and_is_sane(cli_profile: tuple[Path, float], ti
         assert table is not None and all(0 < y < 1.0 for y in table.ys)
     for t2 in (p.decode_attn, p.prefill_attn):
         assert t2 is not None and all(0 < z < 1.0 for row in t2.zs for z in row)
+    # uneven decode contexts beside even ones, for every batch size of 2+ with a decode row, at mean 64 (the
+    # grid context nearest 1024 whose 2.2x still fits the grid); the longest ~2.2x the mean from 4 sequences
+    grid = ProfileGrid.default("cpu", quick=True)
+    skew = p.decode_attn_skew
+    assert skew is not None and skew.context_len == 64
+    assert skew.num_seqs == tuple(float(b) for b in grid.decode_num_seqs if b >= 2)
+    assert all(2.1 < r < 2.3 for r in skew.max_over_mean) and all(math.isfinite(s) for s in skew.slope)
     raw = json.loads(path.read_text())
     assert raw["meta"]["command"].startswith("hetserve profile") and raw["meta"]["partition"]["emulated"] is False
     assert len(raw["meta"]["load_average"]["start"]) == 3  # a CPU profile says how busy the machine was
