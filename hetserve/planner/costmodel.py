@@ -49,11 +49,12 @@ __all__ = ["BatchShape", "CostModel"]  # BatchShape lives in batch_shape.py; imp
 EAGER_FLOOR_S_PER_LAYER = 0.41e-3
 GRAPH_MAX_BATCH = 512
 # a step of up to PIECEWISE_MAX_TOKENS tokens that is not a graphed decode replays piecewise graphs around eager
-# attention (EngineConfig.device.piecewise_graph_max_tokens); its launch floor per layer (H100, torch 2.11,
-# results/gpu-launch-floor.json: a mixed step of 8 decodes and a 24-token chunk, 8.06 ms for 32 layers vs 26.3
-# eager; less the step's host overhead, ~0.22 ms a layer)
+# attention (EngineConfig.device.piecewise_graph_max_tokens); its host launch per layer (H100, torch 2.11,
+# results/engine-s6/gpu-launch-floor*.json: a mixed step of 8 decodes and a 24-token chunk launches in
+# 3.8-4.1 ms for 32 layers with the step's attention bound once (PagedAttentionPlan), 7.6 ms before, 25.4 eager;
+# ~0.12 ms a layer with the step's input preparation. Its device time, 8.7-9.0 ms, is the tables' business)
 PIECEWISE_MAX_TOKENS = 1024
-PIECEWISE_FLOOR_S_PER_LAYER = 0.22e-3
+PIECEWISE_FLOOR_S_PER_LAYER = 0.12e-3
 
 
 class CostModel:
