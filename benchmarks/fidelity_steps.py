@@ -127,7 +127,8 @@ def sim_summary(res: dict[str, Any], row: dict[str, Any], cm: CostModel, piecewi
     from hetserve.sim.simulator import Simulator
 
     c = res["config"]
-    wl = rate_workload(find_trace(c.get("trace", "conv")), row["num_requests"], row["rate"], max_input, max_output)
+    wl = rate_workload(find_trace(c.get("trace", "conv")), row["num_requests"], row["rate"], max_input, max_output,
+                       seed=int(c.get("seed", 0)))
     dep = sim_deployment(cm, c)
     shapes: list[BatchShape] = []
     times: list[float] = []

@@ -39,6 +39,8 @@ def main() -> int:
     ap.add_argument("--smoke-cpu", action="store_true")
     ap.add_argument("--profile", default=str(ROOT / "profiles/h100-sxm-llama-3.1-8b.json"),
                     help="the device profile the simulator side uses")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="workload draw (0: the default requests; others give other requests at the same rates)")
     ap.add_argument("--trace", default="conv", choices=["conv", "code"], help="Azure LLM 2023 trace for the lengths")
     ap.add_argument("--steps", action="store_true",
                     help="also record every real step (its batch shape, launch and result times) for "
@@ -104,7 +106,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     replay(engine, workload(trace, 16, 50.0, 256, 16, seed=7, scale=scale), vocab_range=(10, vocab_hi))  # warm-up
     for rate in [float(r) for r in args.rates.split(",")]:
-        wl = rate_workload(trace, args.num_requests, rate, max_in, max_out, scale=scale)
+        wl = rate_workload(trace, args.num_requests, rate, max_in, max_out, scale=scale, seed=args.seed)
         steps = _record_steps(engine) if args.steps else None
         records, dur = replay(engine, wl, vocab_range=(10, vocab_hi))
         real = compute_metrics(records, dur)
@@ -126,7 +128,7 @@ def main() -> int:
                        f"Poisson arrivals", "config": {"num_kv_blocks": blocks, "max_num_seqs": seqs,
                                                         "max_num_batched_tokens": mnbt, "max_model_len": max_len,
                                                         "async_scheduling": bool(engine.core.async_scheduling),
-                                                        "trace": args.trace,
+                                                        "trace": args.trace, "seed": args.seed,
                                                         "sim_async_overlap": cm.async_scheduling},
            "wall_s": time.monotonic() - t_start, "results": rows}
     name = "gpu-online-fidelity.json" if not args.smoke_cpu else "cpu-online-fidelity-smoke.json"
@@ -138,11 +140,13 @@ def main() -> int:
 
 
 def rate_workload(trace: Path | None, num_requests: int, rate: float, max_input: int, max_output: int,
-                  scale: int = 1) -> Any:
-    """The requests of one rate, the same in the real run, ``--resim`` and ``fidelity_steps.py --sim``."""
+                  scale: int = 1, seed: int = 0) -> Any:
+    """The requests of one rate, the same in the real run, ``--resim`` and ``fidelity_steps.py --sim``
+    (``seed``: the result's ``config.seed``, 0 in files that have none)."""
     from gpu_cluster import workload
 
-    return workload(trace, num_requests, rate, max_input, max_output, seed=int(rate * 10) + 1, scale=scale)
+    return workload(trace, num_requests, rate, max_input, max_output, seed=int(rate * 10) + 1 + 1000 * seed,
+                    scale=scale)
 
 
 def sim_deployment(cm: Any, config: dict[str, Any]) -> Any:
@@ -256,7 +260,8 @@ def resim(path: Path, args: argparse.Namespace) -> int:
     rows = []
     for row in old["results"]:
         rate = row["rate"]
-        wl = rate_workload(trace, row["num_requests"], rate, args.max_input, args.max_output)
+        wl = rate_workload(trace, row["num_requests"], rate, args.max_input, args.max_output,
+                           seed=int(old["config"].get("seed", 0)))
         sim = Simulator(sim_deployment(cm, c)).run(wl).metrics()
         real = row["real"]
         err = {k: (sim[k] - real[k]) / real[k] if real.get(k) else None for k in KEYS}
