@@ -313,3 +313,43 @@ def test_one_plan_serves_every_layer_of_a_step(name: str, device: str) -> None:
     backend.attend(cases[0].q, cases[0].kv_cache, make_case(chunks, heads, kv_heads, dim, block, 1, device).meta,
                    scale, window)
     assert len(backend._plans) == 1
+
+
+def test_decode_split_plan_by_hand() -> None:
+    """Balanced splits: runs of max(256, max_context / 16) keys, enough for the longest sequence; taken only
+    where they give more splits than the even rule (which already splits small batches 16 ways)."""
+    import hetserve.kernels.attention as attn_mod
+    from hetserve.kernels.attention import decode_split_plan
+
+    assert decode_split_plan(64, 8, 132, 2448) == (10, 256)  # even rule: 1 split
+    assert decode_split_plan(16, 8, 132, 2448) == (10, 256)  # even rule: 3
+    assert decode_split_plan(1, 8, 132, 2448) == (16, 0)  # even rule's 16 beat 10
+    assert decode_split_plan(64, 8, 132, 32768) == (16, 2048)
+    assert decode_split_plan(64, 8, 132, 200) == (1, 0)  # nothing to balance below one run
+    assert decode_split_plan(64, 8, 132, None) == (1, 0)
+    try:
+        attn_mod.BALANCED_DECODE = False
+        assert decode_split_plan(64, 8, 132, 2448) == (1, 0)
+    finally:
+        attn_mod.BALANCED_DECODE = True
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("max_context", [300, 150])
+def test_balanced_decode_splits(max_context: int, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fixed runs of keys per split (short sequences leave later splits empty, long ones fill several) give the
+    reference result; a limit below the longest sequence only makes its last split longer (still exact)."""
+    import hetserve.kernels.attention as attn_mod
+
+    monkeypatch.setattr(attn_mod, "BALANCED_MIN_SPLIT", 64)
+    chunks = [(200, 1), (1, 1), (64, 1), (129, 1), (0, 1)]
+    case = make_case(chunks, 8, 2, 16, 16, seed=13, device=device)
+    ref_out, _ = reference(case, 0.25, None)
+    write_kv_cache(case.k, case.v, case.kv_cache, case.meta.slot_mapping, impl="triton")
+    m = case.meta
+    splits, size = attn_mod.decode_split_plan(len(chunks), 2, attn_mod.device_num_sms(case.q.device), max_context)
+    assert size == 64 and splits == -(-max_context // 64)
+    out = torch.full_like(case.q, float("nan"))
+    paged_attention(case.q, case.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables, 0.25, decode=True,
+                    out=out, impl="triton", max_context=max_context)
+    assert_rows_close(out, ref_out, m.num_tokens, torch.float32)
