@@ -44,8 +44,6 @@ def main() -> int:
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--cap", type=int, default=2048)
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--max-context", type=int, default=2448,
-                    help="the runner limit the balanced splits are sized from (the online fidelity runs' 2448)")
     args = ap.parse_args()
     import torch
     from gpu_cluster import git_commit
@@ -60,14 +58,14 @@ def main() -> int:
     num_blocks = max_batch * (args.cap + 512) // page + 16
     cache = torch.randn(2, num_blocks, page, kv_heads, dim, dtype=torch.bfloat16, device=dev)
 
-    def time_batch(ctxs: list[int], max_context: int | None = None) -> float:
+    def time_batch(ctxs: list[int]) -> float:
         n = len(ctxs)
         width = max(-(-c // page) for c in ctxs)
         perm = torch.randperm(num_blocks - 1, device=dev)[: n * width].view(n, width).to(torch.int32) + 1
         q = torch.randn(n, heads, dim, dtype=torch.bfloat16, device=dev)
         qsl = torch.arange(n + 1, dtype=torch.int32, device=dev)
         lens = torch.tensor(ctxs, dtype=torch.int32, device=dev)
-        plan = PagedAttentionPlan(q, cache, qsl, lens, perm, dim**-0.5, decode=True, max_context=max_context)
+        plan = PagedAttentionPlan(q, cache, qsl, lens, perm, dim**-0.5, decode=True)
         out = torch.empty_like(q)
         for _ in range(3):
             plan.run(q, cache, out)
@@ -87,28 +85,19 @@ def main() -> int:
             mean = sum(ctxs) / b
             even = [int(round(mean))] * b
             t_skew, t_even = time_batch(ctxs), time_batch(even)
-            limit = args.max_context
-            b_skew, b_even = time_batch(ctxs, limit), time_batch(even, limit)
             rows.append({"num_seqs": b, "draw": d, "mean_ctx": mean, "max_ctx": max(ctxs),
                          "max_over_mean": max(ctxs) / mean, "skewed_s": t_skew, "even_s": t_even,
-                         "ratio": t_skew / t_even, "balanced_skewed_s": b_skew, "balanced_even_s": b_even})
+                         "ratio": t_skew / t_even})
             print(f"batch {b:4d} draw {d}: mean ctx {mean:7.1f} max {max(ctxs):5d} ({max(ctxs) / mean:4.2f}x)  "
-                  f"even splits: skewed {t_skew * 1e6:7.1f} us, even {t_even * 1e6:7.1f} us ({t_skew / t_even:.3f})  "
-                  f"balanced (limit {limit}): skewed {b_skew * 1e6:7.1f}, even {b_even * 1e6:7.1f} us",
+                  f"skewed {t_skew * 1e6:7.1f} us  even {t_even * 1e6:7.1f} us  ratio {t_skew / t_even:.3f}",
                   flush=True)
     summary = {}
     for b in sorted({r["num_seqs"] for r in rows}):
         rs = [r for r in rows if r["num_seqs"] == b]
         summary[b] = {"median_ratio": statistics.median(r["ratio"] for r in rs),
-                      "median_max_over_mean": statistics.median(r["max_over_mean"] for r in rs),
-                      "balanced_over_even_splits_skewed": statistics.median(r["balanced_skewed_s"] / r["skewed_s"]
-                                                                            for r in rs),
-                      "balanced_over_even_splits_even": statistics.median(r["balanced_even_s"] / r["even_s"]
-                                                                          for r in rs)}
-        x = summary[b]
-        print(f"batch {b:4d}: median skewed / even {x['median_ratio']:.3f} (max / mean ctx "
-              f"{x['median_max_over_mean']:.2f}); balanced / even splits: skewed batches "
-              f"{x['balanced_over_even_splits_skewed']:.3f}, even batches {x['balanced_over_even_splits_even']:.3f}")
+                      "median_max_over_mean": statistics.median(r["max_over_mean"] for r in rs)}
+        print(f"batch {b:4d}: median skewed / even {summary[b]['median_ratio']:.3f} "
+              f"(max / mean ctx {summary[b]['median_max_over_mean']:.2f})")
     out = {"benchmark": "decode attention, uneven vs even contexts (same keys)", "command": " ".join(sys.argv),
            "git_commit": git_commit(), "device": torch.cuda.get_device_name(), "emulation": None,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

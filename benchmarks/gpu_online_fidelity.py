@@ -39,8 +39,6 @@ def main() -> int:
     ap.add_argument("--smoke-cpu", action="store_true")
     ap.add_argument("--profile", default=str(ROOT / "profiles/h100-sxm-llama-3.1-8b.json"),
                     help="the device profile the simulator side uses")
-    ap.add_argument("--even-decode-splits", action="store_true",
-                    help="split decode attention evenly per sequence (kernels.attention.BALANCED_DECODE off)")
     ap.add_argument("--seed", type=int, default=0,
                     help="workload draw (0: the default requests; others give other requests at the same rates)")
     ap.add_argument("--trace", default="conv", choices=["conv", "code"], help="Azure LLM 2023 trace for the lengths")
@@ -55,11 +53,6 @@ def main() -> int:
 
     import torch
     from gpu_cluster import git_commit, workload
-
-    if args.even_decode_splits:
-        from hetserve.kernels import attention as attention_kernels
-
-        attention_kernels.BALANCED_DECODE = False
     from replay import replay
 
     from hetserve.bench.metrics import compute_metrics
@@ -136,7 +129,6 @@ def main() -> int:
                                                         "max_num_batched_tokens": mnbt, "max_model_len": max_len,
                                                         "async_scheduling": bool(engine.core.async_scheduling),
                                                         "trace": args.trace, "seed": args.seed,
-                                                        "balanced_decode_splits": not args.even_decode_splits,
                                                         "sim_async_overlap": cm.async_scheduling},
            "wall_s": time.monotonic() - t_start, "results": rows}
     name = "gpu-online-fidelity.json" if not args.smoke_cpu else "cpu-online-fidelity-smoke.json"

@@ -113,8 +113,6 @@ class ModelRunner(StepInputs, Executor):
         self.max_model_len = config.scheduler.max_model_len or mc.max_position_embeddings
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size) + 1
         self.backend = get_attention_backend(config.device.attention_backend, self.device)
-        if hasattr(self.backend, "max_context"):  # decode splits balanced over uneven contexts (triton)
-            self.backend.max_context = self.max_model_len
         # unseeded rows draw from the runner's own generator, never torch's global one: a CUDA graph capture
         # registers the global generator, and a capture on another stream or context can leave it unusable
         self._unseeded_gen = torch.Generator(device=self.device)

@@ -64,7 +64,6 @@ def _paged_attention_kernel(
     stride_kv_tok,
     stride_kv_head,
     stride_bt,
-    split_size,
     GROUP: tl.constexpr,
     GROUP_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -121,15 +120,9 @@ def _paged_attention_kernel(
         kv_lo = tl.maximum(pos_first - window + 1, 0)
     kv_lo = tl.minimum(kv_lo, kv_hi)
     span = kv_hi - kv_lo
-    # a split owns 1/num_splits of its sequence's keys, or (split_size > 0, balanced) a fixed run of keys, so
-    # that a long sequence spreads over more programs than a short one
     per_split = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
-    if split_size > 0:
-        per_split = split_size + per_split * 0
     s_lo = tl.minimum(kv_lo + split * per_split, kv_hi)
     s_hi = tl.minimum(s_lo + per_split, kv_hi)
-    if split == num_splits - 1:  # the last split takes whatever is left (a balanced plan sized too small)
-        s_hi = kv_hi
     # keys below pos_first + 1 are visible to every row (causal); without a window no mask is needed there
     full_hi = s_lo
     if not USE_WINDOW:
@@ -276,7 +269,7 @@ def _write_kv_kernel(
 
 _paged_attention = dual_kernel(
     _paged_attention_kernel,
-    do_not_specialize=("num_seqs", "window", "num_splits", "qb_base", "stride_bt", "split_size"),
+    do_not_specialize=("num_seqs", "window", "num_splits", "qb_base", "stride_bt"),
     do_not_specialize_on_alignment=("qsl_ptr", "seq_lens_ptr", "block_tables_ptr"),
 )
 _reduce = dual_kernel(_reduce_kernel, do_not_specialize=("tok_base", "num_splits"))
@@ -319,32 +312,6 @@ def write_kv_cache(
 
 # ---- attention ------------------------------------------------------------------------------------------
 MAX_DECODE_SPLITS = 16
-
-
-# balanced decode splits (``decode_split_plan``): no split shorter than this many keys
-BALANCED_MIN_SPLIT = 256
-# False: decode batches split each sequence's keys evenly (decode_num_splits), whatever the lengths
-BALANCED_DECODE = True
-
-
-def decode_split_plan(num_seqs: int, num_kv_heads: int, num_sms: int,
-                      max_context: int | None) -> tuple[int, int]:
-    """``(num_splits, split_size)`` for a decode batch; ``split_size`` 0 splits each sequence evenly.
-
-    With ``max_context`` (the runner's longest sequence) every split owns a fixed run of keys,
-    ``split_size = max(256, max_context / 16)``, and there are enough splits for the longest sequence: short
-    sequences leave their later splits empty (they exit at once), long ones spread over many programs. Uneven
-    contexts then cost no more than even ones; with one program per (sequence, head) the long ones finish last
-    while SMs idle (1.25-1.35x at 64-128 sequences of Azure-conv contexts on an H100). Taken where it gives more
-    splits than the even rule; a function of shapes and the runner's limit only (CUDA-graph safe)."""
-    even = decode_num_splits(num_seqs, num_kv_heads, num_sms)
-    if not BALANCED_DECODE or not max_context or max_context <= BALANCED_MIN_SPLIT:
-        return even, 0
-    size = max(BALANCED_MIN_SPLIT, -(-max_context // MAX_DECODE_SPLITS))
-    splits = -(-max_context // size)
-    if splits <= even:
-        return even, 0
-    return splits, size
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int, max_splits: int = MAX_DECODE_SPLITS) -> int:
@@ -392,7 +359,6 @@ def _launch_specs(
     decode: bool,
     num_splits: int | None,
     launch_config: dict[str, int] | None,
-    max_context: int | None = None,
 ) -> list[tuple[Any, tuple[int, ...], tuple[Any, ...], dict[str, Any]]]:
     """The launches (kernel, grid, arguments, keywords) over the sequences of the given metadata slices, whose
     query tokens lie in ``[tokens[0], tokens[1])`` (absolute rows of q; ``tokens[1]`` may include trailing
@@ -407,15 +373,9 @@ def _launch_specs(
     group = num_heads // num_kv_heads
     group_p2 = next_power_of_2(group)
     head_dim_p2 = max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
-    split_size = 0
     if num_splits is None:
-        num_splits = 1
-        if decode:
-            num_splits, split_size = decode_split_plan(num_seqs, num_kv_heads, device_num_sms(q.device),
-                                                       max_context)
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, device_num_sms(q.device)) if decode else 1
     cfg = _launch_config(group_p2, head_dim_p2, decode, q.dtype, split_kv=num_splits > 1)
-    if split_size and split_size % cfg["BLOCK_N"]:
-        split_size = -(-split_size // cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     if launch_config:
         cfg.update(launch_config)
     block_q = cfg.pop("BLOCK_Q")
@@ -432,8 +392,7 @@ def _launch_specs(
         (_Q, _KV, _OUT, part_out, part_lse, query_start_loc, seq_lens, block_tables,
          scale * _LOG2E, num_seqs, sliding_window or 0, num_splits, qb_base,
          q.stride(0), q.stride(1), _OUT_STRIDE0, _OUT_STRIDE1,
-         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
-         split_size),
+         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0)),
         dict(GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2, BLOCK_Q=block_q,
              PAGE=kv_cache.shape[2], SPLIT_KV=num_splits > 1, USE_WINDOW=sliding_window is not None,
              IEEE=q.dtype == torch.float32, **cfg),
@@ -490,7 +449,6 @@ class PagedAttentionPlan:
         impl: Impl = "auto",
         launch_config: dict[str, int] | None = None,
         decode_prefix: tuple[int, int] | None = None,
-        max_context: int | None = None,
     ) -> None:
         self.layout = _layout(q, kv_cache)
         self.triton = use_triton(q, impl)
@@ -504,13 +462,13 @@ class PagedAttentionPlan:
             if 0 < k < num_seqs:
                 assert decode_prefix is not None and decode_prefix[1] == k
                 self.specs = _launch_specs(q, kv_cache, query_start_loc[: k + 1], seq_lens[:k], block_tables[:k],
-                                           (0, k), scale, sliding_window, True, None, None, max_context)
+                                           (0, k), scale, sliding_window, True, None, None)
                 self.specs += _launch_specs(q, kv_cache, query_start_loc[k:], seq_lens[k:], block_tables[k:],
                                             (k, num_tokens), scale, sliding_window, False, 1, launch_config)
             else:
                 self.specs = _launch_specs(q, kv_cache, query_start_loc, seq_lens, block_tables, (0, num_tokens),
                                            scale, sliding_window, decode or k == num_seqs, num_splits,
-                                           launch_config, max_context)
+                                           launch_config)
         # per launch once compiled: (launcher, function, packed metadata, grid, the full argument list in the
         # kernel's parameter order, the positions of the per-layer values in it)
         self._fast: list[tuple[Any, ...]] | None = None
@@ -607,7 +565,6 @@ def paged_attention(
     impl: Impl = "auto",
     launch_config: dict[str, int] | None = None,
     decode_prefix: tuple[int, int] | None = None,
-    max_context: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of q ``[T, H, D]`` over each sequence's context, read through ``block_tables``.
 
@@ -617,14 +574,13 @@ def paged_attention(
     ``decode_prefix = (k, t)`` says the first ``k`` sequences are one-token decodes owning rows ``[0, t)``
     (``t == k``) and the rest is prefill: two launches then, decode tiles for the first part. Rows of q past
     ``query_start_loc[-1]`` are left unspecified in the output. ``launch_config`` overrides the tile shapes
-    (``BLOCK_Q``, ``BLOCK_N``, ``num_warps``, ``num_stages``; for tuning). ``max_context``: no sequence is
-    longer (the runner's limit); a decode launch may then balance its splits (``decode_split_plan``).
+    (``BLOCK_Q``, ``BLOCK_N``, ``num_warps``, ``num_stages``; for tuning).
     """
     if use_triton(q, impl) and q.stride(-1) != 1:
         q = q.contiguous()
     return PagedAttentionPlan(q, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
                               decode=decode, num_splits=num_splits, impl=impl, launch_config=launch_config,
-                              decode_prefix=decode_prefix, max_context=max_context).run(q, kv_cache, out)
+                              decode_prefix=decode_prefix).run(q, kv_cache, out)
 
 
 def paged_attention_torch(

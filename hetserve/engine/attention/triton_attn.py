@@ -36,9 +36,6 @@ class TritonAttentionBackend(AttentionBackend):
         # run by every layer: the per-layer host work is then the launches alone (PagedAttentionPlan)
         self._plans_meta: AttentionMetadata | None = None
         self._plans: dict[tuple[Any, ...], PagedAttentionPlan] = {}
-        # the longest sequence the runner admits (its max_model_len): decode launches split keys in runs sized
-        # from it, balanced over uneven contexts (kernels.attention.decode_split_plan); None: even splits
-        self.max_context: int | None = None
 
     def _decode_prefix(self, meta: AttentionMetadata) -> tuple[int, int] | None:
         """Leading one-token sequences of a mixed step (the scheduler puts running decodes first): they get
@@ -71,7 +68,6 @@ class TritonAttentionBackend(AttentionBackend):
             plan = self._plans[key] = PagedAttentionPlan(
                 q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, sliding_window,
                 decode=meta.max_query_len == 1, impl=self._impl, decode_prefix=self._decode_prefix(meta),
-                max_context=self.max_context,
             )
         return plan.run(q, kv_cache, out)
 
