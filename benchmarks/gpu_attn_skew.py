@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
 import random
 import statistics
 import sys
@@ -46,7 +44,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args()
     import torch
-    from gpu_cluster import git_commit
+    from suite_common import git_commit, write_result
 
     from hetserve.kernels.attention import PagedAttentionPlan
 
@@ -83,7 +81,7 @@ def main() -> int:
         for d in range(args.draws):
             ctxs = [min(args.cap + 256, rng.choice(lengths) + rng.randint(0, 256)) for _ in range(b)]
             mean = sum(ctxs) / b
-            even = [int(round(mean))] * b
+            even = [round(mean)] * b
             t_skew, t_even = time_batch(ctxs), time_batch(even)
             rows.append({"num_seqs": b, "draw": d, "mean_ctx": mean, "max_ctx": max(ctxs),
                          "max_over_mean": max(ctxs) / mean, "skewed_s": t_skew, "even_s": t_even,
@@ -104,9 +102,7 @@ def main() -> int:
            "config": {"heads": heads, "kv_heads": kv_heads, "head_dim": dim, "block_size": page, "dtype": "bfloat16",
                       "contexts": "Azure-conv prompt lengths (capped) + U(0, 256) decoded"},
            "summary": summary, "rows": rows}
-    dst = Path(os.environ.get("OUT", ROOT / "benchmarks/results")) / "gpu-attn-skew.json"
-    dst.write_text(json.dumps(out, indent=1))
-    print(f"wrote {dst}")
+    write_result("gpu-attn-skew.json", out)
     return 0
 
 

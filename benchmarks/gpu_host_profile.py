@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
-import os
 import pstats
 import statistics
 import sys
@@ -28,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch
-from suite_common import build_big_model, git_commit, make_runner, sync
+from suite_common import build_big_model, git_commit, make_runner, sync, write_result
 
 SHAPES = {
     "mixed 8 decodes + 24-token chunk": [(1, 512)] * 8 + [(24, 0)],
@@ -101,9 +99,7 @@ def main() -> int:
            "git_commit": git_commit(), "device": torch.cuda.get_device_name(), "emulation": None,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": {"layers": big.cfg.num_hidden_layers},
            "results": results}
-    dst = Path(os.environ.get("OUT", ROOT / "benchmarks/results")) / "gpu-host-profile.json"
-    dst.write_text(json.dumps(out, indent=1))
-    print(f"wrote {dst}")
+    write_result("gpu-host-profile.json", out)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -65,7 +64,7 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
-    from suite_common import build_big_model, git_commit, make_runner, sync
+    from suite_common import build_big_model, git_commit, make_runner, sync, write_result
 
     from hetserve.core.devices import get_device
     from hetserve.core.outputs import SchedulerOutput
@@ -137,9 +136,7 @@ def main() -> int:
            "git_commit": git_commit(), "device": torch.cuda.get_device_name(), "emulation": None,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "profile": args.profile, "rate": args.rate,
            "results": results}
-    dst = Path(os.environ.get("OUT", ROOT / "benchmarks/results")) / "gpu-step-span.json"
-    dst.write_text(json.dumps(out, indent=1))
-    print(f"wrote {dst}")
+    write_result("gpu-step-span.json", out)
     return 0
 
 

@@ -273,6 +273,15 @@ def runner_step_times(runner: Any, seqs: Sequence[tuple[int, int]], vocab: int, 
     return times
 
 
+def write_result(name: str, doc: dict[str, Any]) -> Path:
+    """Write a benchmark's result JSON under ``$OUT`` (a device run) or ``benchmarks/results/``; print where."""
+    dst = Path(os.environ.get("OUT", Path(__file__).resolve().parent / "results")) / name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {dst}")
+    return dst
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

@@ -444,7 +444,7 @@ def test_uneven_decode_contexts_scale_attention_by_the_skew_table() -> None:
     cap = plain._attn_layer_s(BatchShape((), 3, 270), None) + plain._attn_layer_s(BatchShape(((8, 4),)), None)
     assert steep._attn_layer_s(wide, None) == pytest.approx(cap, rel=1e-12)
     # the scheduler's view gives the same shape
-    from hetserve.core.outputs import SchedulerOutput, ScheduledRequest
+    from hetserve.core.outputs import ScheduledRequest, SchedulerOutput
 
     so = SchedulerOutput([ScheduledRequest(req_id=f"r{i}", token_ids=[], num_computed_tokens=c, num_tokens=1,
                                            new_block_ids=[], sample=True) for i, c in enumerate([10, 5, 15])], 3)
