@@ -40,13 +40,15 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--piecewise-max", type=int, default=1024,
+                    help="the runner's piecewise_graph_max_tokens (0: mixed steps run eagerly, as on a TP rank)")
     args = ap.parse_args()
     from hetserve.profiling import synthetic_step
 
     dev = torch.device("cuda")
     big = build_big_model(ROOT / "examples/models/llama-3.1-8b/config.json", args.layers, dev, "bfloat16",
                           Path(tempfile.mkdtemp()))
-    runner, _ = make_runner(big, 8192, {"piecewise_graph_max_tokens": 1024, "cuda_graph_max_batch": 512},
+    runner, _ = make_runner(big, 8192, {"piecewise_graph_max_tokens": args.piecewise_max, "cuda_graph_max_batch": 512},
                             max_num_seqs=1024, max_num_batched_tokens=4096, max_model_len=4096,
                             enable_prefix_caching=False)
     results: dict[str, Any] = {}
@@ -97,9 +99,9 @@ def main() -> int:
         runner.execute(SchedulerOutput([], 0, finished_req_ids={r for r, _, _ in named}))
     out = {"benchmark": "host time of the runner's launches, cProfile", "command": " ".join(sys.argv),
            "git_commit": git_commit(), "device": torch.cuda.get_device_name(), "emulation": None,
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": {"layers": big.cfg.num_hidden_layers},
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": {"layers": big.cfg.num_hidden_layers, "piecewise_max": args.piecewise_max},
            "results": results}
-    write_result("gpu-host-profile.json", out)
+    write_result("gpu-host-profile.json" if args.piecewise_max else "gpu-host-profile-eager.json", out)
     return 0
 
 
