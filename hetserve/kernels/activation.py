@@ -44,7 +44,7 @@ def silu_and_mul(x: torch.Tensor, impl: Impl = "auto") -> torch.Tensor:
         return out
     block = min(1024, max(16, 1 << (d - 1).bit_length()))
     grid = (x2.shape[0], (d + block - 1) // block)
-    _silu_and_mul.on(x.device)[grid](x2, out2, x2.stride(0), out2.stride(0), d, BLOCK=block, num_warps=4)
+    _silu_and_mul.launch(x.device, grid, x2, out2, x2.stride(0), out2.stride(0), d, BLOCK=block, num_warps=4)
     return out
 
 

@@ -30,13 +30,12 @@ from typing import Any
 
 import torch
 
-from hetserve.kernels import Impl, device_num_sms, dual_kernel, next_power_of_2, tl, use_triton
+from hetserve.kernels import Impl, device_num_sms, dual_kernel, launch_hooked, next_power_of_2, tl, use_triton
 
 try:  # the launch path of compiled kernels (PagedAttentionPlan); absent without Triton
-    from triton import knobs as _knobs
     from triton.runtime import driver as _driver
 except ImportError:  # pragma: no cover
-    _knobs = _driver = None
+    _driver = None
 
 _LOG2E = 1.4426950408889634
 
@@ -486,7 +485,7 @@ class PagedAttentionPlan:
         if not self.specs:
             return out
         key = (q.data_ptr() % 16, kv_cache.data_ptr() % 16, out.data_ptr() % 16, out.dtype, out.stride())
-        if self._fast is not None and key == self._fast_key and PLAN_FAST_LAUNCH and not _launch_hooked():
+        if self._fast is not None and key == self._fast_key and PLAN_FAST_LAUNCH and not launch_hooked():
             self.direct_runs += 1
             stream = _driver.active.get_current_stream(q.device.index)
             values = (q, kv_cache, out, out.stride(0), out.stride(1))
@@ -507,15 +506,6 @@ class PagedAttentionPlan:
 
 
 _PLACEHOLDERS = (_Q, _KV, _OUT, _OUT_STRIDE0, _OUT_STRIDE1)
-
-
-def _launch_hooked() -> bool:
-    """Whether a Triton launch hook is installed (a profiler's, say): then every launch goes through Triton's
-    ordinary path, which calls it. Triton 3.6 keeps an empty hook chain there, older ones None."""
-    for hook in (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):
-            return True
-    return False
 
 
 def _layout(q: torch.Tensor, kv_cache: torch.Tensor) -> tuple[Any, ...]:

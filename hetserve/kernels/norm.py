@@ -73,7 +73,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         return out
     block = next_power_of_2(n_cols)
     num_warps = 4 if block <= 2048 else 8
-    _rms_norm.on(x.device)[(num_rows,)](
+    _rms_norm.launch(
+        x.device, (num_rows,),
         x3, r2, weight, out2, x3.stride(0), x3.stride(1), x3.shape[1], r2.stride(0), out2.stride(0), n_cols, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
     )

@@ -145,7 +145,8 @@ def _launch(
     else:
         kv, vv, slots = k, k, positions
         page, side, blk, tok, head = 1, 0, 0, 0, 0
-    _rotary.on(q.device)[(num_tokens,)](
+    _rotary.launch(
+        q.device, (num_tokens,),
         q, k, vv, positions, cos_sin_cache, kv, slots,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1),
         side, blk, tok, head,

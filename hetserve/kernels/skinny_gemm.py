@@ -77,7 +77,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError("skinny_linear: the weight's last dim must be contiguous")
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     grid = ((n + cfg.block_n - 1) // cfg.block_n,)
-    _skinny_gemm.on(x.device)[grid](
+    _skinny_gemm.launch(
+        x.device, grid,
         x2, weight, bias if bias is not None else weight, out, rows, n, k, x2.stride(0), weight.stride(0),
         out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,

@@ -135,3 +135,39 @@ def test_bf16_kernels_close_to_hf_on_gpu() -> None:
     close(out.float(), hf_rms_norm(want_sum.float(), w.float(), 1e-5), 0.07)
     gu = torch.randn(33, 2 * 14336, generator=gen).cuda().bfloat16()
     close(silu_and_mul(gu).float(), (F.silu(gu[:, :14336]) * gu[:, 14336:]).float(), 0.07)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_direct_launches_match_the_ordinary_path_on_gpu() -> None:
+    """``DualKernel.launch`` calls a compiled kernel's launcher directly once a call with the same
+    specialisation compiled it: norms and SiLU over aligned rows, then over rows one element off 16-byte
+    alignment and with a row count of 1 (other specialisations: compiled, not reused), all equal to the
+    ordinary launch path bit for bit."""
+    import hetserve.kernels as kernels
+    from hetserve.kernels.activation import _silu_and_mul
+    from hetserve.kernels.norm import _rms_norm
+
+    gen = torch.Generator().manual_seed(9)
+    base = torch.randn(40 * 512 + 1, generator=gen).cuda().bfloat16()
+    w = torch.randn(512, generator=gen).cuda().bfloat16()
+    gu = torch.randn(40, 2 * 256, generator=gen).cuda().bfloat16()
+    inputs = [base[: 40 * 512].view(40, 512), base[1:].view(40, 512), base[:512].view(1, 512)]
+    assert inputs[1].data_ptr() % 16 != 0
+    try:
+        results = []
+        for direct in (True, False):
+            kernels.DIRECT_LAUNCH = direct
+            outs = []
+            for x in inputs * 2:  # each input twice: the second time a direct launch where one is allowed
+                outs.append(rms_norm(x, w, 1e-5))
+                outs.append(silu_and_mul(gu[: x.shape[0]]))
+            results.append(outs)
+            if direct:
+                assert _rms_norm.direct_launches >= 3 and _silu_and_mul.direct_launches >= 2
+        for a, b in zip(*results, strict=True):
+            assert torch.equal(a, b)
+    finally:
+        kernels.DIRECT_LAUNCH = True
+    for x, out in zip(inputs, results[0][0:6:2], strict=True):
+        close(out.float(), hf_rms_norm(x.float(), w.float(), 1e-5), 0.07)
