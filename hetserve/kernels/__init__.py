@@ -131,8 +131,12 @@ DIRECT_LAUNCH = True
 
 def launch_hooked() -> bool:
     """Whether a Triton launch hook is installed (a profiler's, say): then launches go through Triton's ordinary
-    path, which calls it. Triton 3.6 keeps an empty hook chain there (never None), older ones None."""
-    from triton import knobs
+    path, which calls it. Triton 3.6 keeps an empty hook chain there (never None), older ones None; a Triton
+    without ``knobs`` (before 3.4) always takes the ordinary path."""
+    try:
+        from triton import knobs
+    except ImportError:  # pragma: no cover - torch >= 2.11 ships Triton 3.5+
+        return True
 
     for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):
