@@ -46,7 +46,7 @@ def main() -> int:
     import torch
     from suite_common import git_commit, write_result
 
-    from hetserve.kernels.attention import PagedAttentionPlan
+    from hetserve.kernels.attention_launch import PagedAttentionPlan
 
     dev = torch.device("cuda")
     heads, kv_heads, dim, page = 32, 8, 128, 16

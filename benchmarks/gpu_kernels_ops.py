@@ -9,7 +9,8 @@ import gpu_kernels_common as gk
 import torch
 from gpu_kernels_common import BLOCK, LLAMA_8B, Ctx, bench_ms, empty_cache, log, make_paged, max_err, rel_err
 
-from hetserve.kernels.attention import paged_attention, paged_attention_torch, write_kv_cache
+from hetserve.kernels.attention import paged_attention_torch, write_kv_cache
+from hetserve.kernels.attention_launch import paged_attention
 
 
 def section_calibrate(c: Ctx) -> dict[str, Any]:

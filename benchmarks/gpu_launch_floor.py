@@ -29,7 +29,6 @@ import torch
 from suite_common import build_big_model, git_commit, make_runner, runner_step_times
 
 from hetserve import kernels
-from hetserve.kernels import attention
 
 # (label, [(new tokens, cached tokens) per request])
 SHAPES = {
@@ -49,7 +48,7 @@ def main() -> int:
     ap.add_argument("--modes", default="0,1024", help="piecewise_graph_max_tokens values, side by side")
     ap.add_argument("--ordinary-launch", action="store_true",
                     help="also time each shape with every Triton launch through Triton's ordinary path "
-                         "(kernels.DIRECT_LAUNCH and kernels.attention.PLAN_FAST_LAUNCH off), side by side")
+                         "(kernels.DIRECT_LAUNCH off), side by side")
     ap.add_argument("--profile", action="store_true",
                     help="also split each shape's device time by kernel kind (torch.profiler), last mode only")
     args = ap.parse_args()
@@ -67,7 +66,7 @@ def main() -> int:
         for label, seqs in SHAPES.items():
             row: dict[str, Any] = {"tokens": sum(n for n, _ in seqs)}
             for fast in ([True, False] if args.ordinary_launch else [True]):
-                attention.PLAN_FAST_LAUNCH = kernels.DIRECT_LAUNCH = fast
+                kernels.DIRECT_LAUNCH = fast
                 launch: list[float] = []
                 times = runner_step_times(runner, seqs, big.cfg.vocab_size, dev, warmup=3, repeat=args.repeat,
                                           tag=f"m{mode}-", launch_times=launch)
@@ -81,7 +80,7 @@ def main() -> int:
                 print(f"piecewise {mode:5d}  {label:45s} {'' if fast else 'ordinary '}{med * 1e3:8.2f} ms  "
                       f"{med / layers * 1e3:6.3f} ms/layer  launch {sub['launch_median_s'] * 1e3:7.2f} ms",
                       flush=True)
-            attention.PLAN_FAST_LAUNCH = kernels.DIRECT_LAUNCH = True
+            kernels.DIRECT_LAUNCH = True
             rows[label] = row
         results[f"piecewise_max_tokens={mode}"] = {"capture_s": capture, "rows": rows}
         if args.profile and mode == int(args.modes.split(",")[-1]):

@@ -159,6 +159,18 @@ def _spec_key(a: Any) -> Any:
     return a
 
 
+def direct_entry(jit: Any, compiled: Any, num_args: int, kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What calling ``compiled`` directly needs: ``(launcher, function, packed metadata, the keyword values of
+    the parameters after the ``num_args`` positional ones, in parameter order)``; None where it cannot be called
+    directly (the interpreter returns no compiled kernel; a parameter the call left to its default)."""
+    names = getattr(jit, "arg_names", None)
+    if compiled is None or names is None or not hasattr(compiled, "packed_metadata"):
+        return None
+    if any(n not in kwargs for n in names[num_args:]):
+        return None
+    return (compiled.run, compiled.function, compiled.packed_metadata, [kwargs[n] for n in names[num_args:]])
+
+
 class DualKernel:
     """A Triton kernel body, compiled (``triton.jit``) for CUDA tensors, interpreted for CPU tensors.
 
@@ -188,7 +200,7 @@ class DualKernel:
             jit = self.on(device)
             compiled = jit[grid](*args, **kwargs)
             if key not in self._direct:
-                self._direct[key] = self._entry(jit, compiled, len(args), kwargs)
+                self._direct[key] = direct_entry(jit, compiled, len(args), kwargs)
             return
         launcher, function, packed, tail = entry
         g = tuple(grid) + (1,) * (3 - len(grid))
@@ -198,14 +210,6 @@ class DualKernel:
         launcher(g[0], g[1], g[2], driver.active.get_current_stream(index), function, packed, None, None, None,
                  *args, *tail)
 
-    @staticmethod
-    def _entry(jit: Any, compiled: Any, num_args: int, kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
-        names = getattr(jit, "arg_names", None)
-        if compiled is None or names is None or not hasattr(compiled, "packed_metadata"):
-            return None  # never direct: the next call takes the ordinary path again
-        if any(n not in kwargs for n in names[num_args:]):
-            return None
-        return (compiled.run, compiled.function, compiled.packed_metadata, [kwargs[n] for n in names[num_args:]])
 
     def on(self, device: torch.device) -> Any:
         if device.type == "cpu":

@@ -16,7 +16,8 @@ import torch
 
 from hetserve.engine.attention import AttentionMetadata, TorchRefBackend, TritonAttentionBackend
 from hetserve.kernels import HAS_TRITON
-from hetserve.kernels.attention import decode_num_splits, paged_attention, write_kv_cache
+from hetserve.kernels.attention import decode_num_splits, write_kv_cache
+from hetserve.kernels.attention_launch import paged_attention
 from hetserve.kernels.rotary import build_cos_sin_cache, rotary_torch
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -269,7 +270,7 @@ def test_one_plan_serves_every_layer_of_a_step(name: str, device: str) -> None:
     """The backend binds a step's attention once (``PagedAttentionPlan``) and runs it for each layer's cache:
     three layers with different caches each match the reference; on a GPU the later layers go through the
     compiled kernels' launchers directly, and a plan with that path turned off gives identical bits."""
-    import hetserve.kernels.attention as attn_mod
+    import hetserve.kernels as kernels_mod
 
     chunks, heads, kv_heads, dim, block, window = SCENARIOS[name]
     scale = dim**-0.5
@@ -296,13 +297,13 @@ def test_one_plan_serves_every_layer_of_a_step(name: str, device: str) -> None:
     if device == "cuda":
         assert plan.direct_runs == len(cases) - 1, "the later layers did not call the compiled launchers"
         try:
-            attn_mod.PLAN_FAST_LAUNCH = False
+            kernels_mod.DIRECT_LAUNCH = False
             slow = TritonAttentionBackend(device)
             for case, fast_out in zip(cases, outs, strict=True):
                 out = slow.attend(case.q, case.kv_cache, meta, scale, window)
                 assert torch.equal(out[:n], fast_out[:n])
         finally:
-            attn_mod.PLAN_FAST_LAUNCH = True
+            kernels_mod.DIRECT_LAUNCH = True
     # a layer with another layout cannot reuse the step's plan: it gets its own
     wide = cases[0].q.repeat(1, 2, 1)[:, : heads * 2]
     backend.attend(wide.contiguous(), cases[0].kv_cache, meta, scale, window)

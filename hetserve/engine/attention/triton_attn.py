@@ -17,7 +17,8 @@ import torch
 
 from hetserve.engine.attention.base import AttentionBackend, AttentionMetadata
 from hetserve.kernels import Impl
-from hetserve.kernels.attention import PagedAttentionPlan, decode_prefix_len, write_kv_cache
+from hetserve.kernels.attention import decode_prefix_len, write_kv_cache
+from hetserve.kernels.attention_launch import PagedAttentionPlan
 from hetserve.kernels.rotary import rotary_and_store_kv
 
 
