@@ -161,7 +161,10 @@ def main() -> int:
     cm = CostModel(mc, get_device(args.device), "bfloat16", profile=load_profile(args.profile))
     cm.async_scheduling = bool(res.get("config", {}).get("sim_async_overlap", True))
     cm.schedules_ahead = bool(res.get("config", {}).get("async_scheduling", True))
-    report: dict[str, Any] = {"source": args.result, "profile": args.profile, "rates": {}}
+    report: dict[str, Any] = {"source": args.result, "profile": args.profile,
+                              "command": " ".join([sys.executable, *sys.argv]),
+                              "device": res.get("device"), "emulation": res.get("emulation"),
+                              "git_commit": res.get("git_commit"), "rates": {}}
     for row in res["results"]:
         if "steps" not in row:
             continue
