@@ -21,12 +21,18 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.runtime import driver as _driver
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - CPU installs without triton use the torch fallbacks
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
+    _driver = None
     HAS_TRITON = False
+try:  # launch hooks (a profiler's); Triton before 3.4 has no knobs: launches then take the ordinary path
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - torch >= 2.11 ships Triton 3.5+
+    _knobs = None
 
 Impl = Literal["auto", "triton", "torch"]
 
@@ -133,12 +139,9 @@ def launch_hooked() -> bool:
     """Whether a Triton launch hook is installed (a profiler's, say): then launches go through Triton's ordinary
     path, which calls it. Triton 3.6 keeps an empty hook chain there (never None), older ones None; a Triton
     without ``knobs`` (before 3.4) always takes the ordinary path."""
-    try:
-        from triton import knobs
-    except ImportError:  # pragma: no cover - torch >= 2.11 ships Triton 3.5+
+    if _knobs is None:
         return True
-
-    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+    for hook in (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):
             return True
     return False
@@ -204,10 +207,8 @@ class DualKernel:
             return
         launcher, function, packed, tail = entry
         g = tuple(grid) + (1,) * (3 - len(grid))
-        from triton.runtime import driver
-
         self.direct_launches += 1
-        launcher(g[0], g[1], g[2], driver.active.get_current_stream(index), function, packed, None, None, None,
+        launcher(g[0], g[1], g[2], _driver.active.get_current_stream(index), function, packed, None, None, None,
                  *args, *tail)
 
 

@@ -26,12 +26,6 @@ from hetserve.kernels.attention import (
     paged_attention_torch,
 )
 
-try:  # the launch path of compiled kernels; absent without Triton
-    from triton.runtime import driver as _driver
-except ImportError:  # pragma: no cover
-    _driver = None
-
-
 # per-layer tensors of a launch, filled in when a plan runs (the rest of its arguments is fixed for the step)
 _Q, _KV, _OUT = "<q>", "<kv_cache>", "<out>"
 
@@ -172,7 +166,7 @@ class PagedAttentionPlan:
         key = (q.data_ptr() % 16, kv_cache.data_ptr() % 16, out.data_ptr() % 16, out.dtype, out.stride())
         if self._fast is not None and key == self._fast_key and kernels.DIRECT_LAUNCH and not launch_hooked():
             self.direct_runs += 1
-            stream = _driver.active.get_current_stream(q.device.index)
+            stream = kernels._driver.active.get_current_stream(q.device.index)
             values = (q, kv_cache, out, out.stride(0), out.stride(1))
             for launcher, function, packed, grid, full, slots in self._fast:
                 for i, j in slots:
