@@ -74,6 +74,24 @@ def _wait(w: WorkerHandle, kind: type, tid: str, timeout_s: float = 60.0) -> Any
     raise TimeoutError(f"no {kind.__name__} for {tid}")
 
 
+def timeline(runs: list[tuple[KVSent, KVIn, float]]) -> dict[str, float]:
+    """Medians over the repeats of each mark of both workers (one host, one monotonic clock), in ms after the
+    sender took its ``SendKV``: sender ``send.queued`` (extracted, converted, packed), ``send.ready`` (its GPU
+    work done), ``send.sent`` (the transport's send returned: acknowledged); receiver ``recv.taken`` (the last
+    piece off its endpoint), ``recv.ready`` (the paced link through: insert starts), ``recv.inserted``,
+    ``recv.done`` (synchronised: KVIn goes out)."""
+    out: dict[str, list[float]] = {}
+    for sent, kin, _ in runs:
+        t0 = sent.stages.get("at_cmd")
+        if t0 is None:
+            return {}
+        for side, st in (("send", sent.stages), ("recv", kin.stages)):
+            for k, v in st.items():
+                if k.startswith("at_") and k != "at_cmd" and v > 0:
+                    out.setdefault(f"{side}.{k[3:]}", []).append((v - t0) * 1e3)
+    return {k: round(statistics.median(v), 4) for k, v in out.items()}
+
+
 def parse_link(text: str) -> LinkSpec:
     if text in LINKS:
         return LINKS[text]
@@ -142,13 +160,15 @@ def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int
                 "handoff_median_s": statistics.median(r[2] for r in runs), "repeats": len(runs),
                 # host seconds per stage, medians over the repeats: where a hand-off's fixed cost goes
                 "send_stages_s": {k: statistics.median(r[0].stages.get(k, 0.0) for r in runs)
-                                  for k in runs[0][0].stages},
+                                  for k in runs[0][0].stages if not k.startswith("at_")},
                 "recv_stages_s": {k: statistics.median(r[1].stages.get(k, 0.0) for r in runs)
-                                  for k in runs[0][1].stages},
+                                  for k in runs[0][1].stages if not k.startswith("at_")},
+                "timeline_ms": timeline(runs),
             })
             r = rows[-1]
             print(f"{case:8s} {kib:6d} KiB  achieved {r['achieved_fraction']:6.1%} of {link_name}  "
-                  f"conversion {r['conversion_share']:6.1%}  hand-off {handoff_s * 1e3:7.2f} ms")
+                  f"conversion {r['conversion_share']:6.1%}  hand-off {handoff_s * 1e3:7.2f} ms  "
+                  f"timeline {r['timeline_ms']}")
     finally:
         snd.stop()
         rcv.stop()

@@ -31,6 +31,7 @@ from hetserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from hetserve.core.sampling_params import SamplingParams, SamplingType
 from hetserve.engine.attention import get_attention_backend
 from hetserve.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes
+from hetserve.engine.kv_views import LayerViews
 from hetserve.engine.memory_profile import profile_step_bytes
 from hetserve.engine.model.linears import tune_skinny
 from hetserve.engine.model.loader import load_model
@@ -138,10 +139,10 @@ class ModelRunner(StepInputs, Executor):
         # one allocation for all layers, one view per layer: a KV hand-off gathers / scatters every layer of a
         # request in one kernel (kv_transfer.extract_blocks / insert_blocks)
         # ``cache_kv_heads``: a Hetis main keeps only some heads here (the rest live on attention workers)
-        self.kv_caches = list(torch.zeros(
+        self.kv_caches = LayerViews(torch.zeros(
             self.num_local_layers, 2, self._num_blocks, self.block_size,
             self.num_local_kv_heads if cache_kv_heads is None else cache_kv_heads, mc.head_dim,
-            dtype=self.dtype, device=self.device).unbind(0))
+            dtype=self.dtype, device=self.device))
         self.piecewise: PiecewiseGraphRunner | None = None
         # per linear role: cuBLAS or the skinny GEMM at decode-batch sizes, timed here before any capture
         self.skinny_report: dict[str, Any] | None = None

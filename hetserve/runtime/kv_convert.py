@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hetserve.engine.kv_views import LayerViews
 from hetserve.runtime.kv_layout import (
     DTYPE_ITEMSIZE,
     FP8_E4M3_MAX,
@@ -79,6 +80,8 @@ def stacked_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     buffers of one received message); None otherwise. Lets a per-layer list be moved in one kernel."""
     if not tensors:
         return None
+    if isinstance(tensors, LayerViews) and tensors.intact() and tensors.whole.is_contiguous():
+        return tensors.whole
     t0 = tensors[0]
     if not t0.is_contiguous():
         return None
@@ -352,7 +355,7 @@ def convert(
         sel = [(lo, stacks[id(p)].narrow(ha_src, lo - p.head_start, hi - lo),  # type: ignore[union-attr]
                 scales_of[id(p)] if src_fp8 else None) for p, lo, hi in picks]
         x, scales, cur = _convert_stacked(sel, src, dst, h0, h1, num_tokens, ds, consume)
-        tensors = list(x.contiguous().unbind(0)) if dst.arrangement == "layer_major" else unstacked(x, dst.arrangement)
+        tensors = LayerViews(x.contiguous()) if dst.arrangement == "layer_major" else unstacked(x, dst.arrangement)
     elif src.arrangement == "layer_major":
         # layer by layer: no [L, ...] stack to build, and each temporary is 1/L the size
         parts = [_convert_stacked(select(slice(i, i + 1)), src, dst, h0, h1, num_tokens,

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hetserve.core.devices import LinkSpec
+from hetserve.engine.kv_views import LayerViews
 from hetserve.runtime.kv_convert import TORCH_DTYPES, convert, stacked_view
 from hetserve.runtime.kv_messages import ExpectKV, KVIn, KVSent, SendKV
 from hetserve.runtime.kv_transfer import LinkPacer, extract_blocks
@@ -117,6 +118,7 @@ class _Expect:
     committed: set[int] = field(default_factory=set)  # sources whose last piece (all tokens) is committed
     pending: dict[int, list[tuple[int, int, int, Any]]] = field(default_factory=dict)  # src -> not committed
     num_bytes: int = 0
+    taken_s: float = 0.0  # when the last commit was taken off the endpoint (monotonic)
 
 
 class DirectKV:
@@ -166,6 +168,7 @@ class DirectKV:
     def _queue_layers(self, cmd: SendKV, layers: Any, last: bool = False) -> None:
         """Extract and convert ``layers`` (local indices) of ``cmd``'s tokens; their bytes go to the thread."""
         t0 = time.perf_counter()
+        at_cmd = time.monotonic()
         layers = list(layers)
         if not layers:
             return
@@ -173,7 +176,8 @@ class DirectKV:
         n = cmd.num_tokens - cmd.token_start
         ids = cmd.block_ids[cmd.token_start // bs:]
         local = dataclasses.replace(self.desc, num_layers=len(layers))
-        caches = [self.runner.kv_caches[i] for i in layers]
+        kv = self.runner.kv_caches
+        caches = kv if len(layers) == len(kv) and layers[0] == 0 else [kv[i] for i in layers]
         src = extract_blocks(caches, ids, n, local)
         t1 = time.perf_counter()
         p = convert(src, local, dataclasses.replace(cmd.wire, num_layers=len(layers)), n, heads=self.desc.head_range,
@@ -202,7 +206,9 @@ class DirectKV:
                    [t.numel() * t.element_size() for t in p.tensors], ready, last)
         t3 = time.perf_counter()
         # host seconds per stage (a GPU stage's kernels may still run after its host part returns)
-        out.stages = {"extract": t1 - t0, "convert": t2 - t1, "pack": t3 - t2}
+        out.stages = {"extract": t1 - t0, "convert": t2 - t1, "pack": t3 - t2,
+                      # "at_" marks: this host's monotonic clock, for a timeline across both processes
+                      "at_cmd": at_cmd, "at_queued": time.monotonic()}
         self._jobs.put(("piece", cmd, out, t3 - t0))
 
     # layer-wise: the layer hooks send each layer's KV as soon as the step wrote it
@@ -247,8 +253,9 @@ class DirectKV:
                     if not st["failed"]:
                         self._send_piece(cmd, job[2], st)
                     st["conv"] += job[3]
-                    for k, v in job[2].stages.items():
-                        st.setdefault("stages", {})[k] = st.get("stages", {}).get(k, 0.0) + v
+                    books = st.setdefault("stages", {})
+                    for k, v in job[2].stages.items():  # seconds add up over pieces; marks keep the latest
+                        books[k] = max(books.get(k, 0.0), v) if k.startswith("at_") else books.get(k, 0.0) + v
                 else:
                     del self._sending[key]
                     self._commit_job(cmd, st)
@@ -273,6 +280,7 @@ class DirectKV:
         if out.ready is not None:
             out.ready.synchronize()  # the conversion is done (the transport's copy does not wait for our stream)
         out.stages["wait_ready"] = time.perf_counter() - tw
+        out.stages["at_ready"] = time.monotonic()
         if st["t0"] is None:
             if self.stall_s > 0:
                 time.sleep(self.stall_s)  # test hook: a stalled link
@@ -298,6 +306,7 @@ class DirectKV:
                 with buffers_ready():  # ``out.ready`` was waited for above
                     self._endpoint(tg.kind).send(tg.address, piece, out.layers(lo - oa, hi - oa), deadline_s)
                 out.stages["transport"] = out.stages.get("transport", 0.0) + time.perf_counter() - ts
+                out.stages["at_sent"] = time.monotonic()
             except TransportError as e:
                 st["failed"] = f"{type(e).__name__}: {e}"
                 return
@@ -434,15 +443,20 @@ class DirectKV:
                 from hetserve.runtime.shard import _read_only_tensor
 
                 flat = _read_only_tensor(data[0])  # views of one tensor: the insert moves all layers at once
-                offs = [sum(sizes[:i]) for i in range(len(sizes))]
-                data = [flat.narrow(0, a, n) for a, n in zip(offs, sizes, strict=True)]
+                if all(n == sizes[0] for n in sizes):  # rows of one [layers, bytes] tensor, which it remembers
+                    data = LayerViews(flat.view(len(sizes), sizes[0]))
+                else:
+                    offs = [sum(sizes[:i]) for i in range(len(sizes))]
+                    data = [flat.narrow(0, a, n) for a, n in zip(offs, sizes, strict=True)]
             sh = KVShard(layer_start=header.layer_start, head_start=header.head_start, shapes=header.shapes,
                          buffers=data)
             e.pending.setdefault(header.src_rank, []).append((header.token_start, header.num_tokens,
                                                               header.src_rank, sh))
             if header.final:
+                e.taken_s = time.monotonic()
                 self._commit(e, header.src_rank, header.not_before_s)
         elif header.src_rank in e.pending:
+            e.taken_s = time.monotonic()
             self._commit(e, header.src_rank, header.not_before_s)
 
     @staticmethod
@@ -480,7 +494,8 @@ class DirectKV:
             t1 = time.perf_counter()
             if self.runner.device.type == "cuda":
                 torch.cuda.synchronize(self.runner.device)
-            stages = {"insert": t1 - t0, "sync": time.perf_counter() - t1}
+            stages = {"insert": t1 - t0, "sync": time.perf_counter() - t1, "at_taken": e.taken_s,
+                      "at_ready": ready, "at_inserted": ready + (t1 - t0), "at_done": time.monotonic()}
         except Exception as ex:  # noqa: BLE001 - a malformed transfer fails, not the worker
             return KVIn(seq=e.seq, transfer_id=tid, ok=False, error=f"{type(ex).__name__}: {ex}",
                         num_bytes=e.num_bytes)

@@ -34,7 +34,7 @@ import torch
 
 from hetserve.core.devices import LinkSpec
 from hetserve.core.errors import HetserveError
-from hetserve.runtime.kv_convert import DTYPE_NAMES, TORCH_DTYPES, KVPayload, convert, stacked_view
+from hetserve.runtime.kv_convert import DTYPE_NAMES, TORCH_DTYPES, KVPayload, LayerViews, convert, stacked_view
 from hetserve.runtime.kv_layout import KVDescriptor, check_compatible, head_transfers, wire_descriptor
 from hetserve.runtime.messages import KVCommit, KVData, TensorMeta
 from hetserve.runtime.transport.base import TransferTimeout, Transport, TransportError
@@ -46,11 +46,21 @@ ONE_HOST_TRANSPORTS = ("shm", "local")
 
 # ---- cache <-> payload ---------------------------------------------------------------------------
 def _as_list(kv_caches: KVCaches) -> list[torch.Tensor]:
-    return [kv_caches] if isinstance(kv_caches, torch.Tensor) else list(kv_caches)
+    if isinstance(kv_caches, torch.Tensor):
+        return [kv_caches]
+    return kv_caches if isinstance(kv_caches, LayerViews) else list(kv_caches)  # keeps what it remembers
 
 
 def _bytes_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def index_tensor(ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Block ids as an int64 tensor on ``device``. On a GPU through pinned memory without blocking: a
+    pageable copy would make the host wait for everything queued on the stream first."""
+    if device.type != "cuda":
+        return torch.tensor(list(ids), dtype=torch.int64, device=device)
+    return torch.tensor(list(ids), dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
 
 
 def extract_blocks(
@@ -73,7 +83,7 @@ def extract_blocks(
     if nb > len(block_ids):
         raise ValueError(f"{num_tokens} tokens need {nb} blocks of {desc.block_size}, the table has {len(block_ids)}")
     caches = _as_list(kv_caches)
-    ids = torch.tensor(list(block_ids[:nb]), dtype=torch.int64, device=caches[0].device)
+    ids = index_tensor(block_ids[:nb], caches[0].device)
     tail = num_tokens - (nb - 1) * desc.block_size  # tokens in the last block
     slot_axis = -3 if desc.layout == "NHD" else -2
     if desc.arrangement == "layer_major":
@@ -83,7 +93,7 @@ def extract_blocks(
         if whole is not None:  # one cache block for all layers: one gather, one zeroing
             x = whole.index_select(2, ids)
             _bytes_view(x.select(2, nb - 1)).narrow(slot_axis, tail, desc.block_size - tail).zero_()
-            out = list(x.unbind(0))
+            out = LayerViews(x)
         else:
             out = [c.index_select(1, ids) for c in caches]
             for t in out:
@@ -116,7 +126,7 @@ def insert_blocks(kv_caches: KVCaches, block_ids: Sequence[int], payload: KVPayl
     if nb > len(block_ids):
         raise ValueError(f"payload has {nb} blocks, the table {len(block_ids)}")
     caches = _as_list(kv_caches)
-    ids = torch.tensor(list(block_ids[:nb]), dtype=torch.int64, device=caches[0].device)
+    ids = index_tensor(block_ids[:nb], caches[0].device)
     if desc.arrangement == "layer_major":
         whole = stacked_view(caches) if len(caches) > 1 else None
         src = stacked_view(payload.tensors) if whole is not None else None

@@ -26,6 +26,7 @@ from hetserve.core.config import EngineConfig
 from hetserve.core.model_config import ModelConfig
 from hetserve.engine.model.parallel import ParallelSpec
 from hetserve.engine.runner import ModelRunner
+from hetserve.engine.kv_views import LayerViews
 from hetserve.runtime.kv_convert import TORCH_DTYPES, KVPayload, convert, stacked_view
 from hetserve.runtime.kv_layout import KVDescriptor
 from hetserve.runtime.kv_transfer import extract_blocks, insert_blocks
@@ -173,10 +174,16 @@ def _insert_all_layers(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV, d
         if sh.layer_start > start or sh.layer_start + len(sh.buffers) < start + n_layers:
             return False
         skip = start - sh.layer_start
-        ts = [_read_only_tensor(b).view(dt).view(shape)
-              for b, shape in zip(sh.buffers[skip:skip + n_layers], sh.shapes[skip:skip + n_layers], strict=True)]
-        if stacked_view(ts) is None:
-            return False
+        rows = sh.buffers
+        if (isinstance(rows, LayerViews) and rows.intact() and skip == 0 and len(rows) == n_layers
+                and all(shape == sh.shapes[0] for shape in sh.shapes)):
+            # a packed piece's layers, one [layers, bytes] tensor: viewed at once, no per-layer checks
+            ts: list[torch.Tensor] = LayerViews(rows.whole.view(dt).view(n_layers, *sh.shapes[0]))
+        else:
+            ts = [_read_only_tensor(b).view(dt).view(shape)
+                  for b, shape in zip(sh.buffers[skip:skip + n_layers], sh.shapes[skip:skip + n_layers], strict=True)]
+            if stacked_view(ts) is None:
+                return False
         pieces.append(KVPayload(dataclasses.replace(cmd.wire, num_layers=n_layers), cmd.num_tokens, ts,
                                 sh.head_start, None))
     wire = dataclasses.replace(cmd.wire, num_layers=n_layers)

@@ -350,3 +350,25 @@ def test_stacked_view_only_for_equally_spaced_views_of_one_block() -> None:
     assert stacked_view([whole[0].clone(), whole[1]]) is None  # two storages
     assert stacked_view([whole[0][:, :3], whole[1][:, :3]]) is None  # not contiguous
     assert stacked_view([whole[1], whole[0]]) is None  # negative step
+
+
+def test_layer_views_remember_their_block_until_changed() -> None:
+    from hetserve.engine.kv_views import LayerViews
+    from hetserve.runtime.kv_transfer import extract_blocks
+
+    whole = torch.arange(4 * 2 * 5, dtype=torch.float32).reshape(4, 2, 5)
+    views = LayerViews(whole)
+    assert stacked_view(views) is whole  # no per-layer check: the block it was made from
+    assert [t.data_ptr() for t in views] == [t.data_ptr() for t in whole.unbind(0)]
+    views[0] = whole[0].clone()  # replaced: no longer intact, so the views are checked one by one
+    assert not views.intact() and stacked_view(views) is None
+    grown = LayerViews(whole)
+    grown.append(whole[0])
+    assert not grown.intact() and stacked_view(grown) is None  # out of order now
+    # the extract -> convert path hands the stacked tensor on: the converted payload is LayerViews too
+    d = desc()
+    cache = LayerViews(torch.randn(d.num_layers, 2, 6, d.block_size, d.num_kv_heads, d.head_dim))
+    src = extract_blocks(cache, [4, 1], d.block_size + 3, d)
+    assert isinstance(src.tensors, LayerViews)
+    out = convert(src, d, dataclasses.replace(d, layout="HND", block_size=d.block_size * 2), d.block_size + 3)
+    assert isinstance(out.tensors, LayerViews) and stacked_view(out.tensors) is out.tensors.whole
