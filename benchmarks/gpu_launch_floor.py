@@ -32,6 +32,8 @@ from hetserve import kernels
 
 # (label, [(new tokens, cached tokens) per request])
 SHAPES = {
+    # the cost model's EAGER_FLOOR_S_PER_LAYER: a batch-4 decode, run eager (--modes 0), over the layers
+    "decode 4 (the eager floor)": [(1, 512)] * 4,
     "mixed 8 decodes + 24-token chunk": [(1, 512)] * 8 + [(24, 0)],
     "mixed 64 decodes + 64-token chunk": [(1, 512)] * 64 + [(64, 0)],
     "mixed 256 decodes + 256-token chunk": [(1, 512)] * 256 + [(256, 0)],
@@ -46,6 +48,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="layers of the 8B shape (default: all 32)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--modes", default="0,1024", help="piecewise_graph_max_tokens values, side by side")
+    ap.add_argument("--decode-graph-max", type=int, default=512,
+                    help="cuda_graph_max_batch (0: decode steps eager too, as on TP ranks and Hetis mains: the "
+                         "eager floor)")
     ap.add_argument("--ordinary-launch", action="store_true",
                     help="also time each shape with every Triton launch through Triton's ordinary path "
                          "(kernels.DIRECT_LAUNCH off), side by side")
@@ -58,7 +63,8 @@ def main() -> int:
     layers = big.cfg.num_hidden_layers
     results: dict[str, Any] = {}
     for mode in [int(m) for m in args.modes.split(",")]:
-        runner, _ = make_runner(big, 8192, {"piecewise_graph_max_tokens": mode, "cuda_graph_max_batch": 512},
+        runner, _ = make_runner(big, 8192, {"piecewise_graph_max_tokens": mode,
+                                                  "cuda_graph_max_batch": args.decode_graph_max},
                                 max_num_seqs=1024, max_num_batched_tokens=4096, max_model_len=4096,
                                 enable_prefix_caching=False)
         capture = runner.piecewise.capture_s if runner.piecewise is not None else 0.0
@@ -102,7 +108,8 @@ def main() -> int:
     out = {"benchmark": "runner step times, eager vs piecewise CUDA graphs", "command": " ".join(sys.argv),
            "git_commit": git_commit(), "device": torch.cuda.get_device_name(), "emulation": None,
            "emulated": False, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "config": {"model": "llama-3.1-8b shape, random bf16", "layers": layers, "repeat": args.repeat},
+           "config": {"model": "llama-3.1-8b shape, random bf16", "layers": layers, "repeat": args.repeat,
+                      "cuda_graph_max_batch": args.decode_graph_max},
            "results": results}
     dst = Path(os.environ.get("OUT", ROOT / "benchmarks/results")) / "gpu-launch-floor.json"
     dst.write_text(json.dumps(out, indent=2))

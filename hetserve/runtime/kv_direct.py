@@ -119,6 +119,7 @@ class _Expect:
     pending: dict[int, list[tuple[int, int, int, Any]]] = field(default_factory=dict)  # src -> not committed
     num_bytes: int = 0
     taken_s: float = 0.0  # when the last commit was taken off the endpoint (monotonic)
+    marks: dict[str, float] = field(default_factory=dict)  # the endpoint's marks for that message (diagnostics)
 
 
 class DirectKV:
@@ -307,6 +308,7 @@ class DirectKV:
                     self._endpoint(tg.kind).send(tg.address, piece, out.layers(lo - oa, hi - oa), deadline_s)
                 out.stages["transport"] = out.stages.get("transport", 0.0) + time.perf_counter() - ts
                 out.stages["at_sent"] = time.monotonic()
+                out.stages.update(getattr(self._endpoint(tg.kind), "send_marks", {}))
             except TransportError as e:
                 st["failed"] = f"{type(e).__name__}: {e}"
                 return
@@ -454,6 +456,7 @@ class DirectKV:
                                                               header.src_rank, sh))
             if header.final:
                 e.taken_s = time.monotonic()
+                e.marks = dict(getattr(self.endpoints.get("shm"), "recv_marks", {}))
                 self._commit(e, header.src_rank, header.not_before_s)
         elif header.src_rank in e.pending:
             e.taken_s = time.monotonic()
@@ -495,7 +498,7 @@ class DirectKV:
             if self.runner.device.type == "cuda":
                 torch.cuda.synchronize(self.runner.device)
             stages = {"insert": t1 - t0, "sync": time.perf_counter() - t1, "at_taken": e.taken_s,
-                      "at_ready": ready, "at_inserted": ready + (t1 - t0), "at_done": time.monotonic()}
+                      "at_ready": ready, "at_inserted": ready + (t1 - t0), "at_done": time.monotonic(), **e.marks}
         except Exception as ex:  # noqa: BLE001 - a malformed transfer fails, not the worker
             return KVIn(seq=e.seq, transfer_id=tid, ok=False, error=f"{type(ex).__name__}: {ex}",
                         num_bytes=e.num_bytes)

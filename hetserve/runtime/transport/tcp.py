@@ -120,6 +120,9 @@ class ZmqTransport(Transport):
         self._table_lock = threading.Lock()
         self._msg_ids = itertools.count(1)
         self._unpacking_for = b""  # the ROUTER identity of the message ``_unpack`` is working on
+        # diagnostics (benchmarks/kv_runtime.py's timeline): monotonic marks of the last send / message taken
+        self.send_marks: dict[str, float] = {}
+        self.recv_marks: dict[str, float] = {}
         self._closed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"zmq-recv {self._address}", daemon=True)
@@ -184,11 +187,16 @@ class ZmqTransport(Transport):
                 self._wait_ready(conn, deadline_s)
                 self._wait_acks(conn, self.window - 1, deadline_s)  # room in the window; earlier failures
                 msg_id = next(self._msg_ids)
+                marks = {"at_send": time.monotonic()}
                 env, frames, state = self._pack(peer, msg_id, buffers)
+                marks["at_packed"] = time.monotonic()
                 conn.outstanding[msg_id] = (deadline_s, state)  # released on its acknowledgement or the drop
                 self._send_frames(conn, [encode(env), head, *frames], deadline_s)
+                marks["at_framed"] = time.monotonic()
                 early = self.window > 1 and self._may_return_early(state)
                 self._wait_acks(conn, self.window - 1 if early else 0, deadline_s)
+                marks["at_acked"] = time.monotonic()
+                self.send_marks = marks
             except BaseException:
                 # a half-sent or unacknowledged message must not linger: drop the socket with it
                 self._drop(peer)
@@ -336,7 +344,9 @@ class ZmqTransport(Transport):
             if not isinstance(env, Envelope):
                 raise MessageDecodeError("the first frame is not an envelope")
             self._unpacking_for = ident.bytes
+            t_rx = time.monotonic()
             item = (decode(rest[1].buffer), self._unpack(env, rest[2:]))
+            self.recv_marks = {"at_rx": t_rx, "at_unpacked": time.monotonic()}
         except (MessageDecodeError, OSError, ValueError) as e:
             msg_id = env.msg_id if isinstance(env, Envelope) else -1
             self._router.send_multipart([ident, encode(Ack(msg_id=msg_id, ok=False, error=str(e)))])
