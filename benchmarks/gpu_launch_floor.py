@@ -48,9 +48,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="layers of the 8B shape (default: all 32)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--modes", default="0,1024", help="piecewise_graph_max_tokens values, side by side")
-    ap.add_argument("--decode-graph-max", type=int, default=512,
-                    help="cuda_graph_max_batch (0: decode steps eager too, as on TP ranks and Hetis mains: the "
-                         "eager floor)")
+    ap.add_argument("--eager-decode", action="store_true",
+                    help="decode steps eager too (enforce_eager), as on TP ranks and Hetis mains: with --modes 0, "
+                         "'decode 4' is the cost model's eager floor")
     ap.add_argument("--ordinary-launch", action="store_true",
                     help="also time each shape with every Triton launch through Triton's ordinary path "
                          "(kernels.DIRECT_LAUNCH off), side by side")
@@ -63,8 +63,8 @@ def main() -> int:
     layers = big.cfg.num_hidden_layers
     results: dict[str, Any] = {}
     for mode in [int(m) for m in args.modes.split(",")]:
-        runner, _ = make_runner(big, 8192, {"piecewise_graph_max_tokens": mode,
-                                                  "cuda_graph_max_batch": args.decode_graph_max},
+        runner, _ = make_runner(big, 8192, {"piecewise_graph_max_tokens": mode, "cuda_graph_max_batch": 512,
+                                                  "enforce_eager": args.eager_decode},
                                 max_num_seqs=1024, max_num_batched_tokens=4096, max_model_len=4096,
                                 enable_prefix_caching=False)
         capture = runner.piecewise.capture_s if runner.piecewise is not None else 0.0
@@ -109,7 +109,7 @@ def main() -> int:
            "git_commit": git_commit(), "device": torch.cuda.get_device_name(), "emulation": None,
            "emulated": False, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "config": {"model": "llama-3.1-8b shape, random bf16", "layers": layers, "repeat": args.repeat,
-                      "cuda_graph_max_batch": args.decode_graph_max},
+                      "enforce_eager": args.eager_decode},
            "results": results}
     dst = Path(os.environ.get("OUT", ROOT / "benchmarks/results")) / "gpu-launch-floor.json"
     dst.write_text(json.dumps(out, indent=2))
