@@ -46,7 +46,7 @@ __all__ = ["BatchShape", "CostModel"]  # BatchShape lives in batch_shape.py; imp
 
 # the host's cost of launching one decoder layer's kernels eagerly (see CostModel.__init__), and the largest
 # decode batch the runtime captures in a CUDA graph (EngineConfig.device.cuda_graph_max_batch's default)
-EAGER_FLOOR_S_PER_LAYER = 0.41e-3
+EAGER_FLOOR_S_PER_LAYER = 0.35e-3
 GRAPH_MAX_BATCH = 512
 # a step of up to PIECEWISE_MAX_TOKENS tokens that is not a graphed decode replays piecewise graphs around eager
 # attention (EngineConfig.device.piecewise_graph_max_tokens); its host launch per layer (H100, torch 2.11,
@@ -168,7 +168,8 @@ class CostModel:
         # to ``graph_max_batch`` sequences on a runner that holds the whole model (no PP stage, no TP rank, no
         # Hetis main). Every other step runs eagerly, where launching each layer's kernels from Python takes
         # ``eager_floor_s_per_layer`` however little the GPU has to do (H100, torch 2.11: a batch-4 decode of
-        # Llama-3.1-8B took 13 ms eager vs 7 ms graphed, 0.41 ms a layer). Plans set ``graph_max_batch`` to 0
+        # Llama-3.1-8B took 13 ms eager vs 7 ms graphed, 0.41 ms a layer; 11.2 ms, 0.35 ms a layer, once Triton
+        # kernels launch directly: results/engine-s7/gpu-launch-floor-eager-decode.json). Plans set ``graph_max_batch`` to 0
         # where the runtime never captures graphs.
         graphed = profile is not None and (profile.meta.get("timing") or {}).get("dense_s_per_layer") == "graph"
         # a runtime that replays graphs runs a graph step's dense layers at the captured size the step pads to
@@ -380,8 +381,12 @@ class CostModel:
         if self.include_embedding:
             device += T * self._embed_bytes_per_token * self._inv_mem_bw
         if self.async_scheduling and not serial:
-            # the launches and the overhead terms are host time, spent while the previous step runs
-            return max(device, launch + self._overhead_s(batch))
+            # the launches and the overhead terms are host time, spent while the previous step runs; but not the
+            # new sequences' part (their prompts' inputs): on the H100 a mixed step's device span was 3.7-4.3%
+            # longer than the model without it and 0.1-0.7% with it (session 7, both Azure traces), while decode
+            # steps (no new sequences) matched within 1-2%
+            new = batch.num_new_seqs * self.new_seq_overhead_s + batch.new_seq_tokens * self.new_seq_overhead_per_token_s
+            return max(device + new, launch + self._overhead_s(batch))
         return device + max(0.0, launch - layers) + self._overhead_s(batch)
 
     def step_time_from_scheduler_output(self, out: SchedulerOutput) -> float:

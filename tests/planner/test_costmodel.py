@@ -386,20 +386,30 @@ def test_graph_timed_profile_floors_the_steps_the_runtime_runs_eagerly() -> None
 
 def test_async_scheduling_overlaps_host_and_device() -> None:
     """With async scheduling a step takes the longer of its device time and its host time (overhead terms plus
-    launches), by hand from the sync model's parts; never longer than the sync step, never shorter than either."""
+    launches), by hand from the sync model's parts; never longer than the sync step, never shorter than either.
+    A new sequence's part of the overhead (its prompt's inputs) stays on the device's critical path."""
     graphed = _toy_profile(meta={"timing": {"dense_s_per_layer": "graph"}})
     sync = CostModel(TOY, DEV, profile=graphed)
     asy = CostModel(TOY, DEV, profile=graphed)
     asy.async_scheduling = True
-    for b in (BatchShape((), 3, 30), MIXED, BatchShape((), 40, 4000)):
+    for cm in (sync, asy):
+        cm.new_seq_overhead_s, cm.new_seq_overhead_per_token_s = 2e-4, 1e-6
+    admit = BatchShape(((200, 0),), 3, 30, num_new_seqs=1, new_seq_tokens=200)
+    for b in (BatchShape((), 3, 30), MIXED, BatchShape((), 40, 4000), admit):
         bd = sync.breakdown(b)
         device = bd["dense"] + bd["attention"] + bd["allreduce"] + bd["lm_head"] + bd["embedding"]
         launch = sync._launch_floor_s(b)
-        want = max(device, launch + bd["overhead"])
+        new = b.num_new_seqs * 2e-4 + b.new_seq_tokens * 1e-6
+        want = max(device + new, launch + bd["overhead"])
         assert asy.step_time_s(b) == pytest.approx(want, rel=1e-12)
         assert asy.step_time_s(b) <= sync.step_time_s(b) + 1e-15
         assert sum(asy.breakdown(b).values()) == pytest.approx(asy.step_time_s(b), rel=1e-12)
         assert asy.breakdown(b)["async_overlap"] <= 0.0
+    # the new sequence's part is what the admitting step takes beyond the same step without it
+    bd = sync.breakdown(admit)
+    device = bd["dense"] + bd["attention"] + bd["allreduce"] + bd["lm_head"] + bd["embedding"]
+    if device > sync._launch_floor_s(admit) + bd["overhead"]:
+        assert asy.step_time_s(admit) == pytest.approx(device + 2e-4 + 200e-6, rel=1e-12)
 
 
 def test_graph_steps_pay_for_their_padded_size() -> None:
