@@ -47,6 +47,7 @@ def main() -> int:
                          "benchmarks/fidelity_steps.py")
     ap.add_argument("--resim", metavar="RESULT.json", default=None,
                     help="no GPU: re-simulate a measured result's requests with today's profile (same seeds)")
+    ap.add_argument("--resim-out", default=None, help="with --resim: where to write (default: beside the source)")
     args = ap.parse_args()
     if args.resim:
         return resim(Path(args.resim), args)
@@ -272,7 +273,7 @@ def resim(path: Path, args: argparse.Namespace) -> int:
     out = dict(old, results=rows, resimulated={"from": path.name, "command": " ".join([sys.executable, *sys.argv]),
                                                "git_commit": git_commit(), "profile_created": prof.meta.get("created"),
                                                "note": "real columns as measured; simulated re-run with this profile"})
-    dest = path.with_name(path.stem + "-resim.json")
+    dest = Path(args.resim_out) if args.resim_out else path.with_name(path.stem + "-resim.json")
     dest.write_text(json.dumps(out, indent=1, default=str))
     print(f"wrote {dest}")
     return 0

@@ -54,6 +54,13 @@ GRAPH_MAX_BATCH = 512
 # 3.8-4.1 ms for 32 layers with the step's attention bound once (PagedAttentionPlan), 7.6 ms before, 25.4 eager;
 # ~0.12 ms a layer with the step's input preparation. Its device time, 8.7-9.0 ms, is the tables' business)
 PIECEWISE_MAX_TOKENS = 1024
+# an async engine hides its host work behind the step before, except ~1 us per new prompt token, which its device
+# waits for: on the H100 the device span of every mixed step (it admits a prompt) came out 3.4-4.3% longer than
+# the tables' time (both Azure traces, six online runs in sessions 6-7, four profiles), and with 1.0 us per new
+# token added, 0.996-1.006x of it in every run; the profile's own fitted new-request terms (0-1.8 us a token,
+# 0.23-0.37 ms a request, differences of large numbers) gave 0.967-1.036x. Decode-only steps admit nothing.
+# A profile's ``meta.admit_serial_s_per_token`` wins; a runner without async scheduling pays all its host work.
+ADMIT_SERIAL_S_PER_TOKEN = 1.0e-6
 PIECEWISE_FLOOR_S_PER_LAYER = 0.12e-3
 
 
@@ -192,6 +199,8 @@ class CostModel:
         self.piecewise_max_tokens = PIECEWISE_MAX_TOKENS if tp == 1 else 0
         self.piecewise_floor_s_per_layer = float(
             profile.meta.get("piecewise_floor_s_per_layer", PIECEWISE_FLOOR_S_PER_LAYER)) \
+            if graphed and profile is not None else 0.0
+        self.admit_serial_s_per_token = float(profile.meta.get("admit_serial_s_per_token", ADMIT_SERIAL_S_PER_TOKEN)) \
             if graphed and profile is not None else 0.0
 
     def _check_profile(self, p: DeviceProfile) -> None:
@@ -352,7 +361,8 @@ class CostModel:
             self.step_overhead_s
             + batch.num_reqs * self.step_overhead_per_seq_s
             + batch.num_new_seqs * self.new_seq_overhead_s
-            + batch.new_seq_tokens * self.new_seq_overhead_per_token_s
+            # at least what an async engine's device waits for (ADMIT_SERIAL_S_PER_TOKEN): never more async
+            + batch.new_seq_tokens * max(self.new_seq_overhead_per_token_s, self.admit_serial_s_per_token)
         )
 
     def idle_wake_s(self, idle_s: float) -> float:
@@ -381,12 +391,9 @@ class CostModel:
         if self.include_embedding:
             device += T * self._embed_bytes_per_token * self._inv_mem_bw
         if self.async_scheduling and not serial:
-            # the launches and the overhead terms are host time, spent while the previous step runs; but not the
-            # new sequences' part (their prompts' inputs): on the H100 a mixed step's device span was 3.7-4.3%
-            # longer than the model without it and 0.1-0.7% with it (session 7, both Azure traces), while decode
-            # steps (no new sequences) matched within 1-2%
-            new = batch.num_new_seqs * self.new_seq_overhead_s + batch.new_seq_tokens * self.new_seq_overhead_per_token_s
-            return max(device + new, launch + self._overhead_s(batch))
+            # the launches and the overhead terms are host time, spent while the previous step runs; all but
+            # ``admit_serial_s_per_token`` per new prompt token, which the device waits for (ADMIT_SERIAL_...)
+            return max(device + batch.new_seq_tokens * self.admit_serial_s_per_token, launch + self._overhead_s(batch))
         return device + max(0.0, launch - layers) + self._overhead_s(batch)
 
     def step_time_from_scheduler_output(self, out: SchedulerOutput) -> float:

@@ -387,19 +387,20 @@ def test_graph_timed_profile_floors_the_steps_the_runtime_runs_eagerly() -> None
 def test_async_scheduling_overlaps_host_and_device() -> None:
     """With async scheduling a step takes the longer of its device time and its host time (overhead terms plus
     launches), by hand from the sync model's parts; never longer than the sync step, never shorter than either.
-    A new sequence's part of the overhead (its prompt's inputs) stays on the device's critical path."""
+    ``admit_serial_s_per_token`` per new prompt token stays on the device's critical path."""
     graphed = _toy_profile(meta={"timing": {"dense_s_per_layer": "graph"}})
     sync = CostModel(TOY, DEV, profile=graphed)
     asy = CostModel(TOY, DEV, profile=graphed)
     asy.async_scheduling = True
     for cm in (sync, asy):
         cm.new_seq_overhead_s, cm.new_seq_overhead_per_token_s = 2e-4, 1e-7
+        cm.admit_serial_s_per_token = 3e-7
     admit = BatchShape(((2000, 0),), 3, 30, num_new_seqs=1, new_seq_tokens=2000)
     for b in (BatchShape((), 3, 30), MIXED, BatchShape((), 40, 4000), admit):
         bd = sync.breakdown(b)
         device = bd["dense"] + bd["attention"] + bd["allreduce"] + bd["lm_head"] + bd["embedding"]
         launch = sync._launch_floor_s(b)
-        new = b.num_new_seqs * 2e-4 + b.new_seq_tokens * 1e-7
+        new = b.new_seq_tokens * 3e-7
         want = max(device + new, launch + bd["overhead"])
         assert asy.step_time_s(b) == pytest.approx(want, rel=1e-12)
         assert asy.step_time_s(b) <= sync.step_time_s(b) + 1e-15
@@ -409,7 +410,10 @@ def test_async_scheduling_overlaps_host_and_device() -> None:
     bd = sync.breakdown(admit)
     device = bd["dense"] + bd["attention"] + bd["allreduce"] + bd["lm_head"] + bd["embedding"]
     assert device > sync._launch_floor_s(admit) + bd["overhead"]  # device-bound: the host part would hide
-    assert asy.step_time_s(admit) == pytest.approx(device + 2e-4 + 2000e-7, rel=1e-12)
+    assert asy.step_time_s(admit) == pytest.approx(device + 2000 * 3e-7, rel=1e-12)
+    # the host's own cost of a prompt token is never below what the device waits for (sync >= async)
+    assert bd["overhead"] == pytest.approx(sync.breakdown(BatchShape(((2000, 0),), 3, 30))["overhead"]
+                                           + 2e-4 + 2000 * 3e-7, rel=1e-12)
 
 
 def test_graph_steps_pay_for_their_padded_size() -> None:
