@@ -119,6 +119,7 @@ class _Expect:
     pending: dict[int, list[tuple[int, int, int, Any]]] = field(default_factory=dict)  # src -> not committed
     num_bytes: int = 0
     taken_s: float = 0.0  # when the last commit was taken off the endpoint (monotonic)
+    inserted: dict[str, float] = field(default_factory=dict)  # written into the cache on arrival (``_sink``)
     marks: dict[str, float] = field(default_factory=dict)  # the endpoint's marks for that message (diagnostics)
 
 
@@ -126,7 +127,8 @@ class DirectKV:
     """A worker's side of direct hand-offs over ``endpoints`` (kind -> its receiving transport)."""
 
     def __init__(self, runner: ModelRunner, desc: KVDescriptor, endpoints: dict[str, Transport],
-                 reply: Callable[[Any], None], stall_s: float = 0.0, orphan_ttl_s: float = 30.0) -> None:
+                 reply: Callable[[Any], None], stall_s: float = 0.0, orphan_ttl_s: float = 30.0,
+                 sink: bool = True) -> None:
         self.runner = runner
         self.desc = desc
         self.endpoints = endpoints
@@ -142,6 +144,17 @@ class DirectKV:
         self._done_layers: dict[int, set[int]] = {}
         self._hooked: dict[tuple[str, int], int] = {}  # (transfer, seq) -> layers sent from a hook
         self._sending: dict[tuple[str, int], dict[str, Any]] = {}  # the sender thread's per-send books
+        # the receiving side's books (expects, orphans, closed) are shared with the endpoints' threads, which
+        # insert a whole hand-off as it arrives (``_sink``); one lock around every change to them
+        self._lock = threading.RLock()
+        self._sink_stream: Any = None
+        self.sunk = 0  # hand-offs written into the cache on arrival by ``_sink``
+        # ``sink``: False where the cache may be swapped under the endpoints' threads (a Hetis main re-dispatching
+        # heads); HETSERVE_KV_SINK=0 turns it off everywhere (the ordinary path, for comparison)
+        if sink and os.environ.get("HETSERVE_KV_SINK", "1") != "0":
+            for ep in endpoints.values():
+                if hasattr(ep, "sink"):
+                    ep.sink = self._sink
         self._thread = threading.Thread(target=self._send_loop, name="kv-send", daemon=True)
         self._thread.start()
 
@@ -364,6 +377,10 @@ class DirectKV:
 
     # ---- receiving ------------------------------------------------------------------------------
     def expect(self, cmd: ExpectKV) -> None:
+        with self._lock:
+            self._expect(cmd)
+
+    def _expect(self, cmd: ExpectKV) -> None:
         if cmd.transfer_id in self.expects:
             raise ValueError(f"transfer {cmd.transfer_id!r} is already expected")
         now = time.monotonic()
@@ -374,8 +391,9 @@ class DirectKV:
             self._take(header, bufs)
 
     def cancel(self, transfer_id: str) -> None:
-        self.expects.pop(transfer_id, None)
-        self._close(transfer_id)
+        with self._lock:  # waits for an insert in progress on an endpoint's thread: nothing lands later
+            self.expects.pop(transfer_id, None)
+            self._close(transfer_id)
 
     def _close(self, transfer_id: str) -> None:
         self._orphans.pop(transfer_id, None)
@@ -399,12 +417,19 @@ class DirectKV:
                     break
                 wait = 0.0
                 tid = getattr(header, "transfer_id", None)
-                if not isinstance(header, (KVPiece, KVCommit)) or tid is None or tid in self._closed:
-                    continue
-                if tid in self.expects:
-                    self._take(header, bufs)
-                else:
-                    self._orphans.setdefault(tid, []).append((time.monotonic(), header, bufs))
+                if not isinstance(header, (KVPiece, KVCommit)) or tid is None:
+                    continue  # (a consumed hand-off's wake-up, {"sunk": True}, lands here)
+                with self._lock:
+                    if tid in self._closed:
+                        continue
+                    if tid in self.expects:
+                        self._take(header, bufs)
+                    else:
+                        self._orphans.setdefault(tid, []).append((time.monotonic(), header, bufs))
+        with self._lock:
+            return self._ended()
+
+    def _ended(self) -> list[KVIn]:
         done: list[KVIn] = []
         now = time.monotonic()
         for tid, e in list(self.expects.items()):
@@ -426,32 +451,87 @@ class DirectKV:
             del self._orphans[tid]
         return done
 
-    def _take(self, header: Any, bufs: list[Any]) -> None:
+    @staticmethod
+    def _shard(header: KVPiece, bufs: list[Any], e: _Expect) -> Any:
+        """The piece's layers as a ``KVShard`` over ``bufs`` (no copy); None (and ``e.error``) if malformed."""
         from hetserve.runtime.worker import KVShard
 
+        # valid while held (transport contract); copied on insert. CUDA tensors (CUDA IPC) stay tensors
+        data = [b if isinstance(b, torch.Tensor) else memoryview(b).cast("B") for b in bufs]
+        e.num_bytes += sum(b.nbytes for b in data)
+        if len(data) == 1 and len(header.shapes) > 1:  # packed: the layers back to back in one buffer
+            item = torch.empty(0, dtype=TORCH_DTYPES[header.desc.dtype]).element_size()
+            sizes = [item * _numel(sh) for sh in header.shapes]
+            if sum(sizes) != data[0].nbytes:  # fail the transfer, not the worker
+                e.error = f"a packed piece of {data[0].nbytes} bytes for layers of {sum(sizes)} bytes"
+                return None
+            from hetserve.runtime.shard import _read_only_tensor
+
+            flat = _read_only_tensor(data[0])  # views of one tensor: the insert moves all layers at once
+            if all(n == sizes[0] for n in sizes):  # rows of one [layers, bytes] tensor, which it remembers
+                data = LayerViews(flat.view(len(sizes), sizes[0]))
+            else:
+                offs = [sum(sizes[:i]) for i in range(len(sizes))]
+                data = [flat.narrow(0, a, n) for a, n in zip(offs, sizes, strict=True)]
+        return KVShard(layer_start=header.layer_start, head_start=header.head_start, shapes=header.shapes,
+                       buffers=data)
+
+    def _sink(self, header: Any, bufs: list[Any], arrived_s: float) -> bool:
+        """On an endpoint's thread, with buffers borrowed from the transport: a whole hand-off in one piece
+        (one sender, all tokens, nothing else pending) is converted into the cache at once, before the
+        acknowledgement (no copy out of the sender's staging, no hand-over to the worker's thread). True: done
+        (or failed, in ``e.error``); False: the ordinary way (queued for ``poll``)."""
+        if not isinstance(header, KVPiece) or not header.final or header.token_start != 0:
+            return False
+        from hetserve.runtime.shard import insert_kv
+        from hetserve.runtime.worker import InsertKV
+
+        with self._lock:
+            e = self.expects.get(header.transfer_id)
+            if (e is None or e.error or e.inserted or len(e.sources) != 1 or header.src_rank not in e.sources
+                    or e.shards or e.pending or header.num_tokens != e.num_tokens):
+                return False
+            t0 = time.perf_counter()
+            sh = self._shard(header, bufs, e)
+            if sh is None:
+                return True
+            cuda = self.runner.device.type == "cuda"
+            try:
+                if cuda:
+                    if self._sink_stream is None:
+                        self._sink_stream = torch.cuda.Stream(device=self.runner.device)
+                    ctx: Any = torch.cuda.stream(self._sink_stream)
+                else:
+                    from contextlib import nullcontext
+
+                    ctx = nullcontext()
+                with ctx:
+                    insert_kv(self.runner, self.desc, InsertKV(seq=e.seq, transfer_id=header.transfer_id,
+                                                               block_ids=e.block_ids, num_tokens=e.num_tokens,
+                                                               wire=e.wire, shards=[sh]), borrowed=True)
+                t1 = time.perf_counter()
+                if cuda:
+                    self._sink_stream.synchronize()  # read all of the borrowed buffers before the ack
+            except Exception as ex:  # noqa: BLE001 - a malformed transfer fails, not the worker
+                e.error = f"{type(ex).__name__}: {ex}"
+                return True
+            now = time.monotonic()
+            e.inserted = {"insert": t1 - t0, "sync": time.perf_counter() - t1, "at_taken": arrived_s,
+                          "at_inserted": now - (time.perf_counter() - t1), "at_synced": now, "at_rx": arrived_s}
+            e.taken_s = arrived_s
+            e.ready_at = max(e.ready_at, header.not_before_s)
+            e.committed.add(header.src_rank)
+            self.sunk += 1
+        return True
+
+    def _take(self, header: Any, bufs: list[Any]) -> None:
         e = self.expects[header.transfer_id]
         if isinstance(header, KVPiece):
             if header.src_rank not in e.sources:
                 return
-            # valid while held (transport contract); copied on insert. CUDA tensors (CUDA IPC) stay tensors
-            data = [b if isinstance(b, torch.Tensor) else memoryview(b).cast("B") for b in bufs]
-            e.num_bytes += sum(b.nbytes for b in data)
-            if len(data) == 1 and len(header.shapes) > 1:  # packed: the layers back to back in one buffer
-                item = torch.empty(0, dtype=TORCH_DTYPES[header.desc.dtype]).element_size()
-                sizes = [item * _numel(sh) for sh in header.shapes]
-                if sum(sizes) != data[0].nbytes:  # fail the transfer, not the worker
-                    e.error = f"a packed piece of {data[0].nbytes} bytes for layers of {sum(sizes)} bytes"
-                    return
-                from hetserve.runtime.shard import _read_only_tensor
-
-                flat = _read_only_tensor(data[0])  # views of one tensor: the insert moves all layers at once
-                if all(n == sizes[0] for n in sizes):  # rows of one [layers, bytes] tensor, which it remembers
-                    data = LayerViews(flat.view(len(sizes), sizes[0]))
-                else:
-                    offs = [sum(sizes[:i]) for i in range(len(sizes))]
-                    data = [flat.narrow(0, a, n) for a, n in zip(offs, sizes, strict=True)]
-            sh = KVShard(layer_start=header.layer_start, head_start=header.head_start, shapes=header.shapes,
-                         buffers=data)
+            sh = self._shard(header, bufs, e)
+            if sh is None:
+                return
             e.pending.setdefault(header.src_rank, []).append((header.token_start, header.num_tokens,
                                                               header.src_rank, sh))
             if header.final:
@@ -476,6 +556,14 @@ class DirectKV:
 
         del self.expects[tid]
         self._close(tid)
+        if e.inserted:  # written on arrival by ``_sink``: usable now (its insert already done, unlike below)
+            ready = time.monotonic()
+            st = dict(e.inserted)
+            st["at_ready"] = ready
+            st["at_done"] = time.monotonic()
+            return KVIn(seq=e.seq, transfer_id=tid, ok=True, num_bytes=e.num_bytes,
+                        convert_s=st["insert"] + st["sync"], wall_s=time.monotonic() - e.start_s, ready_mono=ready,
+                        stages=st)
         ready = time.monotonic()
         t0 = time.perf_counter()
         try:

@@ -24,9 +24,9 @@ import torch
 
 from hetserve.core.config import EngineConfig
 from hetserve.core.model_config import ModelConfig
+from hetserve.engine.kv_views import LayerViews
 from hetserve.engine.model.parallel import ParallelSpec
 from hetserve.engine.runner import ModelRunner
-from hetserve.engine.kv_views import LayerViews
 from hetserve.runtime.kv_convert import TORCH_DTYPES, KVPayload, convert, stacked_view
 from hetserve.runtime.kv_layout import KVDescriptor
 from hetserve.runtime.kv_transfer import extract_blocks, insert_blocks
@@ -136,14 +136,15 @@ def _read_only_tensor(b: Any) -> torch.Tensor:
         return torch.frombuffer(mv, dtype=torch.uint8)
 
 
-def insert_kv(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV) -> KVIn:
+def insert_kv(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV, borrowed: bool = False) -> KVIn:
     """Join the shards (each: some layers, some heads, in ``cmd.wire``'s format) into this worker's heads and
-    cache format, layer by layer, and write them into ``cmd.block_ids``."""
+    cache format, layer by layer, and write them into ``cmd.block_ids``. ``borrowed``: the buffers are the
+    sender's (its staging, read through CUDA IPC): read, never written."""
     from hetserve.runtime.worker import KVIn
 
     dt = TORCH_DTYPES[cmd.wire.dtype]
     start = runner.parallel.layer_start
-    if _insert_all_layers(runner, desc, cmd, dt, start):
+    if _insert_all_layers(runner, desc, cmd, dt, start, borrowed):
         return KVIn(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=True)
     wire1 = dataclasses.replace(cmd.wire, num_layers=1)
     local1 = dataclasses.replace(desc, num_layers=1)
@@ -163,7 +164,8 @@ def insert_kv(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV) -> KVIn:
     return KVIn(seq=cmd.seq, transfer_id=cmd.transfer_id, ok=True)
 
 
-def _insert_all_layers(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV, dt: torch.dtype, start: int) -> bool:
+def _insert_all_layers(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV, dt: torch.dtype, start: int,
+                       borrowed: bool = False) -> bool:
     """When every shard brings all of this worker's layers as views of one buffer (a packed piece): convert and
     write them in one pass (a few kernels instead of a few per layer). False: the caller goes layer by layer."""
     n_layers = desc.num_layers
@@ -189,7 +191,7 @@ def _insert_all_layers(runner: ModelRunner, desc: KVDescriptor, cmd: InsertKV, d
     wire = dataclasses.replace(cmd.wire, num_layers=n_layers)
     # device buffers are the transport's own copies (CUDA IPC): converted in place where nothing changes; host
     # buffers may be read-only mappings of a shared-memory segment
-    consume = all(isinstance(b, torch.Tensor) and b.is_cuda for sh in cmd.shards for b in sh.buffers)
+    consume = not borrowed and all(isinstance(b, torch.Tensor) and b.is_cuda for sh in cmd.shards for b in sh.buffers)
     kv = convert(pieces, wire, desc, cmd.num_tokens, consume=consume)
     insert_blocks(runner.kv_caches, cmd.block_ids, kv, desc)
     return True

@@ -272,7 +272,7 @@ def _worker_main(conn: Channel) -> None:
         from hetserve.runtime.kv_direct import DirectKV, open_endpoints
 
         direct = DirectKV(runner, desc, open_endpoints(spec.kv_transports, spec.kv_host), send_reply,
-                          stall_s=spec.kv_stall_s)
+                          stall_s=spec.kv_stall_s, sink=spec.hetis is None)
         direct.install_layer_hooks()
     conn.send_bytes(encode_msg(Ready(seq=0, num_kv_blocks=runner.num_kv_blocks, desc=desc, pid=os.getpid(),
                                      kv_addresses=direct.addresses if direct is not None else {})))

@@ -131,3 +131,56 @@ def test_cuda_ipc_staging_is_exported_once_and_opened_once() -> None:
     finally:
         os.environ.pop("HETSERVE_SHM_STAGING_MAX_MB", None)
         proc.kill()
+
+
+_CHILD_SINK = textwrap.dedent("""
+    import time, torch
+    from hetserve.runtime.transport import make_transport
+    t = make_transport("shm")
+    seen = []
+    def sink(header, bufs, arrived_s):
+        if not header.get("sink"):
+            return False
+        time.sleep(0.05)  # the sender waits meanwhile: its staging stays as it was until the ack
+        seen.append([[float(b.double().sum()), list(b.shape), str(b.dtype), bool(b.is_cuda)] for b in bufs])
+        torch.cuda.synchronize()
+        return True
+    t.sink = sink
+    print(t.address, flush=True)
+    queued = []
+    while True:
+        header, bufs = t.recv(60)
+        if header.get("stop"):
+            break
+        queued.append(sorted(header))
+    t.send(header["reply_to"], {"seen": seen, "queued": queued}, [], time.monotonic() + 30)
+    t.close()
+""")
+
+
+def test_cuda_ipc_sink_reads_the_staging_before_the_ack() -> None:
+    """A receiver's ``sink`` gets the sender's CUDA buffers as views of its staging (no copy) and the sender's
+    ``send`` returns only after the sink is done; a consumed message is not queued (a wake-up is), one the sink
+    declines is."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD_SINK], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        peer = proc.stdout.readline().strip()
+        with make_transport("shm") as a:
+            xs = [torch.full((3 << 20,), 2.0, device="cuda"), torch.full((1000,), 3.0, device="cuda",
+                                                                      dtype=torch.bfloat16)]
+            t0 = time.monotonic()
+            a.send(peer, {"sink": True}, xs, time.monotonic() + 60)
+            assert time.monotonic() - t0 >= 0.05  # acknowledged once the sink returned, not on arrival
+            for x in xs:
+                x.fill_(-7)
+            a.send(peer, {"sink": False}, [xs[0]], time.monotonic() + 60)
+            a.send(peer, {"stop": True, "reply_to": a.address}, [], time.monotonic() + 60)
+            header, _ = a.recv(60)
+        assert header["seen"] == [[2.0 * (3 << 20), [3 << 20], "torch.float32", True],
+                                  [3000.0, [1000], "torch.bfloat16", True]]
+        assert header["queued"] == [["sunk"], ["sink"]]  # the wake-up, then the declined message
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()

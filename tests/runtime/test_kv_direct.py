@@ -187,14 +187,14 @@ def _direct_pair(stall_s: float = 0.0, one_block: bool = False):
     return snd, rcv, replies
 
 
-def _send_cmd(snd, rcv, tid: str, n: int, start: int = 0, bw: float = 0.0):
+def _send_cmd(snd, rcv, tid: str, n: int, start: int = 0, bw: float = 0.0, kind: str = "local"):
     import dataclasses
 
     from hetserve.runtime.kv_layout import wire_descriptor
     from hetserve.runtime.kv_messages import KVTarget, SendKV
 
     wire = wire_descriptor(snd.desc, dataclasses.replace(rcv.desc, layout="HND"))
-    tg = KVTarget(kind="local", address=rcv.addresses["local"], layer_start=0, layer_end=3)
+    tg = KVTarget(kind=kind, address=rcv.addresses[kind], layer_start=0, layer_end=3)
     return wire, SendKV(seq=1, transfer_id=tid, block_ids=[3, 5, 7, 9], num_tokens=n, wire=wire, src_rank=0,
                         targets=[tg], timeout_s=5.0, link_bandwidth=bw, token_start=start)
 
@@ -273,6 +273,62 @@ def test_direct_pieces_early_ranges_and_cancel(one_block: bool, monkeypatch: pyt
         # a cache in one block goes out as one buffer per piece and is inserted all layers at once
         assert bufs_per_piece and all(n == (1 if one_block else 3) for n in bufs_per_piece), bufs_per_piece
         assert whole_inserts and all(w == one_block for w in whole_inserts), whole_inserts
+    finally:
+        snd.close()
+        rcv.close()
+
+
+def test_sink_writes_a_whole_hand_off_on_arrival() -> None:
+    """Over the shm transport a one-piece hand-off is converted into the receiver's cache by the endpoint's
+    thread as it arrives (``DirectKV._sink``), before the acknowledgement: the same tokens as brute force,
+    and nothing queued for the worker's thread. A streamed hand-off (pieces before ``ExpectKV``) goes the
+    ordinary way; after ``cancel`` a late hand-off is neither written nor reported."""
+    import time
+
+    import torch
+
+    from hetserve.runtime.kv_direct import DirectKV, open_endpoints
+
+    snd, rcv, replies = _direct_pair(one_block=True)
+    snd.close()
+    rcv.close()
+    snd = DirectKV(snd.runner, snd.desc, open_endpoints(("shm",)), replies.append)
+    rcv = DirectKV(rcv.runner, rcv.desc, open_endpoints(("shm",)), replies.append)
+    try:
+        def cmd(tid: str, n: int, start: int = 0):
+            return _send_cmd(snd, rcv, tid, n, start, kind="shm")
+
+        want = _tokens_of(snd.runner.kv_caches, [3, 5, 7, 9], 16, 50)
+        wire, c = cmd("s1", 50)
+        rcv.expect(_expect_cmd("s1", 50, wire))
+        snd.send(c)
+        (done,) = _poll_until(rcv, lambda g: g)
+        assert done.ok, done.error
+        assert rcv.sunk == 1 and "at_synced" in done.stages
+        assert torch.equal(_tokens_of(rcv.runner.kv_caches, [4, 6], 32, 50), want)
+        # streamed: the first piece comes before the ExpectKV, so the hand-off is not whole on arrival
+        for blk in (4, 6):
+            for cache in rcv.runner.kv_caches:
+                cache[:, blk] = 0
+        wire, c = cmd("s2", 32)
+        snd.send(c)
+        _poll_until(rcv, lambda _: rcv.busy)
+        rcv.expect(_expect_cmd("s2", 50, wire))
+        snd.send(cmd("s2", 50, start=32)[1])
+        (done,) = _poll_until(rcv, lambda g: g)
+        assert done.ok and rcv.sunk == 1
+        assert torch.equal(_tokens_of(rcv.runner.kv_caches, [4, 6], 32, 50), want)
+        # cancelled before the bytes come: not written, not reported
+        before = [t.clone() for t in rcv.runner.kv_caches]
+        rcv.expect(_expect_cmd("s3", 40, wire))
+        rcv.cancel("s3")
+        snd.send(cmd("s3", 40)[1])
+        t0 = time.monotonic()
+        while not any(getattr(r, "transfer_id", "") == "s3" for r in replies):
+            assert time.monotonic() - t0 < 5
+            assert rcv.poll(0.01) == []
+        assert rcv.poll(0.05) == [] and rcv.sunk == 1
+        assert all(torch.equal(a, b) for a, b in zip(before, rcv.runner.kv_caches, strict=True))
     finally:
         snd.close()
         rcv.close()

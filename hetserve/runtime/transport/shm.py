@@ -257,6 +257,18 @@ class ShmTransport(ZmqTransport):
             raise MessageDecodeError(f"unknown buffer kind {env.kind!r}")
         return self._cuda_handles(env, bufs)
 
+    def _unpack_borrowed(self, env: Envelope, frames: list[zmq.Frame]) -> list[Buffer] | None:
+        """Inline host frames, or CUDA buffers staged by the sender: views of its staging buffer (no copy; the
+        sender keeps it until this message is acknowledged, after ``sink`` returned)."""
+        if env.kind != "inline" or len(frames) != env.num_buffers:
+            return None
+        handles = env.handles or []
+        if not handles:
+            return [f.buffer for f in frames]
+        if not all(c is not None and "span" in c for c in handles):
+            return None
+        return self._imported.take(list(handles), copy=False)
+
     def _cuda_handles(self, env: Envelope, bufs: list[Buffer]) -> list[Buffer]:
         staged = [(i, c) for i, c in enumerate(env.handles) if c is not None and "span" in c]
         for i, c in enumerate(env.handles):
@@ -389,13 +401,14 @@ class _ImportCache:
         self.opened: dict[str, Any] = {}
         self._streams: dict[int, Any] = {}
 
-    def take(self, handles: list[dict[str, Any]]) -> list[Any]:
-        """Copies of the spans ``handles`` name: one device copy of the range they cover, views into it."""
+    def take(self, handles: list[dict[str, Any]], copy: bool = True) -> list[Any]:
+        """Copies of the spans ``handles`` name: one device copy of the range they cover, views into it
+        (``copy=False``: views of the sender's staging buffer itself, to be read before acknowledging)."""
         import torch
 
         key = handles[0]["staging"]
         if any(c["staging"] != key for c in handles):  # one staging buffer per message by construction
-            return [self.take([c])[0] for c in handles]
+            return [self.take([c], copy)[0] for c in handles]
         src = self.opened.pop(key, None)
         if src is None:
             c = dict(handles[0], shape=[handles[0]["storage_size"] - handles[0]["tensor_offset"]], stride=[1],
@@ -406,6 +419,9 @@ class _ImportCache:
         self.opened[key] = src  # most recently used last
         lo = min(c["span"][0] for c in handles)
         hi = max(c["span"][0] + c["span"][1] for c in handles)
+        if not copy:
+            return [src.narrow(0, c["span"][0], c["span"][1]).view(getattr(torch, c["dtype"])).view(c["shape"])
+                    for c in handles]
         dev = src.device.index
         stream = self._streams.get(dev)
         if stream is None:

@@ -120,6 +120,11 @@ class ZmqTransport(Transport):
         self._table_lock = threading.Lock()
         self._msg_ids = itertools.count(1)
         self._unpacking_for = b""  # the ROUTER identity of the message ``_unpack`` is working on
+        # ``sink(header, buffers, arrived_s) -> bool``, called on the receiving thread with borrowed buffers
+        # (valid only during the call) before a message is queued for ``recv``: True = consumed (it finished
+        # reading them), so it is acknowledged and never queued. A receiver that can put a message where it
+        # belongs at once saves the copy out of the sender's staging and the hand-over to its reading thread.
+        self.sink: Any = None
         # diagnostics (benchmarks/kv_runtime.py's timeline): monotonic marks of the last send / message taken
         self.send_marks: dict[str, float] = {}
         self.recv_marks: dict[str, float] = {}
@@ -145,6 +150,13 @@ class ZmqTransport(Transport):
     def _unpack(self, env: Envelope, frames: list[zmq.Frame]) -> list[Buffer]:
         if len(frames) != env.num_buffers:
             raise MessageDecodeError(f"{env.num_buffers} buffers announced, {len(frames)} frames arrived")
+        return [f.buffer for f in frames]
+
+    def _unpack_borrowed(self, env: Envelope, frames: list[zmq.Frame]) -> list[Buffer] | None:
+        """The buffers as views valid only until ``_take`` returns (no copy, nothing to release), for ``sink``;
+        None where that cannot be had (the message then goes the ordinary way)."""
+        if env.kind != "inline" or env.handles or len(frames) != env.num_buffers:
+            return None
         return [f.buffer for f in frames]
 
     def _release(self, state: Any) -> None:
@@ -345,7 +357,23 @@ class ZmqTransport(Transport):
                 raise MessageDecodeError("the first frame is not an envelope")
             self._unpacking_for = ident.bytes
             t_rx = time.monotonic()
-            item = (decode(rest[1].buffer), self._unpack(env, rest[2:]))
+            header = decode(rest[1].buffer)
+            sink = self.sink
+            if sink is not None:
+                borrowed = self._unpack_borrowed(env, rest[2:])
+                try:
+                    consumed = borrowed is not None and bool(sink(header, borrowed, t_rx))
+                except Exception:  # noqa: BLE001 - a sink's bug must not end this thread: the ordinary way
+                    consumed = False
+                if consumed:
+                    # consumed on this thread (its reads are done): acknowledge; wake the reader, who may be
+                    # waiting in ``recv`` for exactly this
+                    del borrowed
+                    self.recv_marks = {"at_rx": t_rx, "at_unpacked": time.monotonic()}
+                    self._router.send_multipart([ident, encode(Ack(msg_id=env.msg_id))])
+                    return self._offer(({"sunk": True}, []))
+                del borrowed
+            item = (header, self._unpack(env, rest[2:]))
             self.recv_marks = {"at_rx": t_rx, "at_unpacked": time.monotonic()}
         except (MessageDecodeError, OSError, ValueError) as e:
             msg_id = env.msg_id if isinstance(env, Envelope) else -1
