@@ -178,8 +178,8 @@ def test_cuda_ipc_sink_reads_the_staging_before_the_ack() -> None:
             a.send(peer, {"sink": False}, [xs[0]], time.monotonic() + 60)
             a.send(peer, {"stop": True, "reply_to": a.address}, [], time.monotonic() + 60)
             header, _ = a.recv(60)
-        assert header["seen"] == [[2.0 * (3 << 20), [3 << 20], "torch.float32", True],
-                                  [3000.0, [1000], "torch.bfloat16", True]]
+        assert header["seen"] == [[[2.0 * (3 << 20), [3 << 20], "torch.float32", True],
+                                   [3000.0, [1000], "torch.bfloat16", True]]]  # one message, two buffers
         assert header["queued"] == [["sunk"], ["sink"]]  # the wake-up, then the declined message
         assert proc.wait(60) == 0
     finally:
