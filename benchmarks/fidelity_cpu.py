@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -214,7 +213,9 @@ def main() -> int:
             print(f"{'  fresh profile each round':24s} " + "  ".join(f"{k} {100 * fe[k]:+5.1f}%" for k in KEYS),
                   flush=True)
         rows.append(row)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from hetserve.cli.profile import git_commit
+
+    commit = git_commit(ROOT)  # benchmarks/.commit in an archived tree, else git HEAD
     loads = [r[k] for runs in real_runs.values() for r in runs for k in ("load1_before", "load1_after")
              if r[k] is not None]
     speeds = [r["engine_decode_step_ms_before"] for runs in real_runs.values() for r in runs]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -89,7 +88,9 @@ def main() -> int:
         lat = row["profile_latency"]
         print(f"{'':38s} sim TTFT mean {lat['mean_ttft_ms']:.0f} ms, P99 {lat['p99_ttft_ms']:.0f} ms; "
               f"TPOT mean {lat['mean_tpot_ms']:.1f} ms, P99 {lat['p99_tpot_ms']:.1f} ms (not measured offline)")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from hetserve.cli.profile import git_commit
+
+    commit = git_commit(ROOT)  # benchmarks/.commit in an archived tree, else git HEAD
     out = {"benchmark": "simulator fidelity vs measured H100 offline runs", "command": " ".join(sys.argv),
            "git_commit": commit, "device": "NVIDIA H100 80GB HBM3 (measured runs); simulation on CPU",
            "emulation": None, "profile": "profiles/h100-sxm-llama-3.1-8b.json",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -119,11 +118,9 @@ def max_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=5, check=False).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
+    from hetserve.cli.profile import git_commit as gc
+
+    return gc(ROOT) or "unknown"  # benchmarks/.commit in an archived tree, else git HEAD
 
 
 # ---- state shared by sections ----------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,8 +41,9 @@ from hetserve.runtime.hetis_messages import AttnSpec, AttnWorkerConf
 
 
 def git_commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, cwd=ROOT)
-    return r.stdout.strip() or "unknown"
+    from hetserve.cli.profile import git_commit as gc
+
+    return gc(ROOT) or "unknown"  # benchmarks/.commit in an archived tree, else git HEAD
 
 
 def device_label(device: torch.device) -> tuple[str, str]:

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,10 +78,9 @@ def main() -> None:
             rows.append(r)
             print(n, case, {k: round(v["synced_ms"], 3) if isinstance(v, dict) else v for k, v in r.items()},
                   flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip()
-    if not commit and (ROOT / "benchmarks/.commit").exists():
-        commit = (ROOT / "benchmarks/.commit").read_text().strip()
+    from hetserve.cli.profile import git_commit
+
+    commit = git_commit(ROOT)  # benchmarks/.commit in an archived tree, else git HEAD
     out = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": commit,
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "emulation": None,
            "config": {"layers": L, "kv_heads": H, "head_dim": D, "dtype": "bfloat16", "repeats": args.repeats},

@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -227,10 +226,9 @@ def _run(args: argparse.Namespace) -> None:
         rows = [r for lk in args.links.split(",") for case in ("same", "convert")
                 for r in run_case(model, case, parse_link(lk), args.transport, args.repeats, shape, sizes,
                                   args.device)]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
-                            text=True).stdout.strip()
-    if not commit and Path("benchmarks/.commit").exists():
-        commit = Path("benchmarks/.commit").read_text().strip()
+    from hetserve.cli.profile import git_commit
+
+    commit = git_commit(Path(__file__).resolve().parents[1])  # benchmarks/.commit in an archived tree, else HEAD
     if args.device.startswith("cuda"):
         import torch
 

@@ -209,6 +209,12 @@ def paced_rows(sizes: list[int], repeats: int, link_names: list[str], window: in
     return rows
 
 
+def _git_commit() -> str:
+    from hetserve.cli.profile import git_commit
+
+    return git_commit(Path(__file__).resolve().parents[1])  # benchmarks/.commit in an archived tree, else HEAD
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--role", default="bench", choices=["bench", "receiver"])
@@ -230,8 +236,7 @@ def main() -> None:
     sizes = [int(x) for x in args.sizes_kib.split(",")]
     out: dict[str, Any] = {
         "command": " ".join([sys.executable, *sys.argv]),
-        "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
-                                     text=True).stdout.strip(),
+        "git_commit": _git_commit(),
         "label": args.label,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "processor": platform.processor() or platform.machine(), "python": platform.python_version()},
