@@ -43,6 +43,9 @@ def sharegpt_shaped(n: int) -> list[SimRequest]:
 
 
 def main() -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__).parse_args()  # no options; --help must not rewrite the result
     trace = ROOT / ".data/azure_llm_2023_conv.csv"
     if not trace.exists():
         trace = Path("/work/shared/data/azure_llm_2023_conv.csv")
