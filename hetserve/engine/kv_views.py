@@ -12,7 +12,7 @@ class LayerViews(list):  # type: ignore[type-arg]
     (extract, convert, pack, insert); the producers that have the stacked tensor hand it on this way.
     """
 
-    __slots__ = ("whole", "_ends")
+    __slots__ = ("_ends", "whole")
 
     def __init__(self, whole: torch.Tensor) -> None:
         super().__init__(whole.unbind(0))
