@@ -35,6 +35,13 @@ from hetserve.core.graph_sizes import graph_batch_sizes, padded, piecewise_token
 from hetserve.core.model_config import ModelConfig, dtype_num_bytes
 from hetserve.planner.batch_shape import BatchShape
 from hetserve.planner.profile import DeviceProfile, model_shape_hash
+from hetserve.planner.runtime_terms import (
+    ADMIT_SERIAL_S_PER_TOKEN,
+    EAGER_FLOOR_S_PER_LAYER,
+    GRAPH_MAX_BATCH,
+    PIECEWISE_FLOOR_S_PER_LAYER,
+    PIECEWISE_MAX_TOKENS,
+)
 
 if TYPE_CHECKING:
     from hetserve.core.outputs import SchedulerOutput
@@ -42,28 +49,6 @@ if TYPE_CHECKING:
 _LOGIT_BYTES = 4  # logits are fp32
 
 __all__ = ["BatchShape", "CostModel"]  # BatchShape lives in batch_shape.py; importers keep this path
-
-
-# the host's cost of launching one decoder layer's kernels eagerly (see CostModel.__init__), and the largest
-# decode batch the runtime captures in a CUDA graph (EngineConfig.device.cuda_graph_max_batch's default)
-EAGER_FLOOR_S_PER_LAYER = 0.35e-3
-GRAPH_MAX_BATCH = 512
-# a step of up to PIECEWISE_MAX_TOKENS tokens that is not a graphed decode replays piecewise graphs around eager
-# attention (EngineConfig.device.piecewise_graph_max_tokens); its host launch per layer (H100, torch 2.11,
-# results/engine-s6/gpu-launch-floor*.json: a mixed step of 8 decodes and a 24-token chunk launches in
-# 3.8-4.1 ms for 32 layers with the step's attention bound once (PagedAttentionPlan), 7.6 ms before, 25.4 eager;
-# ~0.12 ms a layer with the step's input preparation. Its device time, 8.7-9.0 ms, is the tables' business)
-PIECEWISE_MAX_TOKENS = 1024
-# an async engine hides its host work behind the step before, except some per new prompt token, which its device
-# waits for. On the H100 (session 7, 14 online runs of both Azure traces, 5 machines, 5 profiles each measured in
-# its run's call), mixed steps (each admits a prompt) took 3.4-4.3% longer on the device than the tables on three
-# machines, 1.0 us a token fitting them within 0.6%; on a fourth the tables matched them with nothing added (big
-# steps ran 4% faster than the profile said there: clocks under sustained load differ between machines). 0.7 us
-# is between the two; end to end it moved 97-98 of 120 (run, metric) cells within issue 6's goals, against 87
-# with none (results/engine-s7/fidelity-summary*.json). Decode-only steps admit nothing.
-# A profile's ``meta.admit_serial_s_per_token`` wins; a runner without async scheduling pays all its host work.
-ADMIT_SERIAL_S_PER_TOKEN = 0.7e-6
-PIECEWISE_FLOOR_S_PER_LAYER = 0.12e-3
 
 
 class CostModel:
@@ -176,10 +161,8 @@ class CostModel:
         # A profile timed through CUDA graphs describes the runtime's graph steps only: decode-only batches of up
         # to ``graph_max_batch`` sequences on a runner that holds the whole model (no PP stage, no TP rank, no
         # Hetis main). Every other step runs eagerly, where launching each layer's kernels from Python takes
-        # ``eager_floor_s_per_layer`` however little the GPU has to do (H100, torch 2.11: a batch-4 decode of
-        # Llama-3.1-8B took 13 ms eager vs 7 ms graphed, 0.41 ms a layer; 11.2 ms, 0.35 ms a layer, once Triton
-        # kernels launch directly: results/engine-s7/gpu-launch-floor-eager-decode.json). Plans set ``graph_max_batch`` to 0
-        # where the runtime never captures graphs.
+        # ``eager_floor_s_per_layer`` however little the GPU has to do (runtime_terms.py). Plans set
+        # ``graph_max_batch`` to 0 where the runtime never captures graphs.
         graphed = profile is not None and (profile.meta.get("timing") or {}).get("dense_s_per_layer") == "graph"
         # a runtime that replays graphs runs a graph step's dense layers at the captured size the step pads to
         # (decode batches, piecewise token counts: core/graph_sizes.py), not at its own token count
