@@ -234,8 +234,8 @@ def test_direct_pieces_early_ranges_and_cancel(one_block: bool, monkeypatch: pyt
     bufs_per_piece: list[int] = []
     take = kv_direct.DirectKV._take
     monkeypatch.setattr(kv_direct.DirectKV, "_take",
-                        lambda self, h, b: (bufs_per_piece.append(len(b)) if hasattr(h, "shapes") else None,
-                                            take(self, h, b))[1])
+                        lambda self, h, b, *rest: (bufs_per_piece.append(len(b)) if hasattr(h, "shapes") else None,
+                                                   take(self, h, b, *rest))[1])
     whole_inserts: list[bool] = []
     insert_all = shard._insert_all_layers
     monkeypatch.setattr(shard, "_insert_all_layers", lambda *a: whole_inserts.append(insert_all(*a)) or
