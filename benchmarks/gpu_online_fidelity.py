@@ -45,6 +45,10 @@ def main() -> int:
     ap.add_argument("--steps", action="store_true",
                     help="also record every real step (its batch shape, launch and result times) for "
                          "benchmarks/fidelity_steps.py")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="first measure this machine's sustained speed against the profile on a request stream of "
+                         "its own (sustained_calibration.py); the simulator side then uses the scaled profile, "
+                         "written beside the result as profile-calibrated.json")
     ap.add_argument("--resim", metavar="RESULT.json", default=None,
                     help="no GPU: re-simulate a measured result's requests with today's profile (same seeds)")
     ap.add_argument("--resim-out", default=None, help="with --resim: where to write (default: beside the source)")
@@ -74,7 +78,8 @@ def main() -> int:
         from hetserve.core.model_config import ModelConfig
 
         mc = ModelConfig.from_path(model_dir)
-        prof = load_profile(ROOT / "profiles/cpu-tiny-llama.json")
+        prof_path = ROOT / "profiles/cpu-tiny-llama.json"
+        prof = load_profile(prof_path)
         dev = cpu_host_spec(os.cpu_count() or 2, 8 * 2**30, name=prof.device_name)
         blocks, max_len = 400, 1024
         cfg = EngineConfig.from_kwargs(str(model_dir), device="cpu", dtype="float32", num_blocks=blocks,
@@ -95,7 +100,8 @@ def main() -> int:
         engine = make_engine(big, num_blocks=None, max_num_seqs=seqs, max_num_batched_tokens=mnbt,
                              max_model_len=max_len)
         blocks = engine.executor.num_kv_blocks if hasattr(engine, "executor") else engine.core.executor.num_kv_blocks
-        prof = load_profile(Path(args.profile))
+        prof_path = Path(args.profile)
+        prof = load_profile(prof_path)
         dev = get_device("H100-SXM")
         vocab_hi, scale, max_in, max_out = 120000, 1, args.max_input, args.max_output
         device_desc, dtype = torch.cuda.get_device_name(0), "bfloat16"
@@ -106,6 +112,21 @@ def main() -> int:
     cm.schedules_ahead = bool(engine.core.async_scheduling)  # the look-ahead, on whatever device
     rows: list[dict[str, Any]] = []
     replay(engine, workload(trace, 16, 50.0, 256, 16, seed=7, scale=scale), vocab_range=(10, vocab_hi))  # warm-up
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "benchmarks/results"
+    calibration = None
+    if args.calibrate:
+        from sustained_calibration import calibrated_profile, calibration_workload, scales_from_steps
+
+        log = _record_steps(engine)
+        replay(engine, calibration_workload(max_in, max_out), vocab_range=(10, vocab_hi))
+        calibration = scales_from_steps(log.finish(), cm)
+        path = calibrated_profile(prof_path, calibration, out_dir / "profile-calibrated.json")
+        prof = load_profile(path)
+        flags = cm.async_scheduling, cm.schedules_ahead
+        cm = CostModel(mc, dev, dtype, profile=prof)
+        cm.async_scheduling, cm.schedules_ahead = flags
+        print(f"calibration: {calibration['meta']} (mixed {calibration['mixed']['steps']} steps, decode "
+              f"{calibration['decode']['steps']}); wrote {path}", flush=True)
     for rate in [float(r) for r in args.rates.split(",")]:
         wl = rate_workload(trace, args.num_requests, rate, max_in, max_out, scale=scale, seed=args.seed)
         steps = _record_steps(engine) if args.steps else None
@@ -131,9 +152,9 @@ def main() -> int:
                                                         "async_scheduling": bool(engine.core.async_scheduling),
                                                         "trace": args.trace, "seed": args.seed,
                                                         "sim_async_overlap": cm.async_scheduling},
-           "wall_s": time.monotonic() - t_start, "results": rows}
+           "calibration": calibration, "wall_s": time.monotonic() - t_start, "results": rows}
     name = "gpu-online-fidelity.json" if not args.smoke_cpu else "cpu-online-fidelity-smoke.json"
-    dest = Path(os.environ["OUT"]) / name if os.environ.get("OUT") else ROOT / "benchmarks/results" / name
+    dest = out_dir / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(out, indent=1, default=str))
     print(f"wrote {dest}")

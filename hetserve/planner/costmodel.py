@@ -35,13 +35,7 @@ from hetserve.core.graph_sizes import graph_batch_sizes, padded, piecewise_token
 from hetserve.core.model_config import ModelConfig, dtype_num_bytes
 from hetserve.planner.batch_shape import BatchShape
 from hetserve.planner.profile import DeviceProfile, model_shape_hash
-from hetserve.planner.runtime_terms import (
-    ADMIT_SERIAL_S_PER_TOKEN,
-    EAGER_FLOOR_S_PER_LAYER,
-    GRAPH_MAX_BATCH,
-    PIECEWISE_FLOOR_S_PER_LAYER,
-    PIECEWISE_MAX_TOKENS,
-)
+from hetserve.planner.runtime_terms import GRAPH_MAX_BATCH, PIECEWISE_MAX_TOKENS, HostTerms
 
 if TYPE_CHECKING:
     from hetserve.core.outputs import SchedulerOutput
@@ -163,13 +157,13 @@ class CostModel:
         # Hetis main). Every other step runs eagerly, where launching each layer's kernels from Python takes
         # ``eager_floor_s_per_layer`` however little the GPU has to do (runtime_terms.py). Plans set
         # ``graph_max_batch`` to 0 where the runtime never captures graphs.
-        graphed = profile is not None and (profile.meta.get("timing") or {}).get("dense_s_per_layer") == "graph"
+        terms = HostTerms(profile)
+        graphed = terms.graphed
         # a runtime that replays graphs runs a graph step's dense layers at the captured size the step pads to
         # (decode batches, piecewise token counts: core/graph_sizes.py), not at its own token count
         self.graphed = graphed
         self._pad_sizes: dict[tuple[str, int], list[int]] = {}
-        self.eager_floor_s_per_layer = float(profile.meta.get("eager_floor_s_per_layer", EAGER_FLOOR_S_PER_LAYER)) \
-            if graphed and profile is not None else 0.0
+        self.eager_floor_s_per_layer = terms.eager_floor_s_per_layer
         whole = self.num_layers == num_layers_total and tp == 1
         self.graph_max_batch = GRAPH_MAX_BATCH if whole else 0
         # async scheduling (an LLMEngine around one runner; cluster workers run steps in series): the host's work
@@ -182,11 +176,11 @@ class CostModel:
         self.schedules_ahead = tp == 1 and self.num_layers == num_layers_total
         # piecewise graphs: whole models and pipeline stages without TP (a Hetis main sets 0: never graphed)
         self.piecewise_max_tokens = PIECEWISE_MAX_TOKENS if tp == 1 else 0
-        self.piecewise_floor_s_per_layer = float(
-            profile.meta.get("piecewise_floor_s_per_layer", PIECEWISE_FLOOR_S_PER_LAYER)) \
-            if graphed and profile is not None else 0.0
-        self.admit_serial_s_per_token = float(profile.meta.get("admit_serial_s_per_token", ADMIT_SERIAL_S_PER_TOKEN)) \
-            if graphed and profile is not None else 0.0
+        self.piecewise_floor_s_per_layer = terms.piecewise_floor_s_per_layer
+        self.admit_serial_s_per_token = terms.admit_serial_s_per_token
+        # this machine's sustained speed against its profile's bursts, by step kind (runtime_terms.py)
+        self.mixed_device_scale = terms.mixed_device_scale
+        self.decode_device_scale = terms.decode_device_scale
 
     def _check_profile(self, p: DeviceProfile) -> None:
         if not p.matches(self.model):
@@ -291,7 +285,7 @@ class CostModel:
         T = batch.num_tokens
         if T == 0:
             return {"dense": 0.0, "attention": 0.0, "allreduce": 0.0, "eager_launch": 0.0, "lm_head": 0.0,
-                    "embedding": 0.0, "overhead": 0.0}
+                    "embedding": 0.0, "overhead": 0.0, "sustained_speed": 0.0}
         L = self.num_layers
         rows = batch.num_reqs if batch.num_sampled is None else batch.num_sampled
         out = {
@@ -304,6 +298,8 @@ class CostModel:
         out["lm_head"] = self._lm_head_s(rows) if self.include_lm_head else 0.0
         out["embedding"] = T * self._embed_bytes_per_token * self._inv_mem_bw if self.include_embedding else 0.0
         out["overhead"] = self._overhead_s(batch)
+        # this machine's sustained speed against the profile (0 without a scale; runtime_terms.py)
+        out["sustained_speed"] = self.step_time_s(batch, num_kv_heads, serial=True) - sum(out.values())
         # async scheduling: what the overlap of host and device saves (<= 0; 0 without it)
         out["async_overlap"] = self.step_time_s(batch, num_kv_heads) - sum(out.values())
         return out
@@ -375,11 +371,13 @@ class CostModel:
             device += self._lm_head_s(batch.num_reqs if batch.num_sampled is None else batch.num_sampled)
         if self.include_embedding:
             device += T * self._embed_bytes_per_token * self._inv_mem_bw
+        scale = self.mixed_device_scale if batch.prefill_chunks else self.decode_device_scale
         if self.async_scheduling and not serial:
             # the launches and the overhead terms are host time, spent while the previous step runs; all but
             # ``admit_serial_s_per_token`` per new prompt token, which the device waits for (ADMIT_SERIAL_...)
-            return max(device + batch.new_seq_tokens * self.admit_serial_s_per_token, launch + self._overhead_s(batch))
-        return device + max(0.0, launch - layers) + self._overhead_s(batch)
+            busy = (device + batch.new_seq_tokens * self.admit_serial_s_per_token) * scale
+            return max(busy, launch + self._overhead_s(batch))
+        return device * scale + max(0.0, launch - layers * scale) + self._overhead_s(batch)
 
     def step_time_from_scheduler_output(self, out: SchedulerOutput) -> float:
         return self.step_time_s(BatchShape.from_scheduler_output(out))
