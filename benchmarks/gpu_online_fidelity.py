@@ -47,7 +47,7 @@ def main() -> int:
                          "benchmarks/fidelity_steps.py")
     ap.add_argument("--calibrate", action="store_true",
                     help="first measure this machine's sustained speed against the profile on a request stream of "
-                         "its own (sustained_calibration.py); the simulator side then uses the scaled profile, "
+                         "its own (hetserve/profiling/sustained.py); the simulator side then uses the scaled profile, "
                          "written beside the result as profile-calibrated.json")
     ap.add_argument("--resim", metavar="RESULT.json", default=None,
                     help="no GPU: re-simulate a measured result's requests with today's profile (same seeds)")
@@ -115,12 +115,10 @@ def main() -> int:
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "benchmarks/results"
     calibration = None
     if args.calibrate:
-        from sustained_calibration import calibrated_profile, calibration_workload, scales_from_steps
+        from hetserve.profiling.sustained import measure, write_scales
 
-        log = _record_steps(engine)
-        replay(engine, calibration_workload(max_in, max_out), vocab_range=(10, vocab_hi))
-        calibration = scales_from_steps(log.finish(), cm)
-        path = calibrated_profile(prof_path, calibration, out_dir / "profile-calibrated.json")
+        calibration = measure(engine, cm, max_in, max_out, vocab_hi)
+        path = write_scales(prof_path, calibration, out_dir / "profile-calibrated.json", git_commit())
         prof = load_profile(path)
         flags = cm.async_scheduling, cm.schedules_ahead
         cm = CostModel(mc, dev, dtype, profile=prof)
@@ -189,75 +187,11 @@ def find_trace(name: str) -> Path | None:
     return next((p for p in (ROOT / ".data" / fname, ROOT.parent / "shared/data" / fname) if p.exists()), None)
 
 
-class _StepLog:
-    """Per step the runner launched: its batch shape (``BatchShape`` fields), when the launch started and ended,
-    and when its result was ready (after the host waited for it)."""
+def _record_steps(engine: Any) -> Any:
+    """Per step the runner launched: its batch shape, launch and result times, its span (profiling/sustained.py)."""
+    from hetserve.profiling.sustained import StepLog
 
-    FIELDS = ("launch_start_s", "launch_end_s", "ready_s", "num_decode_seqs", "decode_context_tokens",
-              "prefill_chunks", "num_sampled", "num_new_seqs", "new_seq_tokens", "device_span_s",
-              "decode_max_context")
-
-    def __init__(self, runner: Any) -> None:
-        import torch
-
-        self.runner = runner
-        self.inner = runner.execute_async
-        self.rows: list[list[Any]] = []
-        # on CUDA, an event before and after each launch: the stream reaches the first once the step before is
-        # done, the second once this step is; their gap is the step's span on the device, idle gaps included
-        self.cuda = torch.cuda.is_available() and getattr(runner, "device", None) is not None \
-            and runner.device.type == "cuda"
-        self.events: list[tuple[Any, Any]] = []
-
-    def execute_async(self, so: Any) -> Any:
-        from hetserve.planner.batch_shape import BatchShape
-
-        t0 = time.perf_counter()
-        if self.cuda:
-            import torch
-
-            e0 = torch.cuda.Event(enable_timing=True)
-            e0.record()
-        res = self.inner(so)
-        if self.cuda:
-            e1 = torch.cuda.Event(enable_timing=True)
-            e1.record()
-            self.events.append((e0, e1))
-        t1 = time.perf_counter()
-        shape = BatchShape.from_scheduler_output(so)
-        row = [t0, t1, None, shape.num_decode_seqs, shape.decode_context_tokens, [list(c) for c in shape.prefill_chunks],
-               shape.num_sampled, shape.num_new_seqs, shape.new_seq_tokens, None, shape.decode_max_context]
-        self.rows.append(row)
-
-        class Ready:
-            def __getattr__(self, name: str) -> Any:
-                return getattr(res, name)
-
-            def result(self) -> Any:
-                out = res.result()
-                if row[2] is None:
-                    row[2] = time.perf_counter()
-                return out
-
-        return Ready()
-
-    def finish(self) -> dict[str, Any]:
-        self.runner.execute_async = self.inner
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-            for row, (e0, e1) in zip(self.rows, self.events, strict=True):
-                row[9] = e0.elapsed_time(e1) / 1e3
-        rows = [r for r in self.rows if r[2] is not None]
-        return {"fields": list(self.FIELDS), "rows": rows}
-
-
-def _record_steps(engine: Any) -> _StepLog:
-    runner = engine.executor if hasattr(engine, "executor") else engine.core.executor
-    log = _StepLog(runner)
-    runner.execute_async = log.execute_async
-    return log
+    return StepLog(engine.executor if hasattr(engine, "executor") else engine.core.executor)
 
 
 def resim(path: Path, args: argparse.Namespace) -> int:

@@ -43,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reduce repeats by median (what a serving step typically costs) or min (least noise); "
                         "auto: median on GPU, min on CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--sustained", action="store_true",
+                   help="then serve a request stream of its own on the whole model (random weights) and store this "
+                        "machine's sustained speed against the tables in the profile (hetserve/profiling/sustained.py)")
+    p.add_argument("--sustained-requests", type=int, default=None,
+                   help="requests in that stream (default 160: ~25 s on an H100 with an 8B model)")
 
 
 def git_commit(repo_root: Path | None = None) -> str:
@@ -117,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
     from hetserve.profiling import ProfileGrid, ProfileOptions, Profiler
 
     device = torch.device(args.device)
+    if args.sustained_requests is not None and (args.sustained_requests < 1 or not args.sustained):
+        raise ValidationError("--sustained-requests", f"must be >= 1 and go with --sustained, got "
+                                                      f"{args.sustained_requests}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValidationError("--threads", f"must be >= 1, got {args.threads}")
@@ -197,9 +205,68 @@ def run(args: argparse.Namespace) -> int:
             gc.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     profile.save(out)
+    if args.sustained:
+        cal = _sustained(args, cfg, out, profile.device_name)
+        print(f"[profile] sustained: {cal['meta']} (steps: mixed {cal['mixed']['steps']}, decode "
+              f"{cal['decode']['steps']})", flush=True)
     d = profile.dense
     print(f"wrote {out} ({time.perf_counter() - t0:.1f} s): {device_name}"
           f"{' [' + emulation + ']' if emulation else ''}, dense/layer {d.ys[0] * 1e6:.1f} us at {d.xs[0]:g} tokens"
           f" .. {d.ys[-1] * 1e3:.2f} ms at {d.xs[-1]:g}; copy {(profile.copy_bytes_per_s or 0) / 1e9:.1f} GB/s; "
           f"step overhead {profile.step_overhead_s * 1e6:.0f} us")
     return 0
+
+
+def _sustained(args: argparse.Namespace, cfg: Any, out: Path, device_name: str) -> dict[str, Any]:
+    """The whole model with random weights in an engine, the calibration stream through it, the scales written
+    into the profile at ``out`` (``profiling/sustained.py``)."""
+    import json
+    import tempfile
+
+    import torch
+
+    from hetserve.core.config import EngineConfig
+    from hetserve.core.devices import cpu_host_spec, get_device
+    from hetserve.core.errors import ValidationError
+    from hetserve.engine.llm_engine import LLMEngine
+    from hetserve.engine.model.loader import init_random_model
+    from hetserve.engine.runner import ModelRunner, resolve_dtype
+    from hetserve.planner.costmodel import CostModel
+    from hetserve.planner.profile import load_profile
+    from hetserve.profiling.sustained import NUM_REQUESTS, measure, write_scales
+    from hetserve.tiny.make_tiny import make_tiny_model
+
+    n = NUM_REQUESTS if args.sustained_requests is None else args.sustained_requests
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    prof = load_profile(out)
+    if device.type == "cpu":
+        spec = cpu_host_spec(os.cpu_count() or 1, 8 * 2**30, name=device_name)
+    else:
+        try:
+            spec = get_device(device_name)
+        except ValidationError:
+            raise ValidationError("--device-name", f"{device_name!r} is not in the device catalog: the sustained "
+                                  "calibration needs the cost model's device (name a catalog device)") from None
+    cm = CostModel(cfg, spec, dtype_name, profile=prof)
+    max_in = min(2048, max(16, cfg.max_position_embeddings // 2))
+    max_out = min(256, max(4, cfg.max_position_embeddings // 8))
+    with tempfile.TemporaryDirectory(prefix="hetserve-sustained-") as tmp:
+        work = Path(tmp)
+        (work / "model").mkdir()
+        (work / "model" / "config.json").write_text(json.dumps(cfg.raw))
+        make_tiny_model(work / "tok", "llama")  # a tokenizer for the engine; the prompts are token ids
+        model = init_random_model(cfg, device, dtype, seed=args.seed)
+        kw: dict[str, Any] = {"num_blocks": 64 * -(-(max_in + max_out) // 16)} if device.type == "cpu" else {}
+        config = EngineConfig.from_kwargs(str(work / "model"), tokenizer=str(work / "tok"), device=args.device,
+                                          dtype=dtype_name, max_num_seqs=256, max_num_batched_tokens=8192,
+                                          max_model_len=max_in + max_out + 16, enable_prefix_caching=False, **kw)
+        engine = LLMEngine(config, executor=ModelRunner(config, model=model, model_config=cfg))
+        # the engine's own loop: async scheduling overlaps host and device on a GPU; on a CPU the host is the device
+        cm.async_scheduling = bool(engine.core.async_scheduling) and device.type == "cuda"
+        cm.schedules_ahead = bool(engine.core.async_scheduling)
+        vocab_hi = min(cfg.vocab_size, 120000)
+        cal = measure(engine, cm, max_in, max_out, vocab_hi, num_requests=n)
+    write_scales(out, cal, out, git_commit())
+    return cal

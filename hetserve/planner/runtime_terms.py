@@ -27,8 +27,8 @@ ADMIT_SERIAL_S_PER_TOKEN = 0.7e-6
 
 # A profile times 2 layers in short bursts. Machines of one SKU run sustained work at different speeds (clocks
 # under load: session 7 saw big mixed steps 4% slower than the tables on three H100s and 4% faster on a fourth),
-# which a burst does not see. ``benchmarks/gpu_online_fidelity.py --calibrate`` runs the whole model on its own
-# request stream (uniform lengths, not the trace under test) and writes the ratio of the device spans to the
+# which a burst does not see. ``profiling/sustained.py`` (``hetserve profile --sustained``) runs the whole model on
+# its own request stream (uniform lengths, not the trace under test) and writes the ratio of the device spans to the
 # model's time, by step kind, into the profile's meta; the cost model multiplies the device time by it. 1.0: none.
 MIXED_DEVICE_SCALE = 1.0
 DECODE_DEVICE_SCALE = 1.0
