@@ -192,7 +192,7 @@ def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--links", default="eth25,0.25")
-    ap.add_argument("--transport", default="shm", choices=["shm", "tcp"])
+    ap.add_argument("--transport", default="shm", choices=["shm", "tcp", "nixl"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: both workers on this GPU (CUDA IPC)")
     ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))

@@ -1,26 +1,62 @@
-"""NIXL transport (RDMA / NVLink / UCX through NVIDIA's NIXL), usable only where ``import nixl`` works.
+"""NIXL transport (UCX through NVIDIA's NIXL: RDMA, CUDA IPC / NVLink, shared memory), where ``import nixl`` works.
 
-Control travels as in the TCP transport (pyzmq, msgspec header, acknowledgement); the payload does not: the
-sender copies its buffers into one registered staging tensor and sends the staging region's descriptor and
-its agent metadata; the receiver registers a buffer of its own, READs the region one-sidedly, then
-acknowledges, after which the sender deregisters and frees the staging tensor. Written against the NIXL
-Python API (``nixl._api.nixl_agent``); it is not exercised in CI (NIXL is not installed there).
+Control travels as in ``tcp`` (pyzmq: envelope + msgspec header, then the receiver's acknowledgement); the payload
+does not. Design: the receiver READs one-sidedly from the sender's registered staging.
+
+- One NIXL agent per endpoint (UCX with ``ucx_error_handling_mode=none``: the default "peer" mode completed
+  through a slow lane, ~8 ms over tcp/lo; no progress thread: it spins a core) and, per memory kind (DRAM, VRAM
+  of one GPU), a staging pool (sent bytes are copied there) and a landing pool (received bytes are read there):
+  one registered block reused by every message (first-fit ranges); a message that does not fit registers a
+  block twice as large, older blocks are deregistered once nothing in them is held. No registration per message.
+- ``send`` copies the buffers into staging (CUDA tensors on a copy stream, synchronised before anything goes
+  out); the envelope names each buffer's (address, bytes, device) there and carries this agent's metadata only
+  when the peer lacks the current one (first message on a connection, or a new staging block): one exchange
+  per peer. The staging range is held until the acknowledgement.
+- The receiving thread loads that metadata (replacing the older: loading again would merge), takes a landing
+  range, READs every buffer in one NIXL request per memory kind, polls it to completion (``check_xfer_state``
+  drives UCX's progress) and then acknowledges. A message costs the two control messages of ``tcp`` plus one
+  one-sided read; the receiver allocates its own memory and sees the completion where the bytes land. (A WRITE
+  would first need a landing range from the receiver, per message or as per-peer credits, and completes at the
+  sender, so the receiver would still need a message saying the bytes are there.)
+- Lending (the ``Transport`` contract): host buffers are read-only views of the landing block whose range is
+  reused once every view is gone (``weakref.finalize``); CUDA buffers are cloned out for ``recv``, and a ``sink``
+  borrows views (it is done with them, synchronised, when it returns). Host messages up to ``inline_max_bytes``
+  (64 KiB) travel inline as zmq frames: a read costs more there.
+- A sender that gave up (deadline, lost connection) cannot know whether the peer still reads its staging: those
+  ranges are quarantined until ``2 * _SKEW_S`` past the deadline, which the envelope carries (wall clock): the
+  receiver neither starts nor continues a read past it plus ``_SKEW_S``. While reads of its staging are pending,
+  a helper thread progresses the sender's agent (UCX over plain TCP emulates RMA and needs it; shared memory,
+  CMA, RDMA and CUDA IPC do not). One lock serialises every call into the agent.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import zmq
 
 from hetserve.runtime.messages import Envelope, MessageDecodeError
 from hetserve.runtime.transport.base import Buffer, TransportError, as_bytes_view, buffer_nbytes
 from hetserve.runtime.transport.tcp import ZmqTransport
 
+_INLINE_MAX_BYTES = 64 * 1024
+_ALIGN = 256
 _READ_TIMEOUT_S = 60.0
+_SKEW_S = 5.0  # wall clocks of two hosts agree to within this
+_PROGRESS_S = 0.001  # how often the helper progresses the agent while peers read this endpoint's staging
+_MIB = 2**20
 
 
 def nixl_unavailable_reason() -> str | None:
@@ -32,85 +68,432 @@ def nixl_unavailable_reason() -> str | None:
     return None
 
 
+def _is_cuda(buf: Any) -> bool:
+    return getattr(buf, "is_cuda", False) is True
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _layout(sizes: list[int]) -> tuple[list[int], int]:
+    """Offsets of buffers of ``sizes`` placed back to back at ``_ALIGN``, and the bytes they take."""
+    offs, total = [], 0
+    for n in sizes:
+        offs.append(total)
+        total += -(-n // _ALIGN) * _ALIGN
+    return offs, total
+
+
+class _Block:
+    """One registered block of memory: DRAM (a numpy array) or VRAM (a torch uint8 tensor on ``dev``)."""
+
+    def __init__(self, owner: NixlTransport, mem: str, dev: int, size: int, staging: bool) -> None:
+        self.mem, self.dev, self.size = mem, dev, size
+        if mem == "VRAM":
+            import torch
+
+            self.buf: Any = torch.empty(size, dtype=torch.uint8, device=f"cuda:{dev}")
+            self.addr = self.buf.data_ptr()
+        else:
+            self.buf = np.empty(size, dtype=np.uint8)
+            self.buf[:: 4096] = 0  # fault the pages in now, not during the first transfer
+            self.addr = self.buf.ctypes.data
+        self.reg = owner._call("register_memory", np.array([[self.addr, size, dev]], dtype=np.uint64), mem)
+        if staging:  # peers read it: they need metadata that knows it
+            owner._epoch += 1
+        self.held: dict[int, tuple[int, int]] = {}  # key -> (offset, bytes)
+
+    def alloc(self, key: int, nbytes: int) -> int | None:
+        need = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+        at = 0
+        for off, n in sorted(self.held.values()):
+            if off - at >= need:
+                break
+            at = max(at, off + -(-n // _ALIGN) * _ALIGN)
+        if at + need > self.size:
+            return None
+        self.held[key] = (at, nbytes)
+        return at
+
+
+class _Pool:
+    """The blocks of one memory kind: ranges from the newest; a larger block when it has no room."""
+
+    def __init__(self, owner: NixlTransport, mem: str, dev: int, staging: bool) -> None:
+        self.owner, self.mem, self.dev, self.staging = owner, mem, dev, staging
+        self.blocks: list[_Block] = []
+        self.lock = threading.Lock()
+        self.quarantined: list[tuple[float, _Block, int]] = []  # (free after this monotonic time, block, key)
+
+    def alloc(self, key: int, nbytes: int) -> tuple[_Block, int]:
+        with self.lock:
+            self._reclaim()
+            if self.blocks:
+                off = self.blocks[-1].alloc(key, nbytes)
+                if off is not None:
+                    return self.blocks[-1], off
+            last = self.blocks[-1].size if self.blocks else 0
+            size = max(2 * last, -(-nbytes // _MIB) * _MIB, self.owner.pool_bytes)
+            blk = _Block(self.owner, self.mem, self.dev, size, self.staging)
+            self.blocks.append(blk)
+            blk.held[key] = (0, nbytes)
+            self._retire()
+            return blk, 0
+
+    def free(self, blk: _Block, key: int, hold_until_s: float = 0.0) -> None:
+        with self.lock:
+            if hold_until_s > time.monotonic():
+                self.quarantined.append((hold_until_s, blk, key))
+                return
+            blk.held.pop(key, None)
+            self._retire()
+
+    def _reclaim(self) -> None:
+        now = time.monotonic()
+        for _, blk, key in [q for q in self.quarantined if q[0] <= now]:
+            blk.held.pop(key, None)
+        self.quarantined = [q for q in self.quarantined if q[0] > now]
+
+    def _retire(self) -> None:
+        """Deregister every older block that holds nothing (its memory goes once no view refers to it)."""
+        for blk in [b for b in self.blocks[:-1] if not b.held]:
+            self.blocks.remove(blk)
+            self.owner._call("deregister_memory", blk.reg)
+
+    def close(self) -> None:
+        with self.lock:
+            for blk in self.blocks:
+                self.owner._call("deregister_memory", blk.reg)
+            self.blocks.clear()
+
+
+@dataclass
+class _Staged:
+    """What a sent message holds in the staging pools until it is acknowledged."""
+
+    ranges: list[tuple[_Pool, _Block, int]] = field(default_factory=list)
+    deadline_s: float = 0.0
+    failed: bool = False
+
+
 class NixlTransport(ZmqTransport):
+    """``bind`` / ``advertise`` / ``connect_timeout_s`` / ``max_queued`` / ``window``: as ``ZmqTransport``.
+    ``inline_max_bytes``: host messages up to this size go inline (0: every non-empty one is read through NIXL;
+    default ``HETSERVE_NIXL_INLINE_KB``, 64). ``pool_mb``: each pool's first block (``HETSERVE_NIXL_POOL_MB``, 16).
+    ``device``: the GPU that CUDA buffers land on (default: the sender's device index, as on one host).
+    ``backend_params``: the UCX backend's (default ``{"ucx_error_handling_mode": "none"}``)."""
+
     name = "nixl"
 
     def __init__(self, bind: str = "tcp://127.0.0.1:*", connect_timeout_s: float = 1.0, max_queued: int = 64,
-                 backends: Sequence[str] = ("UCX",)) -> None:
-        reason = nixl_unavailable_reason()
-        if reason is not None:
+                 advertise: str | None = None, window: int = 1, inline_max_bytes: int | None = None,
+                 pool_mb: float | None = None, device: int | None = None,
+                 backend_params: dict[str, str] | None = None) -> None:
+        if (reason := nixl_unavailable_reason()) is not None:
             raise TransportError(reason)
-        from nixl._api import nixl_agent, nixl_agent_config
+        from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
-        self._agent = nixl_agent(f"hetserve-{uuid.uuid4().hex[:12]}", nixl_agent_config(backends=list(backends)))
-        self._remote_agents: dict[bytes, str] = {}
-        super().__init__(bind, connect_timeout_s, max_queued)
+        logging.getLogger("nixl").setLevel(logging.WARNING)  # it logs every agent and backend at INFO, to stdout
+        self._agent_lock = threading.RLock()
+        self._name = f"hetserve-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        cfg = nixl_agent_config(enable_prog_thread=False, backends=[],
+                                sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        self._agent = nixl_agent(self._name, cfg)
+        params = {"ucx_error_handling_mode": "none"} if backend_params is None else dict(backend_params)
+        self._agent.create_backend("UCX", params)
+        if inline_max_bytes is None:
+            inline_max_bytes = int(float(os.environ.get("HETSERVE_NIXL_INLINE_KB", _INLINE_MAX_BYTES / 1024)) * 1024)
+        self.inline_max_bytes = inline_max_bytes
+        mb = float(os.environ.get("HETSERVE_NIXL_POOL_MB", "16")) if pool_mb is None else pool_mb
+        self.pool_bytes = max(_MIB, int(mb * _MIB))
+        self.device = device
+        self.accepts_device_tensors = _cuda_available()
+        self._epoch = 0  # bumped by every registration: peers need newer metadata to reach the new block
+        self._md_sent: dict[str, int] = {}  # peer -> the epoch whose metadata it has
+        self._staging: dict[tuple[str, int], _Pool] = {}
+        self._landing: dict[tuple[str, int], _Pool] = {}
+        self._keys = itertools.count(1)
+        self._remote: dict[str, str] = {}  # a sender's agent name -> the name NIXL knows it by
+        self._freed: collections.deque[tuple[_Pool, _Block, int]] = collections.deque()  # landing views dropped
+        self._lent: list[tuple[_Pool, _Block, int]] = []  # CUDA landing ranges a sink borrowed
+        self._landed: tuple[int, list[Buffer], list[tuple[_Pool, _Block, int]]] | None = None
+        self._copy_streams: dict[int, Any] = {}
+        self._tls = threading.local()
+        self._outstanding = 0  # sent, staged messages not yet acknowledged: the progress thread runs meanwhile
+        self._progress_cv = threading.Condition()
+        super().__init__(bind, connect_timeout_s, max_queued, advertise=advertise, window=window)
+        self._progress = threading.Thread(target=self._progress_loop, name="nixl-progress", daemon=True)
+        self._progress.start()
+
+    def _call(self, method: str, *args: Any) -> Any:
+        with self._agent_lock:
+            return getattr(self._agent, method)(*args)
+
+    def _pool(self, table: dict[tuple[str, int], _Pool], mem: str, dev: int) -> _Pool:
+        pool = table.get((mem, dev))  # (a pool registers nothing until its first range: a spare one costs nothing)
+        return pool if pool is not None else table.setdefault((mem, dev), _Pool(self, mem, dev, table is self._staging))
 
     def _pack(self, peer: str, msg_id: int, buffers: Sequence[Buffer]) -> tuple[Envelope, list[Any], Any]:
-        import torch
-
         env = Envelope(msg_id=msg_id, sender=self.address, num_buffers=len(buffers))
         sizes = [buffer_nbytes(b) for b in buffers]
-        cuda = [getattr(b, "is_cuda", False) is True for b in buffers]
-        device = next((b.device for b, c in zip(buffers, cuda, strict=True) if c), torch.device("cpu"))
-        staging = torch.empty(max(sum(sizes), 1), dtype=torch.uint8, device=device)
-        off = 0
-        spans = []
-        for b, n in zip(buffers, sizes, strict=True):
-            if n:
-                if hasattr(b, "untyped_storage"):  # a torch tensor, possibly on the GPU
-                    src = b.detach().contiguous().reshape(-1).view(torch.uint8)
-                else:
-                    src = torch.frombuffer(as_bytes_view(b), dtype=torch.uint8)
-                staging[off : off + n].copy_(src)
-            spans.append((off, n))
-            off += n
-        reg = self._agent.register_memory([staging])
-        mem = "VRAM" if staging.is_cuda else "DRAM"
-        dev = staging.device.index or 0
-        env.kind = "nixl"
-        env.spans = spans
-        env.handles = [{
-            "agent_meta": self._agent.get_agent_metadata(), "addr": staging.data_ptr(), "size": staging.numel(),
-            "mem": mem, "dev": dev,
-        }]
-        return env, [], (reg, staging)
+        cuda = [_is_cuda(b) for b in buffers]
+        if not any(cuda) and sum(sizes) <= self.inline_max_bytes:
+            return env, [as_bytes_view(b) for b in buffers], None
+        staged = _Staged()
+        try:
+            handles = self._stage(buffers, sizes, cuda, staged)
+        except BaseException:
+            self._free_staged(staged)
+            raise
+        epoch = self._epoch
+        if self._md_sent.get(peer) != epoch:  # the agent's metadata after the blocks this message lies in
+            handles[0]["md"] = self._call("get_agent_metadata")
+            self._md_sent[peer] = epoch
+        staged.deadline_s = getattr(self._tls, "deadline_s", time.monotonic() + _READ_TIMEOUT_S)
+        handles[0]["deadline_wall"] = time.time() + (staged.deadline_s - time.monotonic())
+        env.kind, env.segment, env.handles = "nixl", self._name, handles
+        with self._progress_cv:
+            self._outstanding += 1
+            self._progress_cv.notify()
+        return env, [], staged
+
+    def send(self, peer: str, header: Any, buffers: Sequence[Buffer], deadline_s: float) -> None:
+        self._tls.deadline_s = deadline_s  # for ``_pack`` (called in this thread): the peer reads by it
+        super().send(peer, header, buffers, deadline_s)
+
+    def _stage(self, buffers: Sequence[Buffer], sizes: list[int], cuda: list[bool],
+               staged: _Staged) -> list[dict[str, Any]]:
+        """Copy ``buffers`` into staging (one range per memory kind); the descriptors the receiver reads."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, b in enumerate(buffers):
+            key = ("VRAM", b.device.index or 0) if cuda[i] else ("DRAM", 0)
+            groups.setdefault(key, []).append(i)
+        handles: list[dict[str, Any]] = [{} for _ in buffers]
+        for (mem, dev), idx in groups.items():
+            offs, total = _layout([sizes[i] for i in idx])
+            pool = self._pool(self._staging, mem, dev)
+            key = next(self._keys)
+            blk, base = pool.alloc(key, total)
+            staged.ranges.append((pool, blk, key))
+            if mem == "VRAM":
+                self._copy_cuda(blk, base, [buffers[i] for i in idx], offs, [sizes[i] for i in idx])
+            for i, off in zip(idx, offs, strict=True):
+                if mem == "DRAM" and sizes[i]:
+                    blk.buf[base + off: base + off + sizes[i]] = np.frombuffer(as_bytes_view(buffers[i]), np.uint8)
+                handles[i] = {"mem": mem, "dev": dev, "addr": blk.addr + base + off, "n": sizes[i]}
+                if mem == "VRAM":
+                    handles[i].update(dtype=str(buffers[i].dtype).removeprefix("torch."), shape=list(buffers[i].shape))
+        return handles
+
+    def _copy_cuda(self, blk: _Block, base: int, tensors: list[Any], offs: list[int], sizes: list[int]) -> None:
+        import torch
+
+        from hetserve.runtime.transport import shm
+
+        dev = torch.device("cuda", blk.dev)
+        if (stream := self._copy_streams.get(blk.dev)) is None:
+            stream = self._copy_streams[blk.dev] = torch.cuda.Stream(device=dev)
+        if not getattr(shm._ready, "on", False):  # ``shm.buffers_ready()``: the caller synchronised already
+            stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.device(dev), torch.cuda.stream(stream):
+            for t, off, n in zip(tensors, offs, sizes, strict=True):
+                if n:
+                    blk.buf.narrow(0, base + off, n).copy_(t.contiguous().reshape(-1).view(torch.uint8))
+        stream.synchronize()  # the peer reads the staging as soon as it has the envelope
+
+    def _may_return_early(self, state: Any) -> bool:  # type: ignore[override]
+        return state is not None  # staged: the caller's buffers were copied
 
     def _release(self, state: Any) -> None:
-        reg, _staging = state
-        self._agent.deregister_memory(reg)
+        with self._progress_cv:
+            self._outstanding -= 1
+        self._free_staged(state)
+
+    def _free_staged(self, staged: _Staged) -> None:
+        # a failed send's peer may still be reading: hold its ranges past the deadline the peer reads by
+        hold = staged.deadline_s + 2 * _SKEW_S if staged.failed else 0.0
+        for pool, blk, key in staged.ranges:
+            pool.free(blk, key, hold)
+        staged.ranges = []
+
+    def _drop(self, peer: str) -> None:
+        with self._table_lock:
+            conn = self._peers.get(peer)
+        if conn is not None:
+            for _, state in list(conn.outstanding.values()):
+                if state is not None:
+                    state.failed = True
+        super()._drop(peer)
+
+    def _peer_dropped(self, peer: str) -> None:
+        self._md_sent.pop(peer, None)  # a new connection may lead to a new endpoint: send the metadata again
+
+    def _progress_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._progress_cv:
+                if self._outstanding <= 0:
+                    self._progress_cv.wait(0.5)
+                    continue
+            time.sleep(_PROGRESS_S)  # first: a read over shared memory / RDMA is often done by then
+            if self._outstanding > 0:
+                with contextlib.suppress(Exception):  # best effort: the reader's poll decides
+                    self._call("get_new_notifs")
 
     def _unpack(self, env: Envelope, frames: list[zmq.Frame]) -> list[Buffer]:
         if env.kind != "nixl":
             return super()._unpack(env, frames)
+        landed, self._landed = self._landed, None
+        bufs, ranges = landed[1:] if landed is not None and landed[0] == env.msg_id else self._read(env)
+        out = [b.clone() if _is_cuda(b) else b for b in bufs]  # a device range is reused at once: copy it out
+        if any(_is_cuda(b) for b in out):
+            import torch
+
+            for dev in {b.device for b in out if _is_cuda(b)}:
+                torch.cuda.synchronize(dev)
+        dev_ranges = [r for r in ranges if r[0].mem == "VRAM"]
+        self._lent = [r for r in self._lent if r not in dev_ranges]
+        for pool, blk, key in dev_ranges:
+            pool.free(blk, key)
+        return out
+
+    def _unpack_borrowed(self, env: Envelope, frames: list[zmq.Frame]) -> list[Buffer] | None:
+        if env.kind != "nixl":
+            return super()._unpack_borrowed(env, frames)
+        bufs, ranges = self._read(env)
+        self._landed = (env.msg_id, bufs, ranges)
+        # VRAM ranges are freed after the sink returned (``_service``); host ones when the views are dropped
+        self._lent.extend(r for r in ranges if r[0].mem == "VRAM")
+        return list(bufs)
+
+    def _service(self) -> None:
+        """Free what the last message lent (its sink returned) and the host ranges whose views were dropped."""
+        self._landed = None
+        lent, self._lent = self._lent, []
+        for pool, blk, key in lent:
+            pool.free(blk, key)
+        while self._freed:
+            pool, blk, key = self._freed.popleft()
+            pool.free(blk, key)
+
+    def _read(self, env: Envelope) -> tuple[list[Buffer], list[tuple[_Pool, _Block, int]]]:
+        """READ the message's buffers into landing ranges: (views, the ranges)."""
+        self._service()
+        hs = env.handles
+        if len(hs) != env.num_buffers or not hs or any(not isinstance(h, dict) for h in hs):
+            raise MessageDecodeError(f"{env.num_buffers} buffers announced, {len(hs)} descriptors")
+        if hs[0].get("md"):  # newer metadata replaces the old (loading it again would merge: stale blocks stay)
+            if env.segment in self._remote:
+                self._call("remove_remote_agent", self._remote.pop(env.segment))
+            name = self._call("add_remote_agent", hs[0]["md"])  # the peer's name, as bytes
+            self._remote[env.segment] = name.decode() if isinstance(name, bytes) else str(name)
+        if (remote := self._remote.get(env.segment)) is None:
+            raise MessageDecodeError(f"no NIXL metadata for agent {env.segment!r} (it is sent once per connection)")
+        left_s = min(_READ_TIMEOUT_S, float(hs[0].get("deadline_wall", 0.0)) + _SKEW_S - time.time())
+        if left_s <= 0:
+            raise OSError(f"the sender's deadline passed before its message {env.msg_id} was read")
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, h in enumerate(hs):
+            groups.setdefault((h["mem"], int(h["dev"])), []).append(i)
+        views: list[Buffer] = [b""] * len(hs)
+        ranges: list[tuple[_Pool, _Block, int]] = []
+        posted = []
+        try:
+            for (mem, dev), idx in groups.items():
+                lmem, ldev = self._landing_kind(mem, dev)
+                offs, total = _layout([int(hs[i]["n"]) for i in idx])
+                pool = self._pool(self._landing, lmem, ldev)
+                key = next(self._keys)
+                blk, base = pool.alloc(key, total)
+                ranges.append((pool, blk, key))
+                rows = [(i, off) for i, off in zip(idx, offs, strict=True) if int(hs[i]["n"])]
+                if rows:
+                    local = np.array([[blk.addr + base + off, int(hs[i]["n"]), ldev] for i, off in rows], np.uint64)
+                    far = np.array([[int(hs[i]["addr"]), int(hs[i]["n"]), dev] for i, _ in rows], np.uint64)
+                    posted.append(self._post(local, lmem, far, mem, remote))
+                self._views(blk, base, idx, offs, hs, views, pool, key)
+            self._wait(posted, left_s, env)
+        except BaseException:
+            for pool, blk, key in ranges:
+                pool.free(blk, key)
+            raise
+        return views, ranges
+
+    def _landing_kind(self, mem: str, dev: int) -> tuple[str, int]:
+        if mem != "VRAM" or not self.accepts_device_tensors:
+            return "DRAM", 0
         import torch
 
-        if len(env.handles) != 1 or env.handles[0] is None:
-            raise MessageDecodeError("a nixl message carries one staging region")
-        region = env.handles[0]
-        meta = region["agent_meta"]
-        remote = self._remote_agents.get(meta)
-        if remote is None:
-            remote = self._agent.add_remote_agent(meta)
-            self._remote_agents[meta] = remote
-        local = torch.empty(region["size"], dtype=torch.uint8)
-        reg = self._agent.register_memory([local])
+        return "VRAM", self.device if self.device is not None else (dev if dev < torch.cuda.device_count() else 0)
+
+    def _post(self, local: np.ndarray, lmem: str, far: np.ndarray, rmem: str, remote: str) -> Any:
         try:
-            local_descs = self._agent.get_xfer_descs([(local.data_ptr(), local.numel(), 0)], "DRAM")
-            remote_descs = self._agent.get_xfer_descs([(region["addr"], region["size"], region["dev"])],
-                                                      region["mem"])
-            handle = self._agent.initialize_xfer("READ", local_descs, remote_descs, remote, b"")
-            try:
-                state = self._agent.transfer(handle)
-                end = time.monotonic() + _READ_TIMEOUT_S
-                while state != "DONE":
-                    if state == "ERR" or time.monotonic() > end:
-                        raise OSError(f"NIXL read from {env.sender} failed ({state})")
-                    time.sleep(1e-4)
-                    state = self._agent.check_xfer_state(handle)
-            finally:
-                self._agent.release_xfer_handle(handle)
+            with self._agent_lock:
+                h = self._agent.initialize_xfer("READ", self._agent.get_xfer_descs(local, lmem),
+                                                self._agent.get_xfer_descs(far, rmem), remote)
+                state = self._agent.transfer(h)
+        except Exception as e:  # noqa: BLE001 - NIXL's errors are not OSErrors: refuse the message
+            raise OSError(f"NIXL read could not be posted: {type(e).__name__}: {e}") from None
+        return [h, state]
+
+    def _wait(self, posted: list[list[Any]], left_s: float, env: Envelope) -> None:
+        end = time.monotonic() + left_s
+        polls = 0
+        try:
+            for entry in posted:
+                while entry[1] == "PROC":
+                    if time.monotonic() > end:
+                        raise OSError(f"NIXL read of message {env.msg_id} from {env.sender} timed out")
+                    polls += 1
+                    if polls > 64:
+                        time.sleep(2e-5)  # let the process's other threads have the GIL
+                    try:
+                        entry[1] = self._call("check_xfer_state", entry[0])
+                    except Exception as e:  # noqa: BLE001 - e.g. the peer went away: refuse, keep the thread
+                        entry[1] = f"{type(e).__name__}: {e}"
+                if entry[1] != "DONE":
+                    raise OSError(f"NIXL read of message {env.msg_id} from {env.sender} failed ({entry[1]})")
         finally:
-            self._agent.deregister_memory(reg)
-        view = memoryview(local.numpy().data)
-        return [view[off : off + n] for off, n in env.spans]
+            for h, _ in posted:
+                with contextlib.suppress(Exception):  # a transfer NIXL could not abort: leave the handle
+                    self._call("release_xfer_handle", h)
+
+    def _views(self, blk: _Block, base: int, idx: list[int], offs: list[int], hs: list[dict[str, Any]],
+               views: list[Buffer], pool: _Pool, key: int) -> None:
+        """Views of the landing block (host: of one read-only array that frees the range once it is gone)."""
+        hi = offs[-1] + int(hs[idx[-1]]["n"])
+        if blk.mem == "VRAM":
+            import torch
+
+            for i, off in zip(idx, offs, strict=True):
+                t = blk.buf.narrow(0, base + off, int(hs[i]["n"]))
+                if "dtype" in hs[i]:
+                    t = t.view(getattr(torch, hs[i]["dtype"])).view(hs[i]["shape"])
+                views[i] = t
+            return
+        arr = np.frombuffer(blk.buf, dtype=np.uint8, count=hi, offset=base)
+        arr.flags.writeable = False
+        weakref.finalize(arr, self._freed.append, (pool, blk, key))
+        whole = memoryview(arr)
+        for i, off in zip(idx, offs, strict=True):
+            views[i] = whole[off: off + int(hs[i]["n"])]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()
+        with self._progress_cv:
+            self._progress_cv.notify_all()
+        self._progress.join(timeout=5)
+        self._landed, self._lent = None, []
+        with contextlib.suppress(Exception):
+            for pool in [*self._staging.values(), *self._landing.values()]:
+                pool.close()
+            for name in self._remote.values():
+                self._call("remove_remote_agent", name)
+        self._remote.clear()
+
