@@ -7,9 +7,9 @@
 #   bash .clean/benchmarks/gpu_nixl.sh        # carry: .clean .whl .whl-nixl
 #
 # MPS=1 (default): the workers are MPS clients 25% (sender) / 75% (receiver), as the emulated pair; if the nixl
-# run fails under MPS it is run again without (and shm too, for a like-for-like pair). Results: $OUT/gpu-nixl.tgz
-# (the device tool returns at most 8 files) holding nixl_raw_gpu.json, kv_runtime_gpu_{shm,nixl}[_nomps].json and
-# the logs; gpu-nixl.log beside it.
+# run fails under MPS it is run again without (and shm too, time permitting). MPS=0: both without MPS.
+# Results: $OUT/gpu-nixl.tgz (the device tool returns at most 8 files) holding nixl_raw_gpu.json,
+# kv_runtime_gpu_{shm,nixl}[_nomps].json and their logs; gpu-nixl.log beside it.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=${ROOT:-$PWD}
@@ -36,12 +36,12 @@ cd "$TREE" || exit 1
 cat benchmarks/.commit 2>/dev/null
 
 el "nixl_raw --device cuda"
-timeout 120 "$PY" benchmarks/nixl_raw.py --device cuda --repeats 20 --out "$OUT/nixl_raw_gpu.json" 2>&1 \
+timeout -k 10 120 "$PY" benchmarks/nixl_raw.py --device cuda --repeats 20 --out "$OUT/nixl_raw_gpu.json" 2>&1 \
   | grep -v Warning | tee "$OUT/nixl_raw_gpu.log" | cut -c1-160
 
 kv() {  # kv <transport> <suffix> [--mps]
   el "kv_runtime --transport $1 $3"
-  timeout ${KV_TIMEOUT:-150} "$PY" benchmarks/kv_runtime.py --device cuda --shape llama8b --links "$LINKS" \
+  timeout -k 10 "${KV_TIMEOUT:-150}" "$PY" benchmarks/kv_runtime.py --device cuda --shape llama8b --links "$LINKS" \
     --sizes-kib "$SIZES" --repeats "$REPEATS" --transport "$1" $3 --out "$OUT/kv_runtime_gpu_$1$2.json" 2>&1 \
     | grep -v Warning | tee "$OUT/kv_runtime_gpu_$1$2.log" | cut -c1-160
   [ -s "$OUT/kv_runtime_gpu_$1$2.json" ]
@@ -49,9 +49,9 @@ kv() {  # kv <transport> <suffix> [--mps]
 if [ "$MPS" = 1 ]; then
   kv shm "" --mps
   if ! kv nixl "" --mps && [ $(( $(date +%s) - t0 )) -lt 200 ]; then
-    el "nixl under MPS failed: both again without MPS"
+    el "nixl under MPS failed: nixl again without MPS (then shm, if there is time)"
     kv nixl _nomps ""
-    kv shm _nomps ""
+    [ $(( $(date +%s) - t0 )) -lt 300 ] && kv shm _nomps ""
   fi
 else
   kv shm _nomps ""
