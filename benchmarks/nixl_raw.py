@@ -75,6 +75,8 @@ class Side:
         if self.cuda:
             import torch
 
+            if device == "cuda":
+                device = "cuda:0"
             torch.cuda.set_device(torch.device(device))
             # the CUDA context exists before the agent (UCX's CUDA transports look for it)
             self.buf: Any = torch.zeros(nbytes, dtype=torch.uint8, device=device)
