@@ -49,14 +49,13 @@ import zmq
 
 from hetserve.runtime.messages import Envelope, MessageDecodeError
 from hetserve.runtime.transport.base import Buffer, TransportError, as_bytes_view, buffer_nbytes
+from hetserve.runtime.transport.nixl_pool import MIB, Block, Pool, layout
 from hetserve.runtime.transport.tcp import ZmqTransport
 
 _INLINE_MAX_BYTES = 64 * 1024
-_ALIGN = 256
 _READ_TIMEOUT_S = 60.0
 _SKEW_S = 5.0  # wall clocks of two hosts agree to within this
 _PROGRESS_S = 0.001  # how often the helper progresses the agent while peers read this endpoint's staging
-_MIB = 2**20
 
 
 def nixl_unavailable_reason() -> str | None:
@@ -80,103 +79,24 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _layout(sizes: list[int]) -> tuple[list[int], int]:
-    """Offsets of buffers of ``sizes`` placed back to back at ``_ALIGN``, and the bytes they take."""
-    offs, total = [], 0
-    for n in sizes:
-        offs.append(total)
-        total += -(-n // _ALIGN) * _ALIGN
-    return offs, total
+_thread_ctx = threading.local()
 
 
-class _Block:
-    """One registered block of memory: DRAM (a numpy array) or VRAM (a torch uint8 tensor on ``dev``)."""
+def _cuda_current(dev: int) -> None:
+    """The GPU's primary context current on this thread: UCX's CUDA transports act in the calling thread's context
+    (an endpoint's thread has none until it is set) and fall back to a slow lane without one."""
+    if getattr(_thread_ctx, "dev", None) != dev:
+        import torch
 
-    def __init__(self, owner: NixlTransport, mem: str, dev: int, size: int, staging: bool) -> None:
-        self.mem, self.dev, self.size = mem, dev, size
-        if mem == "VRAM":
-            import torch
-
-            self.buf: Any = torch.empty(size, dtype=torch.uint8, device=f"cuda:{dev}")
-            self.addr = self.buf.data_ptr()
-        else:
-            self.buf = np.empty(size, dtype=np.uint8)
-            self.buf[:: 4096] = 0  # fault the pages in now, not during the first transfer
-            self.addr = self.buf.ctypes.data
-        self.reg = owner._call("register_memory", np.array([[self.addr, size, dev]], dtype=np.uint64), mem)
-        if staging:  # peers read it: they need metadata that knows it
-            owner._epoch += 1
-        self.held: dict[int, tuple[int, int]] = {}  # key -> (offset, bytes)
-
-    def alloc(self, key: int, nbytes: int) -> int | None:
-        need = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
-        at = 0
-        for off, n in sorted(self.held.values()):
-            if off - at >= need:
-                break
-            at = max(at, off + -(-n // _ALIGN) * _ALIGN)
-        if at + need > self.size:
-            return None
-        self.held[key] = (at, nbytes)
-        return at
-
-
-class _Pool:
-    """The blocks of one memory kind: ranges from the newest; a larger block when it has no room."""
-
-    def __init__(self, owner: NixlTransport, mem: str, dev: int, staging: bool) -> None:
-        self.owner, self.mem, self.dev, self.staging = owner, mem, dev, staging
-        self.blocks: list[_Block] = []
-        self.lock = threading.Lock()
-        self.quarantined: list[tuple[float, _Block, int]] = []  # (free after this monotonic time, block, key)
-
-    def alloc(self, key: int, nbytes: int) -> tuple[_Block, int]:
-        with self.lock:
-            self._reclaim()
-            if self.blocks:
-                off = self.blocks[-1].alloc(key, nbytes)
-                if off is not None:
-                    return self.blocks[-1], off
-            last = self.blocks[-1].size if self.blocks else 0
-            size = max(2 * last, -(-nbytes // _MIB) * _MIB, self.owner.pool_bytes)
-            blk = _Block(self.owner, self.mem, self.dev, size, self.staging)
-            self.blocks.append(blk)
-            blk.held[key] = (0, nbytes)
-            self._retire()
-            return blk, 0
-
-    def free(self, blk: _Block, key: int, hold_until_s: float = 0.0) -> None:
-        with self.lock:
-            if hold_until_s > time.monotonic():
-                self.quarantined.append((hold_until_s, blk, key))
-                return
-            blk.held.pop(key, None)
-            self._retire()
-
-    def _reclaim(self) -> None:
-        now = time.monotonic()
-        for _, blk, key in [q for q in self.quarantined if q[0] <= now]:
-            blk.held.pop(key, None)
-        self.quarantined = [q for q in self.quarantined if q[0] > now]
-
-    def _retire(self) -> None:
-        """Deregister every older block that holds nothing (its memory goes once no view refers to it)."""
-        for blk in [b for b in self.blocks[:-1] if not b.held]:
-            self.blocks.remove(blk)
-            self.owner._call("deregister_memory", blk.reg)
-
-    def close(self) -> None:
-        with self.lock:
-            for blk in self.blocks:
-                self.owner._call("deregister_memory", blk.reg)
-            self.blocks.clear()
+        torch.cuda.set_device(dev)
+        _thread_ctx.dev = dev
 
 
 @dataclass
 class _Staged:
     """What a sent message holds in the staging pools until it is acknowledged."""
 
-    ranges: list[tuple[_Pool, _Block, int]] = field(default_factory=list)
+    ranges: list[tuple[Pool, Block, int]] = field(default_factory=list)
     deadline_s: float = 0.0
     failed: bool = False
 
@@ -210,18 +130,18 @@ class NixlTransport(ZmqTransport):
             inline_max_bytes = int(float(os.environ.get("HETSERVE_NIXL_INLINE_KB", _INLINE_MAX_BYTES / 1024)) * 1024)
         self.inline_max_bytes = inline_max_bytes
         mb = float(os.environ.get("HETSERVE_NIXL_POOL_MB", "16")) if pool_mb is None else pool_mb
-        self.pool_bytes = max(_MIB, int(mb * _MIB))
+        self.pool_bytes = max(MIB, int(mb * MIB))
         self.device = device
         self.accepts_device_tensors = _cuda_available()
         self._epoch = 0  # bumped by every registration: peers need newer metadata to reach the new block
         self._md_sent: dict[str, int] = {}  # peer -> the epoch whose metadata it has
-        self._staging: dict[tuple[str, int], _Pool] = {}
-        self._landing: dict[tuple[str, int], _Pool] = {}
+        self._staging: dict[tuple[str, int], Pool] = {}
+        self._landing: dict[tuple[str, int], Pool] = {}
         self._keys = itertools.count(1)
         self._remote: dict[str, str] = {}  # a sender's agent name -> the name NIXL knows it by
-        self._freed: collections.deque[tuple[_Pool, _Block, int]] = collections.deque()  # landing views dropped
-        self._lent: list[tuple[_Pool, _Block, int]] = []  # CUDA landing ranges a sink borrowed
-        self._landed: tuple[int, list[Buffer], list[tuple[_Pool, _Block, int]]] | None = None
+        self._freed: collections.deque[tuple[Pool, Block, int]] = collections.deque()  # landing views dropped
+        self._lent: list[tuple[Pool, Block, int]] = []  # CUDA landing ranges a sink borrowed
+        self._landed: tuple[int, list[Buffer], list[tuple[Pool, Block, int]]] | None = None
         self._copy_streams: dict[int, Any] = {}
         self._tls = threading.local()
         self._outstanding = 0  # sent, staged messages not yet acknowledged: the progress thread runs meanwhile
@@ -234,9 +154,9 @@ class NixlTransport(ZmqTransport):
         with self._agent_lock:
             return getattr(self._agent, method)(*args)
 
-    def _pool(self, table: dict[tuple[str, int], _Pool], mem: str, dev: int) -> _Pool:
+    def _pool(self, table: dict[tuple[str, int], Pool], mem: str, dev: int) -> Pool:
         pool = table.get((mem, dev))  # (a pool registers nothing until its first range: a spare one costs nothing)
-        return pool if pool is not None else table.setdefault((mem, dev), _Pool(self, mem, dev, table is self._staging))
+        return pool if pool is not None else table.setdefault((mem, dev), Pool(self, mem, dev, table is self._staging))
 
     def _pack(self, peer: str, msg_id: int, buffers: Sequence[Buffer]) -> tuple[Envelope, list[Any], Any]:
         env = Envelope(msg_id=msg_id, sender=self.address, num_buffers=len(buffers))
@@ -275,7 +195,7 @@ class NixlTransport(ZmqTransport):
             groups.setdefault(key, []).append(i)
         handles: list[dict[str, Any]] = [{} for _ in buffers]
         for (mem, dev), idx in groups.items():
-            offs, total = _layout([sizes[i] for i in idx])
+            offs, total = layout([sizes[i] for i in idx])
             pool = self._pool(self._staging, mem, dev)
             key = next(self._keys)
             blk, base = pool.alloc(key, total)
@@ -290,7 +210,7 @@ class NixlTransport(ZmqTransport):
                     handles[i].update(dtype=str(buffers[i].dtype).removeprefix("torch."), shape=list(buffers[i].shape))
         return handles
 
-    def _copy_cuda(self, blk: _Block, base: int, tensors: list[Any], offs: list[int], sizes: list[int]) -> None:
+    def _copy_cuda(self, blk: Block, base: int, tensors: list[Any], offs: list[int], sizes: list[int]) -> None:
         import torch
 
         from hetserve.runtime.transport import shm
@@ -334,6 +254,8 @@ class NixlTransport(ZmqTransport):
         self._md_sent.pop(peer, None)  # a new connection may lead to a new endpoint: send the metadata again
 
     def _progress_loop(self) -> None:
+        if self.accepts_device_tensors:
+            _cuda_current(self.device or 0)
         while not self._stop.is_set():
             with self._progress_cv:
                 if self._outstanding <= 0:
@@ -380,7 +302,7 @@ class NixlTransport(ZmqTransport):
             pool, blk, key = self._freed.popleft()
             pool.free(blk, key)
 
-    def _read(self, env: Envelope) -> tuple[list[Buffer], list[tuple[_Pool, _Block, int]]]:
+    def _read(self, env: Envelope) -> tuple[list[Buffer], list[tuple[Pool, Block, int]]]:
         """READ the message's buffers into landing ranges: (views, the ranges)."""
         self._service()
         hs = env.handles
@@ -400,12 +322,14 @@ class NixlTransport(ZmqTransport):
         for i, h in enumerate(hs):
             groups.setdefault((h["mem"], int(h["dev"])), []).append(i)
         views: list[Buffer] = [b""] * len(hs)
-        ranges: list[tuple[_Pool, _Block, int]] = []
+        ranges: list[tuple[Pool, Block, int]] = []
         posted = []
         try:
             for (mem, dev), idx in groups.items():
                 lmem, ldev = self._landing_kind(mem, dev)
-                offs, total = _layout([int(hs[i]["n"]) for i in idx])
+                if lmem == "VRAM":
+                    _cuda_current(ldev)
+                offs, total = layout([int(hs[i]["n"]) for i in idx])
                 pool = self._pool(self._landing, lmem, ldev)
                 key = next(self._keys)
                 blk, base = pool.alloc(key, total)
@@ -462,8 +386,8 @@ class NixlTransport(ZmqTransport):
                 with contextlib.suppress(Exception):  # a transfer NIXL could not abort: leave the handle
                     self._call("release_xfer_handle", h)
 
-    def _views(self, blk: _Block, base: int, idx: list[int], offs: list[int], hs: list[dict[str, Any]],
-               views: list[Buffer], pool: _Pool, key: int) -> None:
+    def _views(self, blk: Block, base: int, idx: list[int], offs: list[int], hs: list[dict[str, Any]],
+               views: list[Buffer], pool: Pool, key: int) -> None:
         """Views of the landing block (host: of one read-only array that frees the range once it is gone)."""
         hi = offs[-1] + int(hs[idx[-1]]["n"])
         if blk.mem == "VRAM":
