@@ -86,15 +86,27 @@ class Request:
     # tokens that steps in flight will sample for this request (async scheduling: the scheduler may schedule the
     # next position before the previous step's token is known; the executor takes it from the device)
     num_pending_tokens: int = 0
-    # len(prompt) + len(output), kept current by append_output (the scheduler's hot path reads it often)
-    _num_tokens: int = field(default=0, repr=False)
+    # len(prompt) + len(output), kept current by append_output: a plain field, since the scheduler's per-request
+    # loops read it millions of times in a simulation (a property call costs several times an attribute read)
+    num_tokens: int = field(init=False, default=0, repr=False)
+    # the sampling parameters allow running ahead (see may_run_ahead); SamplingParams are not changed once a
+    # request holds them, so this is decided once
+    _sampling_may_run_ahead: bool = field(init=False, default=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
+        self.num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
+        sp = self.sampling_params
+        self._sampling_may_run_ahead = (
+            sp.min_tokens <= 0
+            and sp.seed is None
+            and sp.repetition_penalty == 1.0
+            and sp.presence_penalty == 0.0
+            and sp.frequency_penalty == 0.0
+        )
 
     def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
-        self._num_tokens += 1
+        self.num_tokens += 1
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -107,10 +119,6 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return self._num_tokens
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_token_ids)
@@ -138,22 +146,17 @@ class Request:
         its sampling does not depend on the tokens before it (no penalties, no min_tokens, no seed: the runner
         has not seen the pending token yet), it does not hand its KV on or wait for KV (a request whose KV has
         arrived decodes like any other), and the pending token cannot be its last."""
-        sp = self.sampling_params
+        if not self._sampling_may_run_ahead:
+            return False
         kt = self.kv_transfer
-        if (
-            (kt is not None and (kt.send or kt.compute_limit is not None or kt.num_remote_tokens > 0))
-            or sp.min_tokens > 0
-            or sp.seed is not None
-            or sp.repetition_penalty != 1.0
-            or sp.presence_penalty != 0.0
-            or sp.frequency_penalty != 0.0
-        ):
+        if kt is not None and (kt.send or kt.compute_limit is not None or kt.num_remote_tokens > 0):
             return False
         # the step would sample output token number len(output) + pending + 1
         ahead = self.num_pending_tokens + 1
-        if sp.max_tokens is not None and len(self.output_token_ids) + ahead > sp.max_tokens:
+        max_tokens = self.sampling_params.max_tokens
+        if max_tokens is not None and len(self.output_token_ids) + ahead > max_tokens:
             return False
-        return self.max_model_len is None or self._num_tokens + ahead <= self.max_model_len
+        return self.max_model_len is None or self.num_tokens + ahead <= self.max_model_len
 
     def check_stop(self, new_token_id: int) -> RequestStatus | None:
         """Stop condition after appending ``new_token_id``; stop strings are checked after detokenising."""
@@ -161,7 +164,7 @@ class Request:
         n_out = len(self.output_token_ids)
         if sp.ignore_eos and not sp.stop_token_ids:  # the common benchmark case: only lengths stop it
             if (sp.max_tokens is not None and n_out >= sp.max_tokens) or (
-                self.max_model_len is not None and self._num_tokens >= self.max_model_len
+                self.max_model_len is not None and self.num_tokens >= self.max_model_len
             ):
                 return RequestStatus.FINISHED_LENGTH_CAPPED
             return None
@@ -174,6 +177,6 @@ class Request:
                 return RequestStatus.FINISHED_STOPPED
         if sp.max_tokens is not None and n_out >= sp.max_tokens:
             return RequestStatus.FINISHED_LENGTH_CAPPED
-        if self.max_model_len is not None and self._num_tokens >= self.max_model_len:
+        if self.max_model_len is not None and self.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH_CAPPED
         return None

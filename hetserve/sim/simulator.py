@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,7 @@ _ONE_TOKEN: list[int] = [_TOKEN]
 _NO_TOKEN: list[int] = []
 
 
-@dataclass
+@dataclass(slots=True)
 class _Track:
     spec: SimRequest
     index: int
@@ -63,22 +64,24 @@ class _Track:
 
 
 class _CachedView(InstanceView):
-    """An InstanceView whose O(batch) figures are computed once per scheduler state: routing asks every
-    instance for each arriving request, and between two steps the answer only changes when a queue does.
-    The key is the scheduler's step counter and its queue lengths (any change between steps alters one)."""
+    """An InstanceView whose O(batch) figure is computed once per scheduler state: routing asks every instance
+    for each arriving request. The running requests' unfinished prompts change only when a step is scheduled
+    (the step counter moves) or a running request leaves (between two steps the running list only shrinks),
+    so the step counter and the running list's length key them; the waiting part is the scheduler's own O(1)
+    figure."""
 
     def __init__(self, plan: InstancePlan, scheduler: Scheduler) -> None:
         super().__init__(plan, scheduler)
-        self._key: tuple[int, int, int, int] = (-1, 0, 0, 0)
-        self._pending = 0
+        self._key: tuple[int, int] = (-1, 0)
+        self._running_pending = 0
 
-    def pending_prefill_tokens(self) -> int:
+    def running_prefill_tokens(self) -> int:
         s = self.scheduler
-        key = (s._step_id, len(s.running), len(s.waiting), len(s.receiving))
+        key = (s._step_id, len(s.running))
         if key != self._key:
             self._key = key
-            self._pending = super().pending_prefill_tokens()
-        return self._pending
+            self._running_pending = super().running_prefill_tokens()
+        return self._running_pending
 
 
 class _Instance:
@@ -230,18 +233,23 @@ class Simulator:
             if inst.in_flight == 0:
                 inst.idle_since_s = now
             outs = inst.scheduler.update_from_output(so, ro)
+            tracks = self._tracks
             for o in outs:
-                tr = self._tracks[o.req_id]
-                if o.new_token_ids:
+                tr = tracks[o.req_id]
+                new_ids = o.new_token_ids
+                if new_ids:
                     if tr.first_token_s is None:
                         tr.first_token_s = now
                         if now - tr.spec.arrival_s > self._ttft_limit_s:
                             self._count_bad(tr)
                     tr.token_times.append(now)
-                    tr.num_tokens += len(o.new_token_ids)
-                if o.finish_reason == "remote":
+                    tr.num_tokens += len(new_ids)
+                reason = o.finish_reason
+                if reason is None:
+                    continue
+                if reason == "remote":
                     self._handoff(name, o.req_id, now)
-                elif o.finish_reason is not None:
+                else:
                     tr.done_s = now
                     first = tr.first_token_s
                     # a request already counted for its TTFT is not counted again for its TPOT
@@ -327,12 +335,28 @@ class Simulator:
         self._pending_src: dict[str, str] = {}
         self._link_free_s: dict[tuple[str, str], float] = {}
         for i, spec in enumerate(workload):
-            rid = str(i)
-            self._tracks[rid] = _Track(spec, i)
-            self._push(spec.arrival_s, self._arrive(rid, spec))
+            self._tracks[str(i)] = _Track(spec, i)
+        # arrivals stay out of the heap (it then holds only the few events in flight, so a pop is cheap) and are
+        # merged in by (time, sequence number) as if they had been pushed first, in workload order
+        seq0 = next(self._seq)
+        self._seq = itertools.count(seq0 + len(workload))
+        order = sorted(range(len(workload)), key=lambda i: workload[i].arrival_s)
+        heap = self._heap
+        num_arrivals = len(order)
+        k = 0
         n_events = 0
-        while self._heap and not self.stopped_early:
-            t, _, fn = heapq.heappop(self._heap)
+        while (heap or k < num_arrivals) and not self.stopped_early:
+            if k < num_arrivals:
+                i = order[k]
+                t = workload[i].arrival_s
+                top = heap[0] if heap else None
+                if top is None or t < top[0] or (t == top[0] and seq0 + i < top[1]):
+                    fn = self._arrive(str(i), workload[i])
+                    k += 1
+                else:
+                    t, _, fn = heapq.heappop(heap)
+            else:
+                t, _, fn = heapq.heappop(heap)
             if self.max_sim_time_s is not None and t > self.max_sim_time_s:
                 break
             self.now_s = t
@@ -355,7 +379,7 @@ class Simulator:
                 rec.output_len = tr.num_tokens
                 rec.ttft_s = tr.first_token_s - a
                 times = tr.token_times
-                rec.itl_s = [b - c for c, b in itertools.pairwise(times)]
+                rec.itl_s = list(map(operator.sub, times[1:], times))  # gaps between tokens
                 rec.e2el_s = times[-1] - a
                 rec.start_s, rec.end_s = a - start, times[-1] - start
                 end = max(end, times[-1])

@@ -64,9 +64,16 @@ class InstanceView:
         return self.plan.name
 
     def pending_prefill_tokens(self) -> int:
-        s = self.scheduler
-        n = sum(r.num_target_tokens - r.num_computed_tokens for r in s.waiting)
-        n += sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in s.running)
+        """Prompt tokens still to compute here: the waiting requests' (kept current by the scheduler) and the
+        running requests' unfinished prompts."""
+        return self.scheduler.num_waiting_prefill_tokens + self.running_prefill_tokens()
+
+    def running_prefill_tokens(self) -> int:
+        n = 0
+        for r in self.scheduler.running:
+            left = len(r.prompt_token_ids) - r.num_computed_tokens
+            if left > 0:
+                n += left
         return n
 
     def num_running(self) -> int:

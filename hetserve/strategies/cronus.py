@@ -124,6 +124,9 @@ class AdaptiveSplit(SplitPolicy):
         self.max_candidates = max_candidates
         self.num_decisions = 0
         self.sum_k_fraction = 0.0
+        # per (deployment, head, main): k -> (the head's prefill of k tokens, the transfer part that outlasts it);
+        # both fixed by the plans' costs and links, and asked for at every candidate k of every routed request
+        self._head_terms: dict[tuple[CronusDeployment, str, str], dict[int, tuple[float, float]]] = {}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -171,17 +174,23 @@ class AdaptiveSplit(SplitPolicy):
         head_backlog = hv.pending_prefill_tokens() * deployment.head_rate[head]
         best_t = float("inf")
         scored: list[tuple[int, float]] = []
+        head_cost, max_tokens = hv.plan.cost, hv.plan.max_num_batched_tokens
+        terms = self._head_terms.setdefault((deployment, head, main), {})
         for k in self._candidates(L):
             if k == 0:
                 t = main_free + L / rate + step_s
             else:
-                ready = head_backlog + hv.plan.cost.prefill_time_s(min(k, hv.plan.max_num_batched_tokens))
-                if k > hv.plan.max_num_batched_tokens:
-                    ready += (k - hv.plan.max_num_batched_tokens) * deployment.head_rate[head]
+                term = terms.get(k)
+                if term is None:
+                    term = terms[k] = (head_cost.prefill_time_s(min(k, max_tokens)),
+                                       deployment.transfer_time_s(head, main, k))
+                ready = head_backlog + term[0]
+                if k > max_tokens:
+                    ready += (k - max_tokens) * deployment.head_rate[head]
                 if k >= L:
                     t = ready
                 else:
-                    ready += deployment.transfer_time_s(head, main, k)
+                    ready += term[1]
                     t = max(ready, main_free) + (L - k) / rate + step_s
             scored.append((k, t))
             best_t = min(best_t, t)

@@ -67,7 +67,10 @@ class KVCacheManager:
         table = self.req_to_blocks.get(req.request_id)
         if not new_computed_blocks:
             # the hot path: a running request that may need one more block
-            num_new = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - (len(table) if table else 0)
+            num_slots = req.num_computed_tokens + num_new_tokens
+            if table is not None and num_slots <= len(table) * self.block_size:
+                return []  # its last block still has room
+            num_new = -(-num_slots // self.block_size) - (len(table) if table else 0)
             if num_new <= 0:
                 return []
             if num_new > self.pool.num_free_blocks:

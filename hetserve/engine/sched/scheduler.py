@@ -24,6 +24,56 @@ from hetserve.core.request import Request, RequestStatus
 from hetserve.engine.kv.kv_cache_manager import KVCacheManager
 
 
+class WaitingQueue(deque[Request]):
+    """The waiting requests, in admission order, and the tokens they still need computed here
+    (``num_target_tokens - num_computed_tokens`` each, summed): routing asks for that figure on every arrival,
+    and a sum over the queue then costs O(queue) each time. A request's share is recorded when it joins and
+    taken off when it leaves (a waiting request does not change: it computes nothing and samples nothing).
+    Only the mutations the scheduler uses are offered; the others raise, so none can bypass the books."""
+
+    def __init__(self, requests: Iterable[Request] = ()) -> None:
+        super().__init__()
+        self.num_prefill_tokens = 0
+        self._shares: dict[str, int] = {}
+        for req in requests:
+            self.append(req)
+
+    def _join(self, req: Request) -> None:
+        n = req.num_target_tokens - req.num_computed_tokens
+        self._shares[req.request_id] = n
+        self.num_prefill_tokens += n
+
+    def _leave(self, req: Request) -> None:
+        self.num_prefill_tokens -= self._shares.pop(req.request_id)
+
+    def append(self, req: Request) -> None:
+        super().append(req)
+        self._join(req)
+
+    def appendleft(self, req: Request) -> None:
+        super().appendleft(req)
+        self._join(req)
+
+    def popleft(self) -> Request:
+        req = super().popleft()
+        self._leave(req)
+        return req
+
+    def remove(self, req: Request) -> None:
+        super().remove(req)
+        self._leave(req)
+
+    def __reduce__(self) -> tuple[type[WaitingQueue], tuple[list[Request]]]:  # type: ignore[override]
+        # a copy rebuilds its books from the requests
+        return type(self), (list(self),)
+
+    def _unsupported(self, *args: object, **kwargs: object) -> None:
+        raise NotImplementedError("WaitingQueue keeps books: use append, appendleft, popleft or remove")
+
+    pop = extend = extendleft = insert = rotate = clear = _unsupported  # type: ignore[assignment]
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _unsupported  # type: ignore[assignment]
+
+
 class Scheduler:
     def __init__(
         self,
@@ -39,7 +89,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
         # KV in flight from another instance, blocks allocated (receiving side)
         self.receiving: dict[str, Request] = {}
@@ -170,20 +220,25 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted_now = False
+        threshold = self.config.long_prefill_token_threshold
+        allocate_slots = self.kv.allocate_slots
+        run_ahead = self.async_scheduling
+        known = self._known_to_executor
+        emit_token_ids = self.emit_token_ids
 
         i = 0
-        threshold = self.config.long_prefill_token_threshold
         running = self.running
         while i < len(running) and budget > 0:
             req = running[i]
             kt = req.kv_transfer
             target = req.num_tokens if kt is None or kt.compute_limit is None else req.num_target_tokens
-            if req.num_pending_tokens:
+            pending = req.num_pending_tokens
+            if pending:
                 # a step that samples it is in flight: schedule the next position on a placeholder, or wait
-                if not (self.async_scheduling and req.may_run_ahead):
+                if not (run_ahead and req.may_run_ahead):
                     i += 1
                     continue
-                target += req.num_pending_tokens
+                target += pending
             n = target - req.num_computed_tokens
             if n <= 0:
                 i += 1
@@ -191,30 +246,40 @@ class Scheduler:
             n = min(n, budget)
             if threshold and n > threshold:
                 n = threshold
-            while True:
-                new_blocks = self.kv.allocate_slots(req, n)
-                if new_blocks is not None:
-                    break
-                victim = self.running.pop()  # newest first; always at or after index i
+            new_blocks = allocate_slots(req, n)
+            while new_blocks is None:
+                victim = running.pop()  # newest first; always at or after index i
                 self._preempt(victim)
                 preempted_now = True
                 if victim is req:
                     break
+                new_blocks = allocate_slots(req, n)
             if new_blocks is None:
                 break
-            scheduled.append(self._scheduled(req, n, [b.block_id for b in new_blocks] if new_blocks else []))
+            new_block_ids = [b.block_id for b in new_blocks] if new_blocks else []
+            if req.request_id not in known:
+                scheduled.append(self._scheduled(req, n, new_block_ids))
+            else:  # _scheduled written out for a request the executor knows (the hot path: every running request)
+                start = req.num_computed_tokens
+                num_tokens = req.num_tokens
+                end = start + n
+                sample = end == num_tokens + pending and (
+                    kt is None or kt.compute_limit is None or kt.compute_limit >= num_tokens)
+                req.num_computed_tokens = end
+                if sample:
+                    req.num_pending_tokens = pending + 1
+                token_ids = req.token_ids_slice(start, min(end, num_tokens)) if emit_token_ids else []
+                scheduled.append(ScheduledRequest(req.request_id, token_ids, start, n, new_block_ids, sample, None,
+                                                  req.num_preemptions, end > num_tokens))
             budget -= n
             i += 1
 
         kv_loads: list[KVLoad] = []
+        waiting = self.waiting
+        max_num_seqs = self.config.max_num_seqs
         # waiting requests join only if nobody had to be preempted this step
-        while (
-            not preempted_now
-            and self.waiting
-            and budget > 0
-            and len(self.running) + len(self.receiving) < self.config.max_num_seqs
-        ):
-            req = self.waiting[0]
+        while not preempted_now and waiting and budget > 0 and len(running) + len(self.receiving) < max_num_seqs:
+            req = waiting[0]
             kt = req.kv_transfer
             if kt is not None and kt.num_remote_tokens > 0:
                 # reserve blocks for KV that another instance computed; no compute this step
@@ -230,18 +295,18 @@ class Scheduler:
             n = self._chunk(req, req.num_target_tokens - num_hit, budget)
             if n <= 0:
                 break
-            new_blocks = self.kv.allocate_slots(req, n, hit_blocks)
+            new_blocks = allocate_slots(req, n, hit_blocks)
             if new_blocks is None:
                 break
-            self.waiting.popleft()
+            waiting.popleft()
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
             req.num_computed_tokens = num_hit
             req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            scheduled.append(self._scheduled(req, n, self.kv.get_block_ids(req.request_id)))
+            running.append(req)
+            scheduled.append(self._scheduled(req, n, None))
             budget -= n
 
         out = SchedulerOutput(
@@ -255,44 +320,47 @@ class Scheduler:
         self._finished_since_last_step = set()
         self._preempted_since_last_step = set()
         self._step_id += 1
-        # progress is booked at schedule time, so the next schedule() may run before this step's results
-        requests = self.requests
-        for s in scheduled:
-            req = requests[s.req_id]
-            req.num_computed_tokens += s.num_tokens
-            if s.sample:
-                req.num_pending_tokens += 1
         return out
 
-    def _scheduled(self, req: Request, n: int, new_block_ids: list[int]) -> ScheduledRequest:
+    def _scheduled(self, req: Request, n: int, new_block_ids: list[int] | None) -> ScheduledRequest:
+        """``req``'s share of the step, its progress booked at once: at schedule time, so the next schedule()
+        may run before this step's results (a request scheduled here is never preempted later in the step:
+        victims are taken from the end of the running list, past the requests scheduled so far).
+        ``new_block_ids``: None for all of the request's blocks."""
         start = req.num_computed_tokens
-        new = None
         num_tokens = req.num_tokens
         end = start + n
-        # past the known tokens only by the one placeholder (a pending token) a run-ahead decode computes
-        placeholder = end > num_tokens
+        pending = req.num_pending_tokens
         kt = req.kv_transfer
-        sample = end == num_tokens + req.num_pending_tokens and (
+        sample = end == num_tokens + pending and (
             kt is None or kt.compute_limit is None or kt.compute_limit >= num_tokens)
-        if req.request_id not in self._known_to_executor:
-            self._known_to_executor.add(req.request_id)
+        rid = req.request_id
+        new = None
+        if rid not in self._known_to_executor:
+            self._known_to_executor.add(rid)
             new = NewRequestInfo(
                 prompt_token_ids=req.prompt_token_ids,
                 output_token_ids=list(req.output_token_ids),
                 sampling_params=req.sampling_params,
                 eos_token_ids=sorted(req.eos_token_ids),
             )
-            new_block_ids = self.kv.get_block_ids(req.request_id)
+            new_block_ids = None
+        if new_block_ids is None:
+            new_block_ids = self.kv.get_block_ids(rid)
+        req.num_computed_tokens = end
+        if sample:
+            req.num_pending_tokens = pending + 1
         return ScheduledRequest(
-            req_id=req.request_id,
-            token_ids=req.token_ids_slice(start, min(end, num_tokens)) if self.emit_token_ids else [],
-            num_computed_tokens=start,
-            num_tokens=n,
-            new_block_ids=new_block_ids,
-            sample=sample,
-            new=new,
-            epoch=req.num_preemptions,
-            placeholder=placeholder,
+            rid,
+            req.token_ids_slice(start, min(end, num_tokens)) if self.emit_token_ids else [],
+            start,
+            n,
+            new_block_ids,
+            sample,
+            new,
+            req.num_preemptions,
+            # past the known tokens only by the one placeholder (a pending token) a run-ahead decode computes
+            end > num_tokens,
         )
 
     def update_from_output(
@@ -300,27 +368,30 @@ class Scheduler:
     ) -> list[EngineCoreOutput]:
         outputs: list[EngineCoreOutput] = []
         logprobs = runner_output.logprobs
-        caching = self.kv.enable_caching
+        sampled_token_ids = runner_output.sampled_token_ids
+        kv = self.kv
+        caching = kv.enable_caching
+        requests = self.requests
+        running_status = RequestStatus.RUNNING
         # the executor answers in the step's order; several steps may be in flight (pipeline parallel),
         # so the position a step reached comes from the step itself, not from the request's counter
         for idx, sr in enumerate(scheduler_output.scheduled):
             rid = sr.req_id
-            req = self.requests.get(rid)
-            if req is None or req.status != RequestStatus.RUNNING or sr.epoch != req.num_preemptions:
+            req = requests.get(rid)
+            if req is None or req.status != running_status or sr.epoch != req.num_preemptions:
                 continue  # finished or preempted while the step ran (maybe re-admitted since: stale)
             if sr.sample and req.num_pending_tokens > 0:
                 req.num_pending_tokens -= 1
-            reached = sr.num_computed_tokens + sr.num_tokens
             if caching:
-                self.kv.cache_blocks(req, reached)
-            new_ids = runner_output.sampled_token_ids[idx]
+                kv.cache_blocks(req, sr.num_computed_tokens + sr.num_tokens)
+            new_ids = sampled_token_ids[idx]
             kt = req.kv_transfer
             if not new_ids:
-                if kt is not None and kt.send and reached >= req.num_target_tokens:
+                if kt is not None and kt.send and sr.num_computed_tokens + sr.num_tokens >= req.num_target_tokens:
                     # a head-of-prompt prefill (Cronus) is done: hand the KV on, no token
                     self.running.remove(req)
                     self._finish(req, RequestStatus.FINISHED_REMOTE)
-                    outputs.append(EngineCoreOutput(req_id=rid, new_token_ids=[], finish_reason="remote"))
+                    outputs.append(EngineCoreOutput(rid, [], None, "remote"))
                 continue
             status = None
             for t in new_ids:
@@ -329,12 +400,8 @@ class Scheduler:
                 if status is not None:
                     break
             lp = logprobs[idx] if logprobs is not None else None
-            out = EngineCoreOutput(
-                req_id=rid,
-                new_token_ids=new_ids,
-                new_logprobs=[lp] if lp is not None else None,
-                num_cached_tokens=max(req.num_cached_tokens, 0),
-            )
+            out = EngineCoreOutput(rid, new_ids, [lp] if lp is not None else None, None, None,
+                                   max(req.num_cached_tokens, 0))
             if status is None and kt is not None and kt.send:
                 status = RequestStatus.FINISHED_REMOTE  # PD prefill: first token sampled, decode elsewhere
             if status is not None:
@@ -349,6 +416,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def num_waiting_prefill_tokens(self) -> int:
+        """Tokens the waiting requests still need computed here before they sample or hand on (O(1))."""
+        return self.waiting.num_prefill_tokens
 
     @property
     def num_running(self) -> int:
