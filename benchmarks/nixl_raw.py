@@ -142,6 +142,7 @@ def med_us(xs: list[float]) -> float:
 class Initiator:
     def __init__(self, args: argparse.Namespace, nbytes: int, params: dict[str, str]) -> None:
         self.args = args
+        self.op = args.op
         d = tempfile.mkdtemp(prefix="nixlraw")
         path = os.path.join(d, "s")
         srv = socket.socket(socket.AF_UNIX)
@@ -213,7 +214,7 @@ class Initiator:
         ag, out = self.me.agent, []
         for n in SIZES:
             t = now()
-            h = ag.initialize_xfer("WRITE", ag.get_xfer_descs(self.me.descs([(0, n)]), self.me.mem),
+            h = ag.initialize_xfer(self.op, ag.get_xfer_descs(self.me.descs([(0, n)]), self.me.mem),
                                    ag.get_xfer_descs(self.remote([(0, n)]), self.me.mem), self.peer, b"x")
             init_us = (now() - t) * 1e6
             row = self.runs(lambda _l, _r, h=h: h, lambda n=n: ([(0, n)], [(0, n)]), release=False)  # reposted
@@ -247,10 +248,10 @@ class Initiator:
                 return _Idx([span[i] for i in li], li), _Idx([span[i] for i in ri], ri)
 
             methods = {
-                "prepped": lambda lo, re: ag.make_prepped_xfer("WRITE", p_local, np.array(lo.idx, np.int32),
+                "prepped": lambda lo, re: ag.make_prepped_xfer(self.op, p_local, np.array(lo.idx, np.int32),
                                                                p_remote, np.array(re.idx, np.int32), b"x"),
                 "initialize_xfer": lambda lo, re: ag.initialize_xfer(
-                    "WRITE", ag.get_xfer_descs(self.me.descs(lo), mem), ag.get_xfer_descs(self.remote(re), mem),
+                    self.op, ag.get_xfer_descs(self.me.descs(lo), mem), ag.get_xfer_descs(self.remote(re), mem),
                     self.peer, b"x"),
             }
             for name, mk in methods.items():
@@ -291,6 +292,8 @@ def main() -> None:
     ap.add_argument("--blocks", default="1,4,16", help="blocks per layer moved by one scattered transfer")
     ap.add_argument("--backend-param", action="append", default=[], metavar="K=V",
                     help="UCX backend init parameter (default ucx_error_handling_mode=none)")
+    ap.add_argument("--op", default="WRITE", choices=["WRITE", "READ"],
+                    help="the initiator writes into the target's buffer, or reads from it (as the nixl transport does)")
     ap.add_argument("--out", default="benchmarks/results/nixl_raw_cpu.json")
     ap.add_argument("--role", default="initiator", help=argparse.SUPPRESS)
     ap.add_argument("--sock", help=argparse.SUPPRESS)
