@@ -243,7 +243,8 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            n = min(n, budget)
+            if n > budget:  # noqa: PLR1730 - no builtin call: once per running request per step
+                n = budget
             if threshold and n > threshold:
                 n = threshold
             new_blocks = allocate_slots(req, n)
@@ -400,8 +401,9 @@ class Scheduler:
                 if status is not None:
                     break
             lp = logprobs[idx] if logprobs is not None else None
+            num_cached = req.num_cached_tokens
             out = EngineCoreOutput(rid, new_ids, [lp] if lp is not None else None, None, None,
-                                   max(req.num_cached_tokens, 0))
+                                   num_cached if num_cached > 0 else 0)  # noqa: FURB136 - no builtin call (hot)
             if status is None and kt is not None and kt.send:
                 status = RequestStatus.FINISHED_REMOTE  # PD prefill: first token sampled, decode elsewhere
             if status is not None:
