@@ -158,10 +158,9 @@ class CostModel:
         # ``eager_floor_s_per_layer`` however little the GPU has to do (runtime_terms.py). Plans set
         # ``graph_max_batch`` to 0 where the runtime never captures graphs.
         terms = HostTerms(profile)
-        graphed = terms.graphed
         # a runtime that replays graphs runs a graph step's dense layers at the captured size the step pads to
         # (decode batches, piecewise token counts: core/graph_sizes.py), not at its own token count
-        self.graphed = graphed
+        self.graphed = terms.graphed
         self._pad_sizes: dict[tuple[str, int], list[int]] = {}
         self.eager_floor_s_per_layer = terms.eager_floor_s_per_layer
         whole = self.num_layers == num_layers_total and tp == 1
@@ -179,8 +178,7 @@ class CostModel:
         self.piecewise_floor_s_per_layer = terms.piecewise_floor_s_per_layer
         self.admit_serial_s_per_token = terms.admit_serial_s_per_token
         # this machine's sustained speed against its profile's bursts, by step kind (runtime_terms.py)
-        self.mixed_device_scale = terms.mixed_device_scale
-        self.decode_device_scale = terms.decode_device_scale
+        self.mixed_device_scale, self.decode_device_scale = terms.mixed_device_scale, terms.decode_device_scale
 
     def _check_profile(self, p: DeviceProfile) -> None:
         if not p.matches(self.model):

@@ -480,24 +480,20 @@ def test_skew_table_round_trips_and_names_bad_fields(tmp_path) -> None:
 
 
 def test_sustained_speed_scales_the_device_time_by_step_kind() -> None:
-    """A profile's ``mixed_device_scale`` / ``decode_device_scale`` (this machine under sustained load against
-    the profile's bursts) multiply the device part of a step with a prefill chunk / of a decode-only step, by
-    hand from the unscaled model's parts, and leave the host overhead alone; the breakdown still sums to the step;
-    a scale outside [0.5, 2] is refused naming the meta key."""
+    """``mixed_device_scale`` / ``decode_device_scale`` multiply the device part of a mixed / decode step (by hand
+    from the unscaled parts), not the host's; the breakdown sums to the step; a scale outside [0.5, 2] is refused."""
     from hetserve.core.errors import ValidationError
 
     plain = CostModel(TOY, DEV, profile=_toy_profile())
     scaled = CostModel(TOY, DEV, profile=_toy_profile(meta={"mixed_device_scale": 1.25, "decode_device_scale": 0.8}))
-    decode = BatchShape((), 3, 30)
-    for b, k in ((MIXED, 1.25), (decode, 0.8)):
+    for b, k in ((MIXED, 1.25), (BatchShape((), 3, 30), 0.8)):
         over = plain.breakdown(b)["overhead"]
         assert over > 0
         device = plain.step_time_s(b) - over
         assert scaled.step_time_s(b) == pytest.approx(device * k + over, rel=1e-12)
         assert sum(scaled.breakdown(b).values()) == pytest.approx(scaled.step_time_s(b), rel=1e-12)
-        # async: the device side (with the admission term) is scaled, the host side is not
         asy = CostModel(TOY, DEV, profile=_toy_profile(meta={"mixed_device_scale": 1.25, "decode_device_scale": 0.8}))
-        asy.async_scheduling = True
+        asy.async_scheduling = True  # async: the device side (with the admission term) is scaled
         assert asy.step_time_s(b) == pytest.approx(max(device * k, over), rel=1e-12)
     with pytest.raises(ValidationError, match="mixed_device_scale"):
         CostModel(TOY, DEV, profile=_toy_profile(meta={"mixed_device_scale": 3.0}))
