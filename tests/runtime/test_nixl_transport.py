@@ -15,7 +15,7 @@ from hetserve.core.cluster import load_cluster
 from hetserve.core.sampling_params import SamplingParams
 from hetserve.llm import LLM
 from hetserve.runtime.kv_handoff import KVLink
-from hetserve.runtime.transport import PeerUnavailable, TransferTimeout, make_transport
+from hetserve.runtime.transport import PeerUnavailable, TransferTimeout, TransportError, make_transport
 from hetserve.runtime.transport.nixl import nixl_unavailable_reason
 from tests.runtime.helpers import assert_no_leaks
 
@@ -36,7 +36,14 @@ def _deadline(s: float = 10.0) -> float:
     return time.monotonic() + s
 
 
-def test_messages_between_two_endpoints() -> None:
+@pytest.fixture(params=["WRITE", "READ"])
+def op(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The sender WRITEs into the receiver's grant (default) or the receiver READs the sender's staging."""
+    monkeypatch.setenv("HETSERVE_NIXL_OP", request.param)
+    return request.param
+
+
+def test_messages_between_two_endpoints(op: str) -> None:
     # ``b`` reads every non-empty message through NIXL, ``a`` only those past 64 KiB
     with make_transport("nixl") as a, make_transport("nixl", inline_max_bytes=0) as b:
         for seed, sizes in enumerate(MESSAGES):
@@ -47,10 +54,13 @@ def test_messages_between_two_endpoints() -> None:
                 assert header == {"seed": seed, "sizes": sizes}
                 assert [bytes(g) for g in got] == bufs
         # the large ones really went through NIXL: staging registered on both sides, landing too
-        assert a._staging and b._landing and a._landing
+        if op == "READ":
+            assert a._staging and b._landing and a._landing
+        else:  # each granted the other a landing region; nothing was read
+            assert a._staging and b._grant_ids and a._grant_ids and not b._landing and not a._landing
 
 
-def test_order_and_lent_views_stay_valid() -> None:
+def test_order_and_lent_views_stay_valid(op: str) -> None:
     with make_transport("nixl", inline_max_bytes=0) as a, make_transport("nixl", pool_mb=1) as b:
         sent = [_payload([200 * KiB, 1 + i], 100 + i) for i in range(12)]
         held = []
@@ -62,19 +72,27 @@ def test_order_and_lent_views_stay_valid() -> None:
             with pytest.raises(TypeError):
                 got[0][0] = 0  # read-only
         assert [[bytes(g) for g in got] for got in held] == sent
-        grown = [blk.size for blk in b._landing["DRAM", 0].blocks]
+        if op == "READ":
+            grown = [blk.size for blk in b._landing["DRAM", 0].blocks]
+        else:  # the sender asked for a larger grant; the older ones stay while their views are held
+            grown = [g.blk.size for g in b._grant_ids.values()]
+            assert len(grown) > 1
         assert max(grown) > MiB
         held.clear()
         a.send(b.address, {"i": "after"}, sent[0], _deadline())  # frees what the dropped views held
         assert [bytes(g) for g in b.recv(10.0)[1]] == sent[0]
-        assert len(b._landing["DRAM", 0].blocks) == 1, "older landing blocks are deregistered once free"
+        if op == "READ":
+            assert len(b._landing["DRAM", 0].blocks) == 1, "older landing blocks are deregistered once free"
+        else:
+            assert len(b._grant_ids) == 1, "older grants are deregistered once nothing in them is lent"
 
 
-def test_metadata_once_per_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_metadata_once_per_peer(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with make_transport("nixl", inline_max_bytes=0) as a, make_transport("nixl") as b:
         added = []
-        orig = b._agent.add_remote_agent
-        monkeypatch.setattr(b._agent, "add_remote_agent", lambda md: (added.append(len(md)), orig(md))[1])
+        loader = b if op == "READ" else a  # READ: the receiver loads the sender's; WRITE: the other way round
+        orig = loader._agent.add_remote_agent
+        monkeypatch.setattr(loader._agent, "add_remote_agent", lambda md: (added.append(len(md)), orig(md))[1])
         for i in range(5):
             a.send(b.address, {"i": i}, _payload([4 * KiB], i), _deadline())
             b.recv(10.0)
@@ -84,7 +102,7 @@ def test_metadata_once_per_peer(monkeypatch: pytest.MonkeyPatch) -> None:
         assert len(added) == 2
 
 
-def test_deadline_and_unreachable_peer() -> None:
+def test_deadline_and_unreachable_peer(op: str) -> None:
     with make_transport("nixl", inline_max_bytes=0) as a, make_transport("nixl", max_queued=1) as b:
         first, second, third = _payload([300 * KiB], 1), _payload([300 * KiB], 2), _payload([300 * KiB], 3)
         a.send(b.address, {"i": 1}, first, _deadline())  # queued at b: nobody calls recv yet
@@ -93,7 +111,10 @@ def test_deadline_and_unreachable_peer() -> None:
             a.send(b.address, {"i": 2}, second, time.monotonic() + 0.3)
         assert time.monotonic() - t0 < 1.5
         # the failed message's staging is not reused while b may still read it
-        assert a._staging["DRAM", 0].quarantined
+        if op == "READ":
+            assert a._staging["DRAM", 0].quarantined
+        else:  # written before the deadline: nothing in flight; its grant is given up with the connection
+            assert not a._staging["DRAM", 0].quarantined and not a._written
         a_third = [bytes(x) for x in third]
         assert [bytes(g) for g in b.recv(5.0)[1]] == first
         header, got = b.recv(5.0)  # taken before the deadline: delivered, and intact
@@ -106,7 +127,47 @@ def test_deadline_and_unreachable_peer() -> None:
         c.send("tcp://127.0.0.1:1", {"i": 0}, _payload([MiB], 0), _deadline(5.0))
 
 
-def test_sink_borrows_the_landing_views() -> None:
+def test_write_landing_region_full_and_too_large() -> None:
+    # b grants at most 1 MiB per sender: a held view leaves no room for the next message, and no larger grant
+    with make_transport("nixl", inline_max_bytes=0, op="WRITE") as a, \
+            make_transport("nixl", pool_mb=1, landing_max_mb=1) as b:
+        first, second = _payload([600 * KiB], 1), _payload([600 * KiB], 2)
+        a.send(b.address, {"i": 1}, first, _deadline())
+        _, held = b.recv(5.0)
+        t0 = time.monotonic()
+        with pytest.raises(TransferTimeout, match="no room"):  # waits for a free, errors by the deadline
+            a.send(b.address, {"i": 2}, second, time.monotonic() + 0.3)
+        assert time.monotonic() - t0 < 1.5
+        with pytest.raises(TransferTimeout):
+            b.recv(0.05)  # nothing was written, nothing announced
+        assert [bytes(g) for g in held] == first, "the held view was not written over"
+        # the lost connection gives the grant up: a new one (the old stays while the view is held)
+        a.send(b.address, {"i": 3}, second, _deadline())
+        assert [bytes(g) for g in b.recv(5.0)[1]] == second
+        assert [bytes(g) for g in held] == first and len(b._grant_ids) == 2
+        del held
+        for i in range(4):  # frees come back: the region is reused, the old grant retired
+            a.send(b.address, {"i": 4 + i}, first, _deadline())
+            assert [bytes(g) for g in b.recv(5.0)[1]] == first
+        assert len(b._grant_ids) == 1
+        t0 = time.monotonic()
+        with pytest.raises(TransportError, match="landing limit"):  # can never fit: refused at once
+            a.send(b.address, {"i": "big"}, _payload([2 * MiB], 5), _deadline())
+        assert time.monotonic() - t0 < 1.0
+        a.send(b.address, {"i": "after"}, second, _deadline())
+        assert [bytes(g) for g in b.recv(5.0)[1]] == second
+
+
+def test_write_message_larger_than_the_grant() -> None:
+    with make_transport("nixl", inline_max_bytes=0, op="WRITE") as a, make_transport("nixl", pool_mb=1) as b:
+        for sizes in ([100 * KiB], [5 * MiB + 3, 17], [100 * KiB], [24 * MiB]):
+            bufs = _payload(sizes, len(sizes))
+            a.send(b.address, {}, bufs, _deadline())
+            assert [bytes(g) for g in b.recv(5.0)[1]] == bufs
+        assert max(g.blk.size for g in b._grant_ids.values()) >= 24 * MiB
+
+
+def test_sink_borrows_the_landing_views(op: str) -> None:
     with make_transport("nixl", inline_max_bytes=0) as a, make_transport("nixl") as b:
         seen: list[tuple[object, list[bytes]]] = []
 
@@ -182,7 +243,7 @@ t.close()
 """
 
 
-def test_two_processes_echo() -> None:
+def test_two_processes_echo(op: str) -> None:
     child = subprocess.Popen([sys.executable, "-c", _ECHO], stdout=subprocess.PIPE, text=True)
     try:
         peer = child.stdout.readline().strip()

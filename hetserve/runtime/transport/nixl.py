@@ -1,7 +1,11 @@
 """NIXL transport (UCX through NVIDIA's NIXL: RDMA, CUDA IPC / NVLink, shared memory), where ``import nixl`` works.
 
 Control travels as in ``tcp`` (pyzmq: envelope + msgspec header, then the receiver's acknowledgement); the payload
-does not. Design: the receiver READs one-sidedly from the sender's registered staging.
+does not. The sender copies the buffers into its registered staging; then, by default, it WRITEs them into a
+landing region the receiver granted it and sends the header naming where they lie (``nixl_write.py``: UCX takes
+CUDA IPC for a VRAM WRITE where its READ crawls); with ``HETSERVE_NIXL_OP=READ`` it sends the header naming the
+staging and the receiver READs from it (``nixl_read.py``), as described below. The sender picks: a receiver
+takes both.
 
 - One NIXL agent per endpoint (UCX with ``ucx_error_handling_mode=none``: the default "peer" mode completed
   through a slow lane, ~8 ms over tcp/lo; no progress thread: it spins a core) and, per memory kind (DRAM, VRAM
@@ -39,7 +43,6 @@ import os
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,9 +50,11 @@ from typing import Any
 import numpy as np
 import zmq
 
-from hetserve.runtime.messages import Envelope, MessageDecodeError
+from hetserve.runtime.messages import Envelope, MessageDecodeError, decode
 from hetserve.runtime.transport.base import Buffer, TransportError, as_bytes_view, buffer_nbytes
 from hetserve.runtime.transport.nixl_pool import MIB, Block, Pool, layout
+from hetserve.runtime.transport.nixl_read import ReadPath
+from hetserve.runtime.transport.nixl_write import WritePath
 from hetserve.runtime.transport.tcp import ZmqTransport
 
 _INLINE_MAX_BYTES = 64 * 1024
@@ -99,21 +104,25 @@ class _Staged:
     ranges: list[tuple[Pool, Block, int]] = field(default_factory=list)
     deadline_s: float = 0.0
     failed: bool = False
+    progress: bool = False  # counted in ``_outstanding`` (the peer READs the staging until acknowledged)
 
 
-class NixlTransport(ZmqTransport):
+class NixlTransport(ReadPath, WritePath, ZmqTransport):
     """``bind`` / ``advertise`` / ``connect_timeout_s`` / ``max_queued`` / ``window``: as ``ZmqTransport``.
     ``inline_max_bytes``: host messages up to this size go inline (0: every non-empty one is read through NIXL;
     default ``HETSERVE_NIXL_INLINE_KB``, 64). ``pool_mb``: each pool's first block (``HETSERVE_NIXL_POOL_MB``, 16).
     ``device``: the GPU that CUDA buffers land on (default: the sender's device index, as on one host).
-    ``backend_params``: the UCX backend's (default ``{"ucx_error_handling_mode": "none"}``)."""
+    ``backend_params``: the UCX backend's (default ``{"ucx_error_handling_mode": "none"}``). ``op``: "WRITE"
+    (default ``HETSERVE_NIXL_OP``, WRITE) or "READ". ``landing_max_mb``: the largest landing region this endpoint
+    grants one sender (``HETSERVE_NIXL_LANDING_MAX_MB``, 4096)."""
 
     name = "nixl"
 
     def __init__(self, bind: str = "tcp://127.0.0.1:*", connect_timeout_s: float = 1.0, max_queued: int = 64,
                  advertise: str | None = None, window: int = 1, inline_max_bytes: int | None = None,
                  pool_mb: float | None = None, device: int | None = None,
-                 backend_params: dict[str, str] | None = None) -> None:
+                 backend_params: dict[str, str] | None = None, op: str | None = None,
+                 landing_max_mb: float | None = None) -> None:
         if (reason := nixl_unavailable_reason()) is not None:
             raise TransportError(reason)
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
@@ -132,6 +141,10 @@ class NixlTransport(ZmqTransport):
         mb = float(os.environ.get("HETSERVE_NIXL_POOL_MB", "16")) if pool_mb is None else pool_mb
         self.pool_bytes = max(MIB, int(mb * MIB))
         self.device = device
+        self.op = (op or os.environ.get("HETSERVE_NIXL_OP", "WRITE")).upper()
+        if self.op not in ("READ", "WRITE"):
+            raise ValueError(f"op must be READ or WRITE, got {self.op!r}")
+        self._init_write(landing_max_mb)
         self.accepts_device_tensors = _cuda_available()
         self._epoch = 0  # bumped by every registration: peers need newer metadata to reach the new block
         self._md_sent: dict[str, int] = {}  # peer -> the epoch whose metadata it has
@@ -170,13 +183,23 @@ class NixlTransport(ZmqTransport):
         except BaseException:
             self._free_staged(staged)
             raise
+        staged.deadline_s = getattr(self._tls, "deadline_s", time.monotonic() + _READ_TIMEOUT_S)
+        env.kind, env.segment, env.handles = "nixl", self._name, handles
+        if self.op == "WRITE":
+            try:
+                self._write_out(peer, env, buffers, handles, staged)
+            except BaseException:
+                self._free_staged(staged)
+                raise
+            self._free_staged(staged)  # written: the staging is free, the landing range held until freed
+            env.kind = "nixl-w"
+            return env, [], staged
         epoch = self._epoch
         if self._md_sent.get(peer) != epoch:  # the agent's metadata after the blocks this message lies in
             handles[0]["md"] = self._call("get_agent_metadata")
             self._md_sent[peer] = epoch
-        staged.deadline_s = getattr(self._tls, "deadline_s", time.monotonic() + _READ_TIMEOUT_S)
         handles[0]["deadline_wall"] = time.time() + (staged.deadline_s - time.monotonic())
-        env.kind, env.segment, env.handles = "nixl", self._name, handles
+        staged.progress = True
         with self._progress_cv:
             self._outstanding += 1
             self._progress_cv.notify()
@@ -230,8 +253,10 @@ class NixlTransport(ZmqTransport):
         return state is not None  # staged: the caller's buffers were copied
 
     def _release(self, state: Any) -> None:
-        with self._progress_cv:
-            self._outstanding -= 1
+        if state.progress:
+            state.progress = False
+            with self._progress_cv:
+                self._outstanding -= 1
         self._free_staged(state)
 
     def _free_staged(self, staged: _Staged) -> None:
@@ -252,38 +277,67 @@ class NixlTransport(ZmqTransport):
 
     def _peer_dropped(self, peer: str) -> None:
         self._md_sent.pop(peer, None)  # a new connection may lead to a new endpoint: send the metadata again
+        self._forget_peer(peer)
 
     def _progress_loop(self) -> None:
         if self.accepts_device_tensors:
             _cuda_current(self.device or 0)
         while not self._stop.is_set():
             with self._progress_cv:
-                if self._outstanding <= 0:
+                if self._outstanding <= 0 and not self._grant_ids:  # UCX over TCP: a target progresses too
                     self._progress_cv.wait(0.5)
                     continue
             time.sleep(_PROGRESS_S)  # first: a read over shared memory / RDMA is often done by then
-            if self._outstanding > 0:
+            if self._outstanding > 0 or self._grant_ids:
                 with contextlib.suppress(Exception):  # best effort: the reader's poll decides
                     self._call("get_new_notifs")
 
+    def _take(self, frames: list[zmq.Frame]) -> bool:
+        if len(frames) == 3 and b"nixl-hello" in frames[1].bytes:
+            try:
+                env = decode(frames[1].buffer)
+            except MessageDecodeError:
+                env = None
+            if isinstance(env, Envelope) and env.kind == "nixl-hello":
+                self._grant(frames[0].bytes, env)
+                return True
+        return super()._take(frames)
+
     def _unpack(self, env: Envelope, frames: list[zmq.Frame]) -> list[Buffer]:
-        if env.kind != "nixl":
+        if env.kind not in ("nixl", "nixl-w"):
             return super()._unpack(env, frames)
         landed, self._landed = self._landed, None
+        if env.kind == "nixl-w":
+            bufs, groups = landed[1:] if landed is not None and landed[0] == env.msg_id else self._land(env)
+            out = self._cloned(bufs)
+            self._wlent = [r for r in self._wlent if r not in groups]
+            for g, lent in groups:
+                self._wrelease(g, lent)
+            return out
         bufs, ranges = landed[1:] if landed is not None and landed[0] == env.msg_id else self._read(env)
-        out = [b.clone() if _is_cuda(b) else b for b in bufs]  # a device range is reused at once: copy it out
-        if any(_is_cuda(b) for b in out):
-            import torch
-
-            for dev in {b.device for b in out if _is_cuda(b)}:
-                torch.cuda.synchronize(dev)
+        out = self._cloned(bufs)
         dev_ranges = [r for r in ranges if r[0].mem == "VRAM"]
         self._lent = [r for r in self._lent if r not in dev_ranges]
         for pool, blk, key in dev_ranges:
             pool.free(blk, key)
         return out
 
+    @staticmethod
+    def _cloned(bufs: list[Buffer]) -> list[Buffer]:
+        out = [b.clone() if _is_cuda(b) else b for b in bufs]  # a device range is reused at once: copy it out
+        if any(_is_cuda(b) for b in out):
+            import torch
+
+            for dev in {b.device for b in out if _is_cuda(b)}:
+                torch.cuda.synchronize(dev)
+        return out
+
     def _unpack_borrowed(self, env: Envelope, frames: list[zmq.Frame]) -> list[Buffer] | None:
+        if env.kind == "nixl-w":
+            bufs, groups = self._land(env)
+            self._landed = (env.msg_id, bufs, groups)
+            self._wlent.extend(groups)  # released after the sink returned (``_service``)
+            return list(bufs)
         if env.kind != "nixl":
             return super()._unpack_borrowed(env, frames)
         bufs, ranges = self._read(env)
@@ -301,51 +355,10 @@ class NixlTransport(ZmqTransport):
         while self._freed:
             pool, blk, key = self._freed.popleft()
             pool.free(blk, key)
+        self._service_write()
 
-    def _read(self, env: Envelope) -> tuple[list[Buffer], list[tuple[Pool, Block, int]]]:
-        """READ the message's buffers into landing ranges: (views, the ranges)."""
-        self._service()
-        hs = env.handles
-        if len(hs) != env.num_buffers or not hs or any(not isinstance(h, dict) for h in hs):
-            raise MessageDecodeError(f"{env.num_buffers} buffers announced, {len(hs)} descriptors")
-        if hs[0].get("md"):  # newer metadata replaces the old (loading it again would merge: stale blocks stay)
-            if env.segment in self._remote:
-                self._call("remove_remote_agent", self._remote.pop(env.segment))
-            name = self._call("add_remote_agent", hs[0]["md"])  # the peer's name, as bytes
-            self._remote[env.segment] = name.decode() if isinstance(name, bytes) else str(name)
-        if (remote := self._remote.get(env.segment)) is None:
-            raise MessageDecodeError(f"no NIXL metadata for agent {env.segment!r} (it is sent once per connection)")
-        left_s = min(_READ_TIMEOUT_S, float(hs[0].get("deadline_wall", 0.0)) + _SKEW_S - time.time())
-        if left_s <= 0:
-            raise OSError(f"the sender's deadline passed before its message {env.msg_id} was read")
-        groups: dict[tuple[str, int], list[int]] = {}
-        for i, h in enumerate(hs):
-            groups.setdefault((h["mem"], int(h["dev"])), []).append(i)
-        views: list[Buffer] = [b""] * len(hs)
-        ranges: list[tuple[Pool, Block, int]] = []
-        posted = []
-        try:
-            for (mem, dev), idx in groups.items():
-                lmem, ldev = self._landing_kind(mem, dev)
-                if lmem == "VRAM":
-                    _cuda_current(ldev)
-                offs, total = layout([int(hs[i]["n"]) for i in idx])
-                pool = self._pool(self._landing, lmem, ldev)
-                key = next(self._keys)
-                blk, base = pool.alloc(key, total)
-                ranges.append((pool, blk, key))
-                rows = [(i, off) for i, off in zip(idx, offs, strict=True) if int(hs[i]["n"])]
-                if rows:
-                    local = np.array([[blk.addr + base + off, int(hs[i]["n"]), ldev] for i, off in rows], np.uint64)
-                    far = np.array([[int(hs[i]["addr"]), int(hs[i]["n"]), dev] for i, _ in rows], np.uint64)
-                    posted.append(self._post(local, lmem, far, mem, remote))
-                self._views(blk, base, idx, offs, hs, views, pool, key)
-            self._wait(posted, left_s, env)
-        except BaseException:
-            for pool, blk, key in ranges:
-                pool.free(blk, key)
-            raise
-        return views, ranges
+    def _wake_fd(self) -> int | None:
+        return self._wake_r
 
     def _landing_kind(self, mem: str, dev: int) -> tuple[str, int]:
         if mem != "VRAM" or not self.accepts_device_tensors:
@@ -353,58 +366,6 @@ class NixlTransport(ZmqTransport):
         import torch
 
         return "VRAM", self.device if self.device is not None else (dev if dev < torch.cuda.device_count() else 0)
-
-    def _post(self, local: np.ndarray, lmem: str, far: np.ndarray, rmem: str, remote: str) -> Any:
-        try:
-            with self._agent_lock:
-                h = self._agent.initialize_xfer("READ", self._agent.get_xfer_descs(local, lmem),
-                                                self._agent.get_xfer_descs(far, rmem), remote)
-                state = self._agent.transfer(h)
-        except Exception as e:  # noqa: BLE001 - NIXL's errors are not OSErrors: refuse the message
-            raise OSError(f"NIXL read could not be posted: {type(e).__name__}: {e}") from None
-        return [h, state]
-
-    def _wait(self, posted: list[list[Any]], left_s: float, env: Envelope) -> None:
-        end = time.monotonic() + left_s
-        polls = 0
-        try:
-            for entry in posted:
-                while entry[1] == "PROC":
-                    if time.monotonic() > end:
-                        raise OSError(f"NIXL read of message {env.msg_id} from {env.sender} timed out")
-                    polls += 1
-                    if polls > 64:
-                        time.sleep(2e-5)  # let the process's other threads have the GIL
-                    try:
-                        entry[1] = self._call("check_xfer_state", entry[0])
-                    except Exception as e:  # noqa: BLE001 - e.g. the peer went away: refuse, keep the thread
-                        entry[1] = f"{type(e).__name__}: {e}"
-                if entry[1] != "DONE":
-                    raise OSError(f"NIXL read of message {env.msg_id} from {env.sender} failed ({entry[1]})")
-        finally:
-            for h, _ in posted:
-                with contextlib.suppress(Exception):  # a transfer NIXL could not abort: leave the handle
-                    self._call("release_xfer_handle", h)
-
-    def _views(self, blk: Block, base: int, idx: list[int], offs: list[int], hs: list[dict[str, Any]],
-               views: list[Buffer], pool: Pool, key: int) -> None:
-        """Views of the landing block (host: of one read-only array that frees the range once it is gone)."""
-        hi = offs[-1] + int(hs[idx[-1]]["n"])
-        if blk.mem == "VRAM":
-            import torch
-
-            for i, off in zip(idx, offs, strict=True):
-                t = blk.buf.narrow(0, base + off, int(hs[i]["n"]))
-                if "dtype" in hs[i]:
-                    t = t.view(getattr(torch, hs[i]["dtype"])).view(hs[i]["shape"])
-                views[i] = t
-            return
-        arr = np.frombuffer(blk.buf, dtype=np.uint8, count=hi, offset=base)
-        arr.flags.writeable = False
-        weakref.finalize(arr, self._freed.append, (pool, blk, key))
-        whole = memoryview(arr)
-        for i, off in zip(idx, offs, strict=True):
-            views[i] = whole[off: off + int(hs[i]["n"])]
 
     def close(self) -> None:
         if self._closed:
@@ -420,4 +381,5 @@ class NixlTransport(ZmqTransport):
             for name in self._remote.values():
                 self._call("remove_remote_agent", name)
         self._remote.clear()
+        self._close_write()
 

@@ -45,16 +45,52 @@ class Block:
         self.held: dict[int, tuple[int, int]] = {}  # key -> (offset, bytes)
 
     def alloc(self, key: int, nbytes: int) -> int | None:
-        need = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
-        at = 0
-        for off, n in sorted(self.held.values()):
-            if off - at >= need:
-                break
-            at = max(at, off + -(-n // _ALIGN) * _ALIGN)
-        if at + need > self.size:
-            return None
-        self.held[key] = (at, nbytes)
-        return at
+        return first_fit(self.held, self.size, key, nbytes)
+
+
+def first_fit(held: dict[int, tuple[int, int]], size: int, key: int, nbytes: int) -> int | None:
+    """The first ``_ALIGN``ed gap of ``nbytes`` among the ranges ``held`` (key -> (offset, bytes)) of ``size``
+    bytes, taken for ``key``; None: no room."""
+    need = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+    at = 0
+    for off, n in sorted(held.values()):
+        if off - at >= need:
+            break
+        at = max(at, off + -(-n // _ALIGN) * _ALIGN)
+    if at + need > size:
+        return None
+    held[key] = (at, nbytes)
+    return at
+
+
+class Region:
+    """Sender side (WRITE): a landing region a peer granted this endpoint, allocated here: ranges are held from
+    the message that writes them until the peer reports them free. ``unsafe_until``: a wall time before which a
+    write this endpoint gave up on may still land in it (the peer keeps the memory until then)."""
+
+    def __init__(self, grant: dict[str, Any], agent: str) -> None:
+        self.gid, self.addr, self.size = int(grant["gid"]), int(grant["addr"]), int(grant["size"])
+        self.mem, self.dev, self.agent = str(grant["mem"]), int(grant["dev"]), agent
+        self.held: dict[int, tuple[int, int]] = {}
+        self.unsafe_until = 0.0
+        self.stale = False  # its connection was lost: the frees for it went with it
+
+    def alloc(self, key: int, nbytes: int) -> int | None:
+        return first_fit(self.held, self.size, key, nbytes)
+
+    def free(self, key: int) -> None:
+        self.held.pop(key, None)
+
+
+class Grant:
+    """Receiver side (WRITE): a registered block one sender (``owner``: its agent) writes into. ``views``: messages
+    whose bytes in it are still lent; ``retire_after``: once the sender moved on to a newer grant, the wall time
+    after which none of its writes can still land here (the block goes once that passed and nothing is lent)."""
+
+    def __init__(self, blk: Block, owner: str, gid: int) -> None:
+        self.blk, self.owner, self.gid = blk, owner, gid
+        self.views = 0
+        self.retire_after: float | None = None
 
 
 class Pool:

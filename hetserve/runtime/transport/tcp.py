@@ -170,6 +170,9 @@ class ZmqTransport(Transport):
     def _on_free(self, peer: str, msg_ids: list[int]) -> None:
         """The receiver no longer reads what messages ``msg_ids`` left in memory the sender owns."""
 
+    def _on_reply(self, peer: str, reply: dict[str, Any]) -> None:
+        """Another reply of ``peer``'s receiver to this endpoint (a subclass's protocol)."""
+
     def _peer_dropped(self, peer: str) -> None:
         """``peer``'s socket was dropped (failure, close): free what is kept for it."""
 
@@ -325,6 +328,8 @@ class ZmqTransport(Transport):
                     raise TransportError(f"{conn.address} refused the message: {reply.error}")
             elif isinstance(reply, dict) and isinstance(reply.get("free"), list):
                 self._on_free(conn.address, [int(m) for m in reply["free"]])
+            elif isinstance(reply, dict):
+                self._on_reply(conn.address, reply)
 
     # ---- receiving ----------------------------------------------------------------------------
     def _serve(self) -> None:
