@@ -58,8 +58,14 @@ def open_endpoints(kinds: tuple[str, ...], host: str = "127.0.0.1") -> dict[str,
     return out
 
 
-# transports whose two ends share one host (and so one monotonic clock)
+# transports whose two ends share one host (and so one monotonic clock); a nixl endpoint does when its address is
+# this host's loopback (both workers on one machine)
 _ONE_HOST = ("shm", "local")
+_LOOPBACK = ("tcp://127.", "tcp://localhost:", "tcp://[::1]:")
+
+
+def _one_host(kind: str, address: str) -> bool:
+    return kind in _ONE_HOST or (kind == "nixl" and address.startswith(_LOOPBACK))
 
 
 @dataclass
@@ -255,7 +261,7 @@ class DirectKV(KVReceiver):
             if lo >= hi:
                 continue
             # the last piece to a same-host receiver commits itself (one message per hand-off), paced by its clock
-            final = out.last and tg.kind in _ONE_HOST
+            final = out.last and _one_host(tg.kind, tg.address)
             not_before = st["t0"] + link.transfer_time_s(total) if final and link is not None else 0.0
             piece = KVPiece(transfer_id=cmd.transfer_id, src_rank=cmd.src_rank, layer_start=lo,
                             head_start=out.head_start, num_tokens=cmd.num_tokens, desc=out.wire,
@@ -283,7 +289,7 @@ class DirectKV(KVReceiver):
             for tg in cmd.targets:
                 if tg.address in done:
                     continue
-                one_host = tg.kind in _ONE_HOST
+                one_host = _one_host(tg.kind, tg.address)
                 if link is not None and not one_host:  # never early: the receiver uses the KV once it commits
                     LinkPacer(link).wait_until(ready)
                 commit = KVCommit(transfer_id=cmd.transfer_id, req_id="", src_rank=cmd.src_rank,

@@ -208,6 +208,8 @@ def test_direct_kv_over_nixl_against_brute_force(one_block: bool) -> None:
         (done,) = _poll_until(rcv, lambda g: g)
         assert done.ok, done.error
         assert torch.equal(_tokens_of(rcv.runner.kv_caches, [4, 6], 32, 50), want)
+        # both endpoints on this host's loopback: the one-piece hand-off commits itself and is written on arrival
+        assert rcv.sunk == 1
         for blk in (4, 6):
             for cache in rcv.runner.kv_caches:
                 cache[:, blk] = 0
