@@ -38,6 +38,7 @@ from hetserve.core.model_config import ModelConfig
 from hetserve.planner.batch_shape import BatchShape
 from hetserve.planner.costmodel import CostModel
 from hetserve.planner.profile import load_profile
+from hetserve.profiling.sustained import row_shape
 
 #: a step whose launch started this long after the previous result counts as after an idle gap
 IDLE_GAP_S = 0.5e-3
@@ -53,10 +54,7 @@ def analyse(steps: dict[str, Any], cm: CostModel, piecewise_max: int) -> dict[st
     f = {name: i for i, name in enumerate(steps["fields"])}
     rows = sorted(steps["rows"], key=lambda r: r[f["ready_s"]])
     by: dict[str, dict[str, list[float]]] = {}
-    shapes = [BatchShape(tuple(tuple(c) for c in r[f["prefill_chunks"]]), r[f["num_decode_seqs"]],
-                         r[f["decode_context_tokens"]], r[f["num_sampled"]], r[f["num_new_seqs"]],
-                         r[f["new_seq_tokens"]],
-                         r[f["decode_max_context"]] if "decode_max_context" in f else 0) for r in rows]
+    shapes = [row_shape(f, r) for r in rows]
     prev_ready = None
     for i, (r, shape) in enumerate(zip(rows, shapes, strict=True)):
         ready, start = r[f["ready_s"]], r[f["launch_start_s"]]
@@ -97,8 +95,7 @@ def analyse(steps: dict[str, Any], cm: CostModel, piecewise_max: int) -> dict[st
 def real_summary(steps: dict[str, Any], piecewise_max: int) -> dict[str, Any]:
     """The real step sequence in a few numbers per class: steps, mean decode batch, mean tokens."""
     f = {name: i for i, name in enumerate(steps["fields"])}
-    shapes = [BatchShape(tuple(tuple(c) for c in r[f["prefill_chunks"]]), r[f["num_decode_seqs"]],
-                         r[f["decode_context_tokens"]]) for r in steps["rows"]]
+    shapes = [row_shape(f, r) for r in steps["rows"]]
     return _summary(shapes, None, piecewise_max)
 
 

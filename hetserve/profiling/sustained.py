@@ -111,13 +111,23 @@ class StepLog:
         return {"fields": list(FIELDS), "rows": [r for r in self.rows if r[2] is not None]}
 
 
+def row_shape(f: dict[str, int], r: list[Any]) -> Any:
+    """The ``BatchShape`` of one ``StepLog`` row (``f``: field name -> column; older logs lack some fields)."""
+    from hetserve.planner.batch_shape import BatchShape
+
+    def get(name: str, default: Any = None) -> Any:
+        return r[f[name]] if name in f else default
+
+    return BatchShape(tuple(tuple(c) for c in r[f["prefill_chunks"]]), r[f["num_decode_seqs"]],
+                      r[f["decode_context_tokens"]], get("num_sampled"), get("num_new_seqs", 0),
+                      get("new_seq_tokens", 0), get("decode_max_context", 0))
+
+
 def scales_from_steps(steps: dict[str, Any], cm: Any) -> dict[str, Any]:
     """Per step kind: the spans of busy steps against the model's time for their shapes (``cm`` unscaled, with
     the engine's async flag). Steps after an idle gap, steps the model has bound by the host's time (they say
     nothing of the device's speed) and steps ``OUTLIER`` times off the median are left out. Returns the two
     scales (``meta``) and their evidence."""
-    from hetserve.planner.batch_shape import BatchShape
-
     f = {name: i for i, name in enumerate(steps["fields"])}
     rows = sorted(steps["rows"], key=lambda r: r[f["ready_s"]])
     acc: dict[str, dict[str, list[float]]] = {"mixed": {"real": [], "model": []}, "decode": {"real": [], "model": []}}
@@ -128,9 +138,7 @@ def scales_from_steps(steps: dict[str, Any], cm: Any) -> dict[str, Any]:
         prev_ready = ready
         if after_gap or span is None:
             continue
-        shape = BatchShape(tuple(tuple(c) for c in r[f["prefill_chunks"]]), r[f["num_decode_seqs"]],
-                           r[f["decode_context_tokens"]], r[f["num_sampled"]], r[f["num_new_seqs"]],
-                           r[f["new_seq_tokens"]], r[f["decode_max_context"]])
+        shape = row_shape(f, r)
         bd = cm.breakdown(shape)
         model = cm.step_time_s(shape)
         if model <= (bd["overhead"] + bd["eager_launch"]) * 1.05:
