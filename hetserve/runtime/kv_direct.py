@@ -8,8 +8,8 @@ The coordinator never sees the bytes (``kv_handoff.py`` decides who sends what t
   it holds (``KVPiece`` + its layers as ONE raw buffer when they lie in one block of memory, else one per
   layer) over the pair's transport (``shm`` on one host, ``tcp`` otherwise, ``nixl`` when asked for). A
   declared link is emulated by when the receiver may use the bytes: ``latency + bytes / bandwidth`` after the
-  first byte (and after the link is free of earlier sends). On one host (``shm``, ``local``: one monotonic
-  clock) the last piece says so itself (``final``, ``not_before_s``), one message per hand-off; across hosts
+  first byte (and after the link is free of earlier sends). On one host (``Transport.same_host``: shm, local,
+  nixl on loopback; one monotonic clock) the last piece says so itself (``final``, ``not_before_s``), one message per hand-off; across hosts
   the thread waits and then sends ``KVCommit``. The thread answers ``KVSent`` (bytes, conversion, wall and
   declared seconds). One thread, jobs in order: transfers share the link one after the other.
 - ``SendKV(layerwise=True)`` (Cronus' head, sent just before a step): during that step a forward hook on each
@@ -56,16 +56,6 @@ def open_endpoints(kinds: tuple[str, ...], host: str = "127.0.0.1") -> dict[str,
         kw = {"window": int(os.environ.get("HETSERVE_SHM_WINDOW", "8"))} if k == "shm" else {}
         out[k] = make_transport(k, bind=f"tcp://{host}:*") if k in ("tcp", "nixl") else make_transport(k, **kw)
     return out
-
-
-# transports whose two ends share one host (and so one monotonic clock); a nixl endpoint does when its address is
-# this host's loopback (both workers on one machine)
-_ONE_HOST = ("shm", "local")
-_LOOPBACK = ("tcp://127.", "tcp://localhost:", "tcp://[::1]:")
-
-
-def _one_host(kind: str, address: str) -> bool:
-    return kind in _ONE_HOST or (kind == "nixl" and address.startswith(_LOOPBACK))
 
 
 @dataclass
@@ -261,7 +251,7 @@ class DirectKV(KVReceiver):
             if lo >= hi:
                 continue
             # the last piece to a same-host receiver commits itself (one message per hand-off), paced by its clock
-            final = out.last and _one_host(tg.kind, tg.address)
+            final = out.last and self._endpoint(tg.kind).same_host(tg.address)
             not_before = st["t0"] + link.transfer_time_s(total) if final and link is not None else 0.0
             piece = KVPiece(transfer_id=cmd.transfer_id, src_rank=cmd.src_rank, layer_start=lo,
                             head_start=out.head_start, num_tokens=cmd.num_tokens, desc=out.wire,
@@ -289,7 +279,7 @@ class DirectKV(KVReceiver):
             for tg in cmd.targets:
                 if tg.address in done:
                     continue
-                one_host = _one_host(tg.kind, tg.address)
+                one_host = self._endpoint(tg.kind).same_host(tg.address)
                 if link is not None and not one_host:  # never early: the receiver uses the KV once it commits
                     LinkPacer(link).wait_until(ready)
                 commit = KVCommit(transfer_id=cmd.transfer_id, req_id="", src_rank=cmd.src_rank,

@@ -66,6 +66,11 @@ class Transport(ABC):
     # may ``buffers`` hold torch CUDA tensors (moved device to device on the same host)?
     accepts_device_tensors: bool = False
 
+    def same_host(self, address: str) -> bool:
+        """Whether the endpoint at ``address`` runs on this host (one monotonic clock): a paced hand-off's last
+        piece may then carry its own ``not_before_s`` instead of a separate commit. Unknown: False."""
+        return False
+
     @property
     @abstractmethod
     def address(self) -> str:

@@ -33,6 +33,9 @@ class LocalTransport(Transport):
 
     name = "local"
 
+    def same_host(self, address: str) -> bool:  # one process
+        return True
+
     def __init__(self, name: str | None = None, max_queued: int = 64) -> None:
         self._name = name or f"ep{next(_ids)}"
         self._inbox: queue.Queue[tuple[bytes, list[bytes]]] = queue.Queue(maxsize=max_queued)

@@ -118,6 +118,9 @@ class NixlTransport(ReadPath, WritePath, ZmqTransport):
 
     name = "nixl"
 
+    def same_host(self, address: str) -> bool:  # a peer on this host's loopback
+        return address.startswith(("tcp://127.", "tcp://localhost:", "tcp://[::1]:"))
+
     def __init__(self, bind: str = "tcp://127.0.0.1:*", connect_timeout_s: float = 1.0, max_queued: int = 64,
                  advertise: str | None = None, window: int = 1, inline_max_bytes: int | None = None,
                  pool_mb: float | None = None, device: int | None = None,

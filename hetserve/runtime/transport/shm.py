@@ -84,6 +84,9 @@ def live_pools() -> list[str]:
 class ShmTransport(ZmqTransport):
     name = "shm"
 
+    def same_host(self, address: str) -> bool:  # shared memory and ipc:// sockets: one host by construction
+        return True
+
     def __init__(self, bind: str | None = None, connect_timeout_s: float = 1.0, max_queued: int = 64,
                  window: int = 1) -> None:
         if bind is None:
