@@ -25,6 +25,12 @@ declares block 32, HND: the sender converts to the wire format, the receiver bac
 - ``conversion_share`` = (sender extract + convert + receiver convert + insert) / the declared link's time for
   those bytes; goal <= 10%.
 - ``handoff_s``: ExpectKV sent -> KVIn received at the coordinator (what a request waits).
+
+``--stream K`` (K > 1) adds rows of ``K`` hand-offs of each size issued back to back, as a loaded prefill
+instance sends them to one decode instance: they share the declared link first come, first served, and each
+hand-off's fixed costs overlap the earlier ones' link time. ``stream_achieved_fraction`` = all bytes / (the last
+hand-off usable - the first hand-off's first byte - latency) / declared bandwidth (``stream_usable_fraction``:
+to the last insert synchronised).
 """
 
 from __future__ import annotations
@@ -68,15 +74,6 @@ def _spec(name: str, model: str, block: int, blocks: int, transport: str, device
 _MPS_ENV: dict[str, dict[str, str]] = {}
 
 
-def _wait(w: WorkerHandle, kind: type, tid: str, timeout_s: float = 60.0) -> Any:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        r = w.recv(timeout_s)
-        if isinstance(r, kind) and r.transfer_id == tid:
-            return r
-    raise TimeoutError(f"no {kind.__name__} for {tid}")
-
-
 def timeline(runs: list[tuple[KVSent, KVIn, float]]) -> dict[str, float]:
     """Medians over the repeats of each mark of both workers (one host, one monotonic clock), in ms after the
     sender took its ``SendKV``: sender ``send.queued`` (extracted, converted, packed), ``send.ready`` (its GPU
@@ -109,8 +106,73 @@ def parse_link(text: str) -> LinkSpec:
         raise SystemExit(f"--links: {text!r} is neither a link name ({', '.join(LINKS)}) nor GB/s") from None
 
 
+def _handoff(snd: WorkerHandle, rcv: WorkerHandle, tid: str, tokens: int, first_block: int, dst_block: int,
+             wire: Any, transport: str, n_layers: int, link: LinkSpec) -> None:
+    """Send the receiver its ``ExpectKV`` (its blocks from ``first_block``) and the sender its ``SendKV``."""
+    nb = -(-tokens // dst_block)
+    rcv.send(ExpectKV(seq=rcv.next_seq(), transfer_id=tid, req_id=tid,
+                      block_ids=list(range(first_block, first_block + nb)), num_tokens=tokens, wire=wire,
+                      sources=[0], timeout_s=60.0))
+    snd.send(SendKV(seq=snd.next_seq(), transfer_id=tid, block_ids=list(range(1, -(-tokens // 16) + 1)),
+                    num_tokens=tokens, wire=wire, src_rank=0,
+                    targets=[KVTarget(kind=transport, address=rcv.kv_addresses[transport],
+                                      layer_start=0, layer_end=n_layers)],
+                    timeout_s=60.0, link_bandwidth=link.bandwidth_bytes_per_s, link_latency_s=link.latency_s))
+
+
+def _collect(snd: WorkerHandle, rcv: WorkerHandle, tids: list[str], timeout_s: float = 60.0
+             ) -> tuple[dict[str, KVSent], dict[str, KVIn], dict[str, float]]:
+    """Every ``KVIn`` (and when it reached us) and ``KVSent`` of ``tids``; all must be ok."""
+    sent: dict[str, KVSent] = {}
+    kin: dict[str, KVIn] = {}
+    arrived: dict[str, float] = {}
+    t0 = time.monotonic()
+    for w, kind, books in ((rcv, KVIn, kin), (snd, KVSent, sent)):
+        while len(books) < len(tids):
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"{len(books)} of {len(tids)} {kind.__name__} after {timeout_s} s")
+            r = w.recv(timeout_s)
+            if isinstance(r, kind) and r.transfer_id in tids:
+                assert r.ok, r.error
+                books[r.transfer_id] = r
+                arrived[r.transfer_id] = time.monotonic()
+    return sent, kin, arrived
+
+
+def run_stream(snd: WorkerHandle, rcv: WorkerHandle, case: str, link: LinkSpec, transport: str, repeats: int,
+               per_token: int, kib: int, k: int, dst_block: int, wire: Any, n_layers: int, tag: str
+               ) -> dict[str, Any]:
+    """``k`` hand-offs of ``kib`` KiB issued back to back (distinct receiver blocks), ``repeats`` times."""
+    tokens = kib * 1024 // per_token
+    nb = -(-tokens // dst_block)
+    runs = []
+    for rep in range(repeats):
+        tids = [f"{tag}-{rep}-{i}" for i in range(k)]
+        for i, tid in enumerate(tids):
+            _handoff(snd, rcv, tid, tokens, 1 + i * nb, dst_block, wire, transport, n_layers, link)
+        sent, kin, _ = _collect(snd, rcv, tids)
+        first = min(s.stages.get("at_first", s.t0_mono) for s in sent.values())
+        total = sum(s.num_bytes for s in sent.values())
+        last_ready = max(r.ready_mono for r in kin.values())
+        last_done = max(r.stages.get("at_done", r.ready_mono) for r in kin.values())
+        # each hand-off, ms after the first byte: its own first byte, its link start, usable, inserted
+        marks = [[round((x - first) * 1e3, 3) for x in (sent[t].stages.get("at_first", 0.0), sent[t].t0_mono,
+                                                         kin[t].ready_mono, kin[t].stages.get("at_done", 0.0))]
+                 for t in tids]
+        runs.append({"bytes": total, "delivered_s": last_ready - first, "usable_s": last_done - first,
+                     "declared_s": link.transfer_time_s(total), "first_link_ready_done_ms": marks})
+    med = sorted(runs, key=lambda r: r["delivered_s"])[len(runs) // 2]
+    bw = link.bandwidth_bytes_per_s
+    return {"case": case, "kib": kib, "tokens": tokens, "stream": k, "link": link.name, "transport": transport,
+            "declared_bytes_per_s": bw, "num_bytes": med["bytes"], "delivered_s": med["delivered_s"],
+            "usable_s": med["usable_s"], "declared_s": med["declared_s"], "repeats": repeats,
+            "stream_achieved_fraction": med["bytes"] / max(med["delivered_s"] - link.latency_s, 1e-9) / bw,
+            "stream_usable_fraction": med["bytes"] / max(med["usable_s"] - link.latency_s, 1e-9) / bw,
+            "runs": runs}
+
+
 def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int, shape: dict[str, Any],
-             sizes_kib: list[int], device: str) -> list[dict[str, Any]]:
+             sizes_kib: list[int], device: str, stream: int = 1) -> list[dict[str, Any]]:
     link_name = link.name
     item = 4 if shape["dtype"] == "float32" else 2
     n_layers = shape["num_layers"]
@@ -119,8 +181,8 @@ def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int
     dst_block = 32 if case == "convert" else 16
     snd = WorkerHandle(_spec("prefill0", model, 16, max_tokens // 16 + 2, transport, device,
                              shape["dtype"], _MPS_ENV.get("sender"))).launch()
-    rcv = WorkerHandle(_spec("decode0", model, dst_block, max_tokens // dst_block + 2, transport, device,
-                             shape["dtype"], _MPS_ENV.get("receiver"))).launch()
+    rcv = WorkerHandle(_spec("decode0", model, dst_block, stream * (-(-max_tokens // dst_block)) + 2, transport,
+                             device, shape["dtype"], _MPS_ENV.get("receiver"))).launch()
     rows = []
     try:
         snd.wait_ready()
@@ -128,6 +190,12 @@ def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int
         declared = rcv.desc if case == "same" else dataclasses.replace(rcv.desc, layout="HND")
         wire = wire_descriptor(snd.desc, declared)
         n = 0
+        for kib in sizes_kib if stream > 1 else []:
+            r = run_stream(snd, rcv, case, link, transport, repeats, per_token, kib, stream, dst_block, wire,
+                           n_layers, f"{case}-{kib}")
+            rows.append(r)
+            print(f"{case:8s} {kib:6d} KiB x {stream} back to back: achieved {r['stream_achieved_fraction']:6.1%} "
+                  f"(usable {r['stream_usable_fraction']:6.1%}) of {link_name}")
         for kib in sizes_kib:
             tokens = kib * 1024 // per_token
             runs = []
@@ -135,19 +203,9 @@ def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int
                 n += 1
                 tid = f"b{n}"
                 t0 = time.monotonic()
-                rcv.send(ExpectKV(seq=rcv.next_seq(), transfer_id=tid, req_id=tid,
-                                  block_ids=list(range(1, -(-tokens // dst_block) + 1)), num_tokens=tokens, wire=wire,
-                                  sources=[0], timeout_s=60.0))
-                snd.send(SendKV(seq=snd.next_seq(), transfer_id=tid, block_ids=list(range(1, -(-tokens // 16) + 1)),
-                                num_tokens=tokens, wire=wire, src_rank=0,
-                                targets=[KVTarget(kind=transport, address=rcv.kv_addresses[transport],
-                                                  layer_start=0, layer_end=n_layers)],
-                                timeout_s=60.0, link_bandwidth=link.bandwidth_bytes_per_s,
-                                link_latency_s=link.latency_s))
-                kin = _wait(rcv, KVIn, tid)
-                handoff_s = time.monotonic() - t0
-                sent = _wait(snd, KVSent, tid)
-                assert sent.ok and kin.ok, (sent.error, kin.error)
+                _handoff(snd, rcv, tid, tokens, 1, dst_block, wire, transport, n_layers, link)
+                sent_d, kin_d, arrived = _collect(snd, rcv, [tid])
+                sent, kin, handoff_s = sent_d[tid], kin_d[tid], arrived[tid] - t0
                 runs.append((sent, kin, handoff_s))
             def delivered(r: tuple[KVSent, KVIn, float]) -> float:
                 return r[1].ready_mono - r[0].t0_mono
@@ -200,6 +258,7 @@ def main() -> None:
                     help="KV sizes per hand-off (llama8b: 128 KiB a token; e.g. 1024,4096,16384,65536,262144)")
     ap.add_argument("--mps", action="store_true", help="cuda: run the workers as MPS clients (25%% sender, 75%% "
                     "receiver), as on the emulated pair")
+    ap.add_argument("--stream", type=int, default=1, help="also K hand-offs of each size back to back (K > 1)")
     ap.add_argument("--out", default="benchmarks/results/kv_runtime_cpu.json")
     args = ap.parse_args()
     if args.mps:
@@ -225,7 +284,7 @@ def _run(args: argparse.Namespace) -> None:
         model = str(make_tiny_model(Path(tmp) / "m", "llama", **shape))
         rows = [r for lk in args.links.split(",") for case in ("same", "convert")
                 for r in run_case(model, case, parse_link(lk), args.transport, args.repeats, shape, sizes,
-                                  args.device)]
+                                  args.device, args.stream)]
     from hetserve.cli.profile import git_commit
 
     commit = git_commit(Path(__file__).resolve().parents[1])  # benchmarks/.commit in an archived tree, else HEAD
@@ -243,6 +302,7 @@ def _run(args: argparse.Namespace) -> None:
                         "what the declared link would cost)",
            "config": {"links": args.links, "transport": args.transport, "repeats": args.repeats,
                       "shape": args.shape, "kv_shape": shape, "sizes_kib": sizes, "device": args.device,
+                      "stream": args.stream,
                       "mps": args.mps},
            "loadavg": list(os.getloadavg()),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "rows": rows}

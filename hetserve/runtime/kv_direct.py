@@ -10,8 +10,11 @@ The coordinator never sees the bytes (``kv_handoff.py`` decides who sends what t
   declared link is emulated by when the receiver may use the bytes: ``latency + bytes / bandwidth`` after the
   first byte (and after the link is free of earlier sends). On one host (``Transport.same_host``: shm, local,
   nixl on loopback; one monotonic clock) the last piece says so itself (``final``, ``not_before_s``), one message per hand-off; across hosts
-  the thread waits and then sends ``KVCommit``. The thread answers ``KVSent`` (bytes, conversion, wall and
-  declared seconds). One thread, jobs in order: transfers share the link one after the other.
+  a timer sends ``KVCommit`` once the declared link is through. ``KVSent`` (bytes, conversion, wall and
+  declared seconds) goes out when the declared link is through. One thread, jobs in order: the hand-offs to
+  one set of receivers share their declared link first come, first served (as the simulator's links do): a
+  hand-off's declared bytes start when the link is free of the earlier ones, but the thread does not wait for
+  that, so one hand-off's fixed costs (extract, staging, control messages) overlap the earlier ones' link time.
 - ``SendKV(layerwise=True)`` (Cronus' head, sent just before a step): during that step a forward hook on each
   decoder layer extracts and queues that layer's share as soon as the layer has run (its KV is written), so
   the bytes leave while the next layers compute; after the step the layers no hook saw (a fused path that
@@ -22,6 +25,8 @@ The coordinator never sees the bytes (``kv_handoff.py`` decides who sends what t
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 import os
 import queue
 import threading
@@ -52,9 +57,13 @@ def open_endpoints(kinds: tuple[str, ...], host: str = "127.0.0.1") -> dict[str,
     for k in kinds:
         if k in out:
             continue
-        # shm: a piece's send returns once its bytes are in shared memory; ``_commit_job`` flushes before KVSent
-        kw = {"window": int(os.environ.get("HETSERVE_SHM_WINDOW", "8"))} if k == "shm" else {}
-        out[k] = make_transport(k, bind=f"tcp://{host}:*") if k in ("tcp", "nixl") else make_transport(k, **kw)
+        # shm, nixl: a piece's send returns once its bytes are in memory the receiver reads (shared memory, CUDA
+        # staging, the receiver's landing region), up to ``window`` unacknowledged; KVSent waits for ``flush``
+        window = int(os.environ.get("HETSERVE_KV_WINDOW", os.environ.get("HETSERVE_SHM_WINDOW", "8")))
+        kw: dict[str, Any] = {"window": window} if k in ("shm", "nixl") else {}
+        if k in ("tcp", "nixl"):
+            kw["bind"] = f"tcp://{host}:*"
+        out[k] = make_transport(k, **kw)
     return out
 
 
@@ -101,6 +110,8 @@ class DirectKV(KVReceiver):
         self._done_layers: dict[int, set[int]] = {}
         self._hooked: dict[tuple[str, int], int] = {}  # (transfer, seq) -> layers sent from a hook
         self._sending: dict[tuple[str, int], dict[str, Any]] = {}  # the sender thread's per-send books
+        self._link_free: dict[tuple[str, ...], float] = {}  # receivers' addresses -> their declared link's free time
+        self._timer = _Timer()  # what waits for a declared link (a cross-host commit, KVSent)
         self._init_receiving(sink, orphan_ttl_s)
         self._thread = threading.Thread(target=self._send_loop, name="kv-send", daemon=True)
         self._thread.start()
@@ -237,14 +248,16 @@ class DirectKV(KVReceiver):
             out.ready.synchronize()  # the conversion is done (the transport's copy does not wait for our stream)
         out.stages["wait_ready"] = time.perf_counter() - tw
         out.stages["at_ready"] = time.monotonic()
+        link = self._link(cmd)
         if st["t0"] is None:
             if self.stall_s > 0:
                 time.sleep(self.stall_s)  # test hook: a stalled link
-            # one thread, jobs in order, each commit waiting out its declared link: a send starts on a free link
-            st["t0"] = time.monotonic()
+            # the declared bytes start once the link is free of the earlier hand-offs to these receivers
+            st["first"] = time.monotonic()
+            st["t0"] = max(st["first"], self._link_free.get(_link_key(cmd), 0.0)) if link else st["first"]
+            out.stages["at_first"] = st["first"]
         oa, n_layers = out.layer_start, len(out.shapes)
-        deadline_s = st["t0"] + cmd.timeout_s
-        link = self._link(cmd)
+        deadline_s = st["first"] + cmd.timeout_s
         total = st["bytes"] + sum(out.layer_bytes)
         for tg in cmd.targets:
             lo, hi = max(tg.layer_start, oa), min(tg.layer_end, oa + n_layers)
@@ -272,34 +285,59 @@ class DirectKV(KVReceiver):
         st["bytes"] = total
 
     def _commit_job(self, cmd: SendKV, st: dict[str, Any]) -> None:
-        if not st["failed"] and st["t0"] is not None:
-            link = self._link(cmd)
-            ready = st["t0"] + (0.0 if link is None else link.transfer_time_s(st["bytes"]))
-            done = st.get("committed", set())
-            for tg in cmd.targets:
-                if tg.address in done:
-                    continue
-                one_host = self._endpoint(tg.kind).same_host(tg.address)
-                if link is not None and not one_host:  # never early: the receiver uses the KV once it commits
-                    LinkPacer(link).wait_until(ready)
-                commit = KVCommit(transfer_id=cmd.transfer_id, req_id="", src_rank=cmd.src_rank,
-                                  not_before_s=ready if one_host and link is not None else 0.0)
-                try:
-                    self._endpoint(tg.kind).send(tg.address, commit, [], st["t0"] + cmd.timeout_s)
-                except TransportError as e:
-                    st["failed"] = f"{type(e).__name__}: {e}"
+        """Commit to same-host receivers now (their ``not_before_s`` paces them); the rest waits for the declared
+        link on the timer: commits to receivers on other hosts, every piece acknowledged (``flush``), KVSent.
+        The sender thread goes on to the next hand-off meanwhile."""
+        link = self._link(cmd)
+        if st["failed"] or st["t0"] is None:
+            self._reply_sent(cmd, st)
+            return
+        ready = st["t0"] + (0.0 if link is None else link.transfer_time_s(st["bytes"]))
+        if link is not None:
+            self._link_free[_link_key(cmd)] = ready
+        done = st.get("committed", set())
+        later = []  # receivers on another host: committed once the declared link is through
+        for tg in cmd.targets:
+            if tg.address in done:
+                continue
+            if link is not None and not self._endpoint(tg.kind).same_host(tg.address):
+                later.append(tg)  # never early: the receiver uses the KV once it commits
+            elif not self._send_commit(cmd, st, tg, ready if link is not None else 0.0):
+                break
+
+        def at_ready() -> None:
+            for tg in later:
+                if st["failed"] or not self._send_commit(cmd, st, tg, 0.0):
                     break
             if not st["failed"]:
-                for tg in cmd.targets:  # every piece acknowledged (a windowed send's failure shows here)
-                    try:
-                        self._endpoint(tg.kind).flush(tg.address, st["t0"] + cmd.timeout_s)
-                    except TransportError as e:
-                        st["failed"] = f"{type(e).__name__}: {e}"
-                        break
-            if link is not None:
-                # the sender's books end when the declared link is through (KVSent's wall): wait for it here
-                LinkPacer(link).wait_until(ready)
-        self._reply_sent(cmd, st)
+                self._flush(cmd, st)
+            self._reply_sent(cmd, st)  # the sender's books end when the declared link is through
+
+        if link is None and not self._windowed(cmd):
+            at_ready()
+        else:
+            self._timer.at(ready, at_ready)
+
+    def _windowed(self, cmd: SendKV) -> bool:
+        """May a send to one of ``cmd``'s receivers return before it is acknowledged (``flush`` then waits)?"""
+        return any(getattr(self._endpoint(tg.kind), "window", 1) > 1 for tg in cmd.targets)
+
+    def _send_commit(self, cmd: SendKV, st: dict[str, Any], tg: Any, not_before_s: float) -> bool:
+        commit = KVCommit(transfer_id=cmd.transfer_id, req_id="", src_rank=cmd.src_rank, not_before_s=not_before_s)
+        try:
+            self._endpoint(tg.kind).send(tg.address, commit, [], st["first"] + cmd.timeout_s)
+        except TransportError as e:
+            st["failed"] = f"{type(e).__name__}: {e}"
+            return False
+        return True
+
+    def _flush(self, cmd: SendKV, st: dict[str, Any]) -> None:
+        for tg in cmd.targets:  # every piece acknowledged (a windowed send's failure shows here)
+            try:
+                self._endpoint(tg.kind).flush(tg.address, st["first"] + cmd.timeout_s)
+            except TransportError as e:
+                st["failed"] = f"{type(e).__name__}: {e}"
+                return
 
     def _reply_sent(self, cmd: SendKV, st: dict[str, Any]) -> None:
 
@@ -319,8 +357,53 @@ class DirectKV(KVReceiver):
 
     def close(self) -> None:
         self._jobs.put(None)
+        self._timer.close()
         for ep in self.endpoints.values():
             try:
                 ep.close()
             except TransportError:
                 pass
+
+
+def _link_key(cmd: SendKV) -> tuple[str, ...]:
+    """The declared link a hand-off uses: one per set of receiving endpoints."""
+    return tuple(sorted(tg.address for tg in cmd.targets))
+
+
+class _Timer:
+    """Runs callbacks at ``time.monotonic()`` times, in time order, on one thread (started on first use)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._cv = threading.Condition()
+        self._n = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def at(self, t_s: float, fn: Callable[[], None]) -> None:
+        with self._cv:
+            heapq.heappush(self._heap, (t_s, next(self._n), fn))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="kv-link", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and (not self._heap or self._heap[0][0] - time.monotonic() > 5e-4):
+                    # sleep most of the way, then spin the last fraction of a millisecond: sleep overshoots
+                    self._cv.wait(None if not self._heap else self._heap[0][0] - time.monotonic() - 5e-4)
+                if self._closed:
+                    return
+                t_s, _, fn = heapq.heappop(self._heap)
+            LinkPacer(None).wait_until(t_s)
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a callback reports its own failure; the timer must live on
+                pass
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()

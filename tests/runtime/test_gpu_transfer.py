@@ -184,3 +184,58 @@ def test_cuda_ipc_sink_reads_the_staging_before_the_ack() -> None:
         assert proc.wait(60) == 0
     finally:
         proc.kill()
+
+
+_CHILD_SLOW_SINK = textwrap.dedent("""
+    import time, torch
+    from hetserve.runtime.transport import make_transport
+    t = make_transport("shm")
+    seen = []
+    def sink(header, bufs, arrived_s):
+        if "i" not in header:
+            return False
+        time.sleep(0.03)  # a slow receiver: the sender's window fills with unacknowledged messages
+        seen.append([header["i"], [float(b.double().sum()) for b in bufs]])
+        torch.cuda.synchronize()
+        return True
+    t.sink = sink
+    print(t.address, flush=True)
+    while True:
+        header, bufs = t.recv(60)
+        if header.get("stop"):
+            break
+    t.send(header["reply_to"], {"seen": seen, "opened": len(t._imported.opened)}, [], time.monotonic() + 30)
+    t.close()
+""")
+
+
+@pytest.mark.parametrize("max_mb", ["64", "16"], ids=["ring", "ring-full"])
+def test_cuda_ipc_window_stages_each_message_in_its_own_range(max_mb: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``window`` > 1, CUDA messages to a slow receiver return before their acknowledgement: each is staged
+    in a range of the ring held until it is acknowledged, so the caller may overwrite its tensors at once and no
+    later message overwrites an earlier one's bytes. A ring that may not grow (16 MiB, 6 MiB messages) sends the
+    rest exported one by one, acknowledged before ``send`` returns; every value arrives either way."""
+    monkeypatch.setenv("HETSERVE_SHM_STAGING_MAX_MB", max_mb)
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD_SLOW_SINK], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        peer = proc.stdout.readline().strip()
+        numel = (1 << 19) if max_mb == "64" else (3 << 19)  # 2 MiB (six fit in the first 16 MiB) or 6 MiB
+        with make_transport("shm", window=8) as a:
+            x = torch.empty(numel, device="cuda")
+            t0 = time.monotonic()
+            for i in range(6):
+                x.fill_(float(i + 1))
+                a.send(peer, {"i": i}, [x], time.monotonic() + 60)
+            sent_s = time.monotonic() - t0
+            a.flush(peer, time.monotonic() + 60)
+            a.send(peer, {"stop": True, "reply_to": a.address}, [], time.monotonic() + 60)
+            header, _ = a.recv(60)
+        assert header["seen"] == [[i, [float(i + 1) * numel]] for i in range(6)]
+        if max_mb == "64":
+            assert sent_s < 6 * 0.03  # the sends did not wait for the slow receiver one by one
+            assert header["opened"] == 1  # one staging buffer, its ranges reused
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()

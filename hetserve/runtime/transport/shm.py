@@ -12,11 +12,11 @@ waits for the acknowledgements, and raises a late failure). Raw ``os.open`` + ``
 tracker process unlinks or warns about segments another process owns.
 
 CUDA tensors in ``buffers`` (when CUDA is available and the peer is another process) move by CUDA IPC. The
-sender copies them (on a copy stream of its own) into one persistent staging buffer per device, exported once;
+sender copies them (on a copy stream of its own) into a range of one persistent staging ring per device, exported once;
 the receiver opens each exported buffer once and keeps it open (opening an IPC handle costs milliseconds, and
 one handle per tensor per message made a hand-off of 32 layers slow), copies the message's span into its own
-memory as one tensor (on its own copy stream) and synchronises before it acknowledges, so the sender may reuse
-its tensors, and the staging buffer, once ``send`` returns. The copy stream waits for the caller's current
+memory as one tensor (on its own copy stream) and synchronises before it acknowledges; the sender's range is
+free once acknowledged, and its tensors once ``send`` returns (``window`` > 1: before the acknowledgement). The copy stream waits for the caller's current
 stream, unless the caller says its tensors are ready (``with buffers_ready():`` after synchronising the work
 that wrote them, e.g. on an event): on the legacy default stream that wait would hold the copy behind every
 kernel queued on the device, a whole model step included. A message larger than ``HETSERVE_SHM_STAGING_MAX_MB`` (default 1024) exports its
@@ -169,22 +169,24 @@ class ShmTransport(ZmqTransport):
             st = self._staging.get(dev.index)
             if st is None:
                 st = self._staging[dev.index] = _Staging(dev)
-        st.lock.acquire()
+        held = st.alloc(total)
+        if held is None:  # the ring is full of unacknowledged messages and may not grow: export one by one
+            return None
+        buf, base = held.buf, held.offset
         try:
-            st.reserve(total)
             if not getattr(_ready, "on", False):
                 st.stream.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.device(dev), torch.cuda.stream(st.stream):
                 for t, off, n in zip(tensors, offsets, sizes, strict=True):
                     if n:
-                        st.buf.narrow(0, off, n).copy_(t.contiguous().reshape(-1).view(torch.uint8))
+                        buf.narrow(0, base + off, n).copy_(t.contiguous().reshape(-1).view(torch.uint8))
             st.stream.synchronize()
         except BaseException:
-            st.lock.release()
+            held.release()
             raise
-        hs = [dict(st.export, span=[off, n], dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape))
+        hs = [dict(held.export, span=[base + off, n], dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape))
               for t, off, n in zip(tensors, offsets, sizes, strict=True)]
-        return st, hs
+        return held, hs
 
     def _pool_write(self, peer: str, msg_id: int, views: list[memoryview]) -> tuple[str, list[tuple[int, int]]] | None:
         """``views`` written to a free range of ``peer``'s pool: (pool name, spans); None: no room."""
@@ -208,9 +210,10 @@ class ShmTransport(ZmqTransport):
         return pool.name, [(off + a, v.nbytes) for a, v in zip(aligns, views, strict=True)]
 
     def _may_return_early(self, state: Any) -> bool:  # type: ignore[override]
-        # host bytes are in shared memory already; CUDA staging holds its buffer (a lock) until acknowledged
+        # host bytes are in shared memory already, CUDA bytes in a staging range held until acknowledged; only
+        # tensors exported as they are (too large for the staging) must be read before the caller reuses them
         _name, keep, staged, copied = state
-        return copied and staged is None and not keep
+        return (copied or staged is not None) and not keep
 
     def _on_free(self, peer: str, msg_ids: list[int]) -> None:
         pool = self._pools.get(peer)
@@ -369,8 +372,11 @@ def _staging_max_bytes() -> int:
 
 
 class _Staging:
-    """A device's persistent staging buffer (grown by doubling; a new buffer is a new export) and its copy
-    stream; ``lock`` is held from the copy in to the receiver's acknowledgement."""
+    """A device's staging ring for CUDA IPC: one exported buffer (a new, larger one when a message does not fit,
+    up to ``HETSERVE_SHM_STAGING_MAX_MB``; a new buffer is a new export) and its copy stream. Each message holds
+    its range from the copy in to its acknowledgement, so a stream of messages need not wait for each one's
+    acknowledgement before the next is staged. A range is taken at the cursor (after the last one), or from the
+    start when the end has no room; ranges of an older buffer keep that buffer alive until they are released."""
 
     def __init__(self, device: Any) -> None:
         import torch
@@ -380,20 +386,55 @@ class _Staging:
         self.lock = threading.Lock()
         self.buf: Any = None
         self.export: dict[str, Any] = {}
+        self.held: dict[int, tuple[int, int]] = {}  # ranges held in ``buf``: id -> (offset, bytes)
+        self.cursor = 0
+        self._ids = itertools.count()
 
-    def reserve(self, nbytes: int) -> None:
+    def alloc(self, nbytes: int) -> _Held | None:
+        """A range of ``nbytes`` (released by ``_Held.release``); None when it would exceed the maximum."""
         import torch
 
-        if self.buf is not None and self.buf.numel() >= nbytes:
-            return
-        size = max(nbytes, 2 * (0 if self.buf is None else self.buf.numel()), 16 * 2**20)
-        self.buf = None
-        self.buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-        self.export = _export_cuda(self.buf)
-        self.export["staging"] = uuid.uuid4().hex  # names this buffer for the receiver's cache
+        with self.lock:
+            off = self._fit(nbytes)
+            if off is None:
+                cur = 0 if self.buf is None else self.buf.numel()
+                size = max(nbytes, 2 * cur, 16 * 2**20)
+                if self.held:  # no room among the held ranges: a larger buffer, at most the maximum
+                    size = min(size, _staging_max_bytes())
+                    if size < nbytes or size <= cur:
+                        return None
+                self.buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+                self.export = _export_cuda(self.buf)
+                self.export["staging"] = uuid.uuid4().hex  # names this buffer for the receiver's cache
+                self.held, self.cursor, off = {}, 0, 0
+            key = next(self._ids)
+            self.held[key] = (off, nbytes)
+            self.cursor = off + nbytes
+            return _Held(self, key, self.buf, self.export, off)
+
+    def _fit(self, nbytes: int) -> int | None:
+        if self.buf is None or nbytes > self.buf.numel():
+            return None
+        for off in (self.cursor, 0):
+            end = off + nbytes
+            if end <= self.buf.numel() and all(end <= a or off >= a + n for a, n in self.held.values()):
+                return off
+        return None
+
+    def release(self, held: _Held) -> None:
+        with self.lock:
+            if held.buf is self.buf:
+                self.held.pop(held.key, None)
+
+
+class _Held:
+    """One message's range of a staging buffer (the buffer stays alive as long as this does)."""
+
+    def __init__(self, staging: _Staging, key: int, buf: Any, export: dict[str, Any], offset: int) -> None:
+        self.staging, self.key, self.buf, self.export, self.offset = staging, key, buf, export, offset
 
     def release(self) -> None:
-        self.lock.release()
+        self.staging.release(self)
 
 
 class _ImportCache:

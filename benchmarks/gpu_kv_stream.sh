@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# KV hand-offs on one GPU in one device call (~6-8 min): the GPU tests of the transfer paths, the host cost of one
+# hand-off's KV work (kv_hotpath.py), then hand-offs between two worker processes (kv_runtime.py, Llama-3.1-8B's
+# KV) over shm (CUDA IPC) and nixl, one at a time and ``STREAM`` back to back. Run from the device machine's
+# repository root, the tree to measure in .clean, wheels in .whl (msgspec, pyzmq) and .whl-nixl:
+#
+#   bash .clean/benchmarks/gpu_kv_stream.sh        # carry: .clean .whl .whl-nixl
+#
+# The workers are MPS clients 25% (sender) / 75% (receiver), as the emulated pair. TESTS=0 skips the tests;
+# TRANSPORTS (default "shm nixl"). Results: $OUT/gpu-kv-stream.tgz (the device tool returns at most 8 files)
+# holding kv_hotpath_gpu.json, kv_runtime_gpu_{shm,nixl}_stream.json, the logs; gpu-kv-stream.log beside it.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+ROOT=${ROOT:-$PWD}
+TREE=${TREE:-$ROOT/.clean}
+PY=${PY:-python}
+LINKS=${LINKS:-pcie4x16,eth25}
+SIZES=${SIZES:-1024,4096,16384,65536}
+REPEATS=${REPEATS:-3}
+STREAM=${STREAM:-8}
+TESTS=${TESTS:-1}
+TRANSPORTS=${TRANSPORTS:-shm nixl}
+export PYTHONPATH=/tmp/site:$TREE PYTHONUNBUFFERED=1
+LOG=$OUT/gpu-kv-stream.log
+exec > >(tee -a "$LOG") 2>&1
+t0=$(date +%s)
+el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+
+if ! "$PY" -c "import nixl._api, zmq, msgspec" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    "$ROOT"/.whl/*.whl "$ROOT"/.whl-nixl/*.whl || el "pip install failed"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+cd "$TREE" || exit 1
+cat benchmarks/.commit 2>/dev/null
+if [ "$TESTS" = 1 ]; then
+  el "GPU tests of the transfer paths"
+  timeout -k 10 240 "$PY" -m pytest -q -x -m "gpu or not gpu or slow" -p no:cacheprovider \
+    tests/runtime/test_gpu_transfer.py tests/runtime/test_kv_link_clock.py tests/runtime/test_kv_direct.py \
+    tests/runtime/test_nixl_transport.py 2>&1 | tail -15 | tee "$OUT/tests.log"
+fi
+el "kv_hotpath --device cuda"
+timeout -k 10 90 "$PY" benchmarks/kv_hotpath.py --device cuda --profile --out "$OUT/kv_hotpath_gpu.json" 2>&1 \
+  | head -40 | cut -c1-160
+for tr in $TRANSPORTS; do
+  el "kv_runtime --transport $tr --mps --stream $STREAM"
+  timeout -k 10 "${KV_TIMEOUT:-200}" "$PY" benchmarks/kv_runtime.py --device cuda --shape llama8b --links "$LINKS" \
+    --sizes-kib "$SIZES" --repeats "$REPEATS" --transport "$tr" --mps --stream "$STREAM" \
+    --out "$OUT/kv_runtime_gpu_${tr}_stream.json" 2>&1 | grep -v Warning \
+    | tee "$OUT/kv_runtime_gpu_${tr}_stream.log" | cut -c1-150
+done
+el "done"
+cd "$OUT" && tar czf gpu-kv-stream.tgz kv_hotpath_gpu.json kv_runtime_gpu_* tests.log 2>/dev/null \
+  && rm -f kv_hotpath_gpu.json kv_runtime_gpu_* tests.log
+ls -la "$OUT"
