@@ -6,9 +6,11 @@
 #
 #   bash .clean/benchmarks/gpu_kv_stream.sh        # carry: .clean .whl .whl-nixl
 #
-# The workers are MPS clients 25% (sender) / 75% (receiver), as the emulated pair. TESTS=0 skips the tests;
-# TRANSPORTS (default "shm nixl"). Results: $OUT/gpu-kv-stream.tgz (the device tool returns at most 8 files)
-# holding kv_hotpath_gpu.json, kv_runtime_gpu_{shm,nixl}_stream.json, the logs; gpu-kv-stream.log beside it.
+# The workers are MPS clients 25% (sender) / 75% (receiver), as the emulated pair. TESTS=0 skips the tests,
+# HOTPATH=0 kv_hotpath.py. RUNS: transport:batch pairs (default "shm:1 shm:0 nixl:1"; batch 0 runs with
+# HETSERVE_KV_BATCH=0: one message per hand-off). Results: $OUT/gpu-kv-stream.tgz (the device tool returns at
+# most 8 files) holding kv_hotpath_gpu.json, kv_runtime_gpu_<transport>_batch<0|1>.json, the logs;
+# gpu-kv-stream.log beside it.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=${ROOT:-$PWD}
@@ -19,7 +21,8 @@ SIZES=${SIZES:-1024,4096,16384,65536}
 REPEATS=${REPEATS:-3}
 STREAM=${STREAM:-8}
 TESTS=${TESTS:-1}
-TRANSPORTS=${TRANSPORTS:-shm nixl}
+RUNS=${RUNS:-shm:1 shm:0 nixl:1}
+HOTPATH=${HOTPATH:-1}
 export PYTHONPATH=/tmp/site:$TREE PYTHONUNBUFFERED=1
 LOG=$OUT/gpu-kv-stream.log
 exec > >(tee -a "$LOG") 2>&1
@@ -37,17 +40,20 @@ if [ "$TESTS" = 1 ]; then
   el "GPU tests of the transfer paths"
   timeout -k 10 240 "$PY" -m pytest -q -x -m "gpu or not gpu or slow" -p no:cacheprovider \
     tests/runtime/test_gpu_transfer.py tests/runtime/test_kv_link_clock.py tests/runtime/test_kv_direct.py \
-    tests/runtime/test_nixl_transport.py 2>&1 | tail -15 | tee "$OUT/tests.log"
+    tests/runtime/test_kv_batch.py tests/runtime/test_nixl_transport.py 2>&1 | tail -15 | tee "$OUT/tests.log"
 fi
-el "kv_hotpath --device cuda"
-timeout -k 10 90 "$PY" benchmarks/kv_hotpath.py --device cuda --profile --out "$OUT/kv_hotpath_gpu.json" 2>&1 \
-  | head -40 | cut -c1-160
-for tr in $TRANSPORTS; do
-  el "kv_runtime --transport $tr --mps --stream $STREAM"
-  timeout -k 10 "${KV_TIMEOUT:-200}" "$PY" benchmarks/kv_runtime.py --device cuda --shape llama8b --links "$LINKS" \
-    --sizes-kib "$SIZES" --repeats "$REPEATS" --transport "$tr" --mps --stream "$STREAM" \
-    --out "$OUT/kv_runtime_gpu_${tr}_stream.json" 2>&1 | grep -v Warning \
-    | tee "$OUT/kv_runtime_gpu_${tr}_stream.log" | cut -c1-150
+if [ "$HOTPATH" = 1 ]; then
+  el "kv_hotpath --device cuda"
+  timeout -k 10 90 "$PY" benchmarks/kv_hotpath.py --device cuda --profile --out "$OUT/kv_hotpath_gpu.json" 2>&1 \
+    | head -40 | cut -c1-160
+fi
+for run in $RUNS; do
+  tr=${run%%:*}; batch=${run##*:}
+  el "kv_runtime --transport $tr --mps --stream $STREAM (HETSERVE_KV_BATCH=$batch)"
+  HETSERVE_KV_BATCH=$batch timeout -k 10 "${KV_TIMEOUT:-200}" "$PY" benchmarks/kv_runtime.py --device cuda \
+    --shape llama8b --links "$LINKS" --sizes-kib "$SIZES" --repeats "$REPEATS" --transport "$tr" --mps \
+    --stream "$STREAM" --out "$OUT/kv_runtime_gpu_${tr}_batch${batch}.json" 2>&1 | grep -v Warning \
+    | tee "$OUT/kv_runtime_gpu_${tr}_batch${batch}.log" | cut -c1-150
 done
 el "done"
 cd "$OUT" && tar czf gpu-kv-stream.tgz kv_hotpath_gpu.json kv_runtime_gpu_* tests.log 2>/dev/null \

@@ -10,7 +10,7 @@ host seconds of each step a direct hand-off takes (``kv_direct`` / ``kv_receive`
 - ``extract``: ``extract_blocks`` (gather of the request's blocks, padding zeroed);
 - ``convert_same`` / ``convert_hnd32``: ``convert`` to the wire format (none; HND block 32);
 - ``insert``: ``shard.insert_kv`` of a packed piece (the receiver's sink), same format;
-- ``sync``: ``torch.cuda.synchronize`` after one of each (the GPU's share, host-visible).
+- ``all_then_sync``: extract, convert (same format) and insert, then ``torch.cuda.synchronize``.
 
 Then ``--profile``: the top functions by own time (cProfile) over the sender's and the receiver's steps.
 """
@@ -85,7 +85,7 @@ def run(dev: torch.device, tokens: int, n: int, prof: cProfile.Profile | None) -
         for _ in range(5):
             fn()
         sync()
-        out[name] = _median(lambda fn=fn: (fn(), sync()) if name == "sync" else fn(), n)
+        out[name] = _median(fn, n)
         sync()
     out["convert_same"] -= out["extract"]
     out["convert_hnd32"] -= out["extract"]

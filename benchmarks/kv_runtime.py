@@ -27,8 +27,10 @@ declares block 32, HND: the sender converts to the wire format, the receiver bac
 - ``handoff_s``: ExpectKV sent -> KVIn received at the coordinator (what a request waits).
 
 ``--stream K`` (K > 1) adds rows of ``K`` hand-offs of each size issued back to back, as a loaded prefill
-instance sends them to one decode instance: they share the declared link first come, first served, and each
-hand-off's fixed costs overlap the earlier ones' link time. ``stream_achieved_fraction`` = all bytes / (the last
+instance sends them to one decode instance (every ``ExpectKV``, then every ``SendKV``, as after a prefill step
+that finished K requests): they share the declared link first come, first served, each hand-off's fixed costs
+overlap the earlier ones' link time, and sends the sender finds queued together travel in one message
+(``kv_batch.py``; ``HETSERVE_KV_BATCH=0``: one message each). ``batches``: the sizes the sender made. ``stream_achieved_fraction`` = all bytes / (the last
 hand-off usable - the first hand-off's first byte - latency) / declared bandwidth (``stream_usable_fraction``:
 to the last insert synchronised).
 """
@@ -107,17 +109,19 @@ def parse_link(text: str) -> LinkSpec:
 
 
 def _handoff(snd: WorkerHandle, rcv: WorkerHandle, tid: str, tokens: int, first_block: int, dst_block: int,
-             wire: Any, transport: str, n_layers: int, link: LinkSpec) -> None:
-    """Send the receiver its ``ExpectKV`` (its blocks from ``first_block``) and the sender its ``SendKV``."""
+             wire: Any, transport: str, n_layers: int, link: LinkSpec, parts: str = "both") -> None:
+    """Send the receiver its ``ExpectKV`` (its blocks from ``first_block``) and/or the sender its ``SendKV``."""
     nb = -(-tokens // dst_block)
-    rcv.send(ExpectKV(seq=rcv.next_seq(), transfer_id=tid, req_id=tid,
-                      block_ids=list(range(first_block, first_block + nb)), num_tokens=tokens, wire=wire,
-                      sources=[0], timeout_s=60.0))
-    snd.send(SendKV(seq=snd.next_seq(), transfer_id=tid, block_ids=list(range(1, -(-tokens // 16) + 1)),
-                    num_tokens=tokens, wire=wire, src_rank=0,
-                    targets=[KVTarget(kind=transport, address=rcv.kv_addresses[transport],
-                                      layer_start=0, layer_end=n_layers)],
-                    timeout_s=60.0, link_bandwidth=link.bandwidth_bytes_per_s, link_latency_s=link.latency_s))
+    if parts in ("both", "expect"):
+        rcv.send(ExpectKV(seq=rcv.next_seq(), transfer_id=tid, req_id=tid,
+                          block_ids=list(range(first_block, first_block + nb)), num_tokens=tokens, wire=wire,
+                          sources=[0], timeout_s=60.0))
+    if parts in ("both", "send"):
+        snd.send(SendKV(seq=snd.next_seq(), transfer_id=tid, block_ids=list(range(1, -(-tokens // 16) + 1)),
+                        num_tokens=tokens, wire=wire, src_rank=0,
+                        targets=[KVTarget(kind=transport, address=rcv.kv_addresses[transport],
+                                          layer_start=0, layer_end=n_layers)],
+                        timeout_s=60.0, link_bandwidth=link.bandwidth_bytes_per_s, link_latency_s=link.latency_s))
 
 
 def _collect(snd: WorkerHandle, rcv: WorkerHandle, tids: list[str], timeout_s: float = 60.0
@@ -148,19 +152,27 @@ def run_stream(snd: WorkerHandle, rcv: WorkerHandle, case: str, link: LinkSpec, 
     runs = []
     for rep in range(repeats):
         tids = [f"{tag}-{rep}-{i}" for i in range(k)]
-        for i, tid in enumerate(tids):
-            _handoff(snd, rcv, tid, tokens, 1 + i * nb, dst_block, wire, transport, n_layers, link)
+        for parts in ("expect", "send"):  # as a prefill step's finished requests: the sender gets its sends at once
+            for i, tid in enumerate(tids):
+                _handoff(snd, rcv, tid, tokens, 1 + i * nb, dst_block, wire, transport, n_layers, link, parts)
         sent, kin, _ = _collect(snd, rcv, tids)
         first = min(s.stages.get("at_first", s.t0_mono) for s in sent.values())
         total = sum(s.num_bytes for s in sent.values())
         last_ready = max(r.ready_mono for r in kin.values())
         last_done = max(r.stages.get("at_done", r.ready_mono) for r in kin.values())
         # each hand-off, ms after the first byte: its own first byte, its link start, usable, inserted
+        batches = []  # the batch sizes the sender made, in order (a batch's parts share their "at_first")
+        for t in tids:
+            if not batches or sent[t].stages.get("batch", 1.0) == 1.0 or \
+                    sent[t].stages.get("at_first") != sent[tids[tids.index(t) - 1]].stages.get("at_first"):
+                batches.append(0)
+            batches[-1] += 1
         marks = [[round((x - first) * 1e3, 3) for x in (sent[t].stages.get("at_first", 0.0), sent[t].t0_mono,
                                                          kin[t].ready_mono, kin[t].stages.get("at_done", 0.0))]
                  for t in tids]
         runs.append({"bytes": total, "delivered_s": last_ready - first, "usable_s": last_done - first,
-                     "declared_s": link.transfer_time_s(total), "first_link_ready_done_ms": marks})
+                     "declared_s": link.transfer_time_s(total), "first_link_ready_done_ms": marks,
+                     "batches": batches})
     med = sorted(runs, key=lambda r: r["delivered_s"])[len(runs) // 2]
     bw = link.bandwidth_bytes_per_s
     return {"case": case, "kib": kib, "tokens": tokens, "stream": k, "link": link.name, "transport": transport,
@@ -168,7 +180,7 @@ def run_stream(snd: WorkerHandle, rcv: WorkerHandle, case: str, link: LinkSpec, 
             "usable_s": med["usable_s"], "declared_s": med["declared_s"], "repeats": repeats,
             "stream_achieved_fraction": med["bytes"] / max(med["delivered_s"] - link.latency_s, 1e-9) / bw,
             "stream_usable_fraction": med["bytes"] / max(med["usable_s"] - link.latency_s, 1e-9) / bw,
-            "runs": runs}
+            "batch": os.environ.get("HETSERVE_KV_BATCH", "1") != "0", "runs": runs}
 
 
 def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int, shape: dict[str, Any],
@@ -195,7 +207,8 @@ def run_case(model: str, case: str, link: LinkSpec, transport: str, repeats: int
                            n_layers, f"{case}-{kib}")
             rows.append(r)
             print(f"{case:8s} {kib:6d} KiB x {stream} back to back: achieved {r['stream_achieved_fraction']:6.1%} "
-                  f"(usable {r['stream_usable_fraction']:6.1%}) of {link_name}")
+                  f"(usable {r['stream_usable_fraction']:6.1%}) of {link_name}, batches "
+                  f"{[x['batches'] for x in r['runs']]}")
         for kib in sizes_kib:
             tokens = kib * 1024 // per_token
             runs = []

@@ -25,8 +25,6 @@ The coordinator never sees the bytes (``kv_handoff.py`` decides who sends what t
 from __future__ import annotations
 
 import dataclasses
-import heapq
-import itertools
 import os
 import queue
 import threading
@@ -38,10 +36,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hetserve.core.devices import LinkSpec
+from hetserve.runtime import kv_batch
 from hetserve.runtime.kv_convert import convert, stacked_view
 from hetserve.runtime.kv_messages import KVSent, SendKV
 from hetserve.runtime.kv_receive import KVReceiver
-from hetserve.runtime.kv_transfer import LinkPacer, extract_blocks
+from hetserve.runtime.kv_timer import Timer
+from hetserve.runtime.kv_transfer import extract_blocks
 from hetserve.runtime.messages import KVCommit, KVPiece
 from hetserve.runtime.transport import Transport, TransportError, make_transport
 from hetserve.runtime.transport.shm import buffers_ready
@@ -106,12 +106,13 @@ class DirectKV(KVReceiver):
         self.stall_s = stall_s
         self._jobs: queue.Queue[Any] = queue.Queue()
         self._next_step: list[SendKV] = []  # layer-wise sends for the next step
+        self._deferred: list[SendKV] = []  # one-shot sends that may share a message (``flush_sends``)
         self._active: list[SendKV] = []  # ... for the step running now
         self._done_layers: dict[int, set[int]] = {}
         self._hooked: dict[tuple[str, int], int] = {}  # (transfer, seq) -> layers sent from a hook
         self._sending: dict[tuple[str, int], dict[str, Any]] = {}  # the sender thread's per-send books
         self._link_free: dict[tuple[str, ...], float] = {}  # receivers' addresses -> their declared link's free time
-        self._timer = _Timer()  # what waits for a declared link (a cross-host commit, KVSent)
+        self._timer = Timer()  # what waits for a declared link (a cross-host commit, KVSent)
         self._init_receiving(sink, orphan_ttl_s)
         self._thread = threading.Thread(target=self._send_loop, name="kv-send", daemon=True)
         self._thread.start()
@@ -121,16 +122,56 @@ class DirectKV(KVReceiver):
         return {k: t.address for k, t in self.endpoints.items()}
 
     # ---- sending --------------------------------------------------------------------------------
-    def send(self, cmd: SendKV) -> None:
+    def send(self, cmd: SendKV, defer: bool = False) -> None:
         """Extract and convert now (command order) and queue the bytes for the sender thread; a layer-wise
-        send waits for the next step instead (``begin_step`` / the layer hooks / ``end_step``)."""
+        send waits for the next step instead (``begin_step`` / the layer hooks / ``end_step``). ``defer``: a
+        send that may share one message with the next ones (``kv_batch.py``) waits for ``flush_sends``, which
+        the worker calls once no command is waiting or before any other command."""
         if cmd.token_start % self.desc.block_size:
             raise ValueError(f"token_start {cmd.token_start} is not on a block of {self.desc.block_size}")
         if cmd.layerwise:
             self._next_step.append(cmd)
             return
+        if defer and kv_batch.enabled() and self._can_batch(cmd):
+            if self._deferred and kv_batch.batch_key(self._deferred[-1]) != kv_batch.batch_key(cmd):
+                self.flush_sends()
+            self._deferred.append(cmd)
+            return
+        self.flush_sends()
+        self._queue_one(cmd)
+
+    def _queue_one(self, cmd: SendKV) -> None:
         self._queue_layers(cmd, range(self.desc.num_layers), last=True)
         self._jobs.put(("commit", cmd))
+
+    def _can_batch(self, cmd: SendKV) -> bool:
+        return (kv_batch.batchable(self.desc, self.runner.kv_caches, cmd)
+                and all(self._endpoint(t.kind).same_host(t.address) for t in cmd.targets))
+
+    def flush_sends(self) -> None:
+        """Extract the deferred sends: one alone as ever, several in one gather and one message per receiver."""
+        cmds, self._deferred = self._deferred, []
+        if len(cmds) == 1:
+            try:
+                self._queue_one(cmds[0])
+            except Exception as e:  # noqa: BLE001 - reported as that send's failure
+                self.reply(KVSent(seq=cmds[0].seq, transfer_id=cmds[0].transfer_id, ok=False,
+                                  error=f"{type(e).__name__}: {e}"))
+            return
+        if not cmds:
+            return
+        t0, at_cmd = time.perf_counter(), time.monotonic()
+        try:
+            out = kv_batch.extract_batch(self.runner.kv_caches, self.desc, cmds)
+            ready = None
+            if out.x.is_cuda:
+                ready = torch.cuda.Event()
+                ready.record()
+        except Exception as e:  # noqa: BLE001 - every send of the batch fails with it
+            for c in cmds:
+                self.reply(KVSent(seq=c.seq, transfer_id=c.transfer_id, ok=False, error=f"{type(e).__name__}: {e}"))
+            return
+        self._jobs.put(("batch", cmds, out, ready, time.perf_counter() - t0, at_cmd))
 
     def _queue_layers(self, cmd: SendKV, layers: Any, last: bool = False) -> None:
         """Extract and convert ``layers`` (local indices) of ``cmd``'s tokens; their bytes go to the thread."""
@@ -212,6 +253,9 @@ class DirectKV(KVReceiver):
             job = self._jobs.get()
             if job is None:
                 return
+            if job[0] == "batch":
+                self._send_batch(*job[1:])
+                continue
             cmd = job[1]
             key = (cmd.transfer_id, cmd.seq)
             st = self._sending.setdefault(key, {"bytes": 0, "conv": 0.0, "t0": None, "failed": ""})
@@ -322,6 +366,51 @@ class DirectKV(KVReceiver):
         """May a send to one of ``cmd``'s receivers return before it is acknowledged (``flush`` then waits)?"""
         return any(getattr(self._endpoint(tg.kind), "window", 1) > 1 for tg in cmd.targets)
 
+    def _send_batch(self, cmds: list[SendKV], out: kv_batch.BatchOut, ready: Any, conv_s: float,
+                    at_cmd: float) -> None:
+        """One message per receiver for the whole batch; each part then has its own books, as one hand-off."""
+        at_queued = time.monotonic()
+        if ready is not None:
+            ready.synchronize()
+        if self.stall_s > 0:
+            time.sleep(self.stall_s)  # test hook: a stalled link
+        now = time.monotonic()
+        link = self._link(cmds[0])
+        t = max(now, self._link_free.get(_link_key(cmds[0]), 0.0)) if link else now
+        sts, not_before = [], []
+        for i, c in enumerate(cmds):  # the parts take the declared link one after another
+            nbytes = out.part_bytes(i)
+            stages = {"extract": conv_s / len(cmds), "at_cmd": at_cmd, "at_queued": at_queued, "at_ready": now,
+                      "at_first": now, "batch": float(len(cmds))}
+            sts.append({"bytes": nbytes, "conv": conv_s / len(cmds), "t0": t, "first": now, "failed": "",
+                        "stages": stages})
+            t = t + link.transfer_time_s(nbytes) if link is not None else t
+            not_before.append(t if link is not None else 0.0)
+        oa, n_layers = self.runner.parallel.layer_start, out.x.shape[0]
+        device = self._device_buffers(cmds[0])
+        x = out.x if device else out.x.cpu()
+        ts = time.perf_counter()
+        for tg in cmds[0].targets:
+            lo, hi = max(tg.layer_start, oa), min(tg.layer_end, oa + n_layers)
+            if lo >= hi:
+                continue
+            flat = x[lo - oa:hi - oa].reshape(-1).view(torch.uint8)
+            try:
+                with buffers_ready():
+                    self._endpoint(tg.kind).send(tg.address, out.pieces(cmds, oa, lo - oa, hi - oa, not_before),
+                                                 [flat if device else flat.numpy()],
+                                                 now + min(c.timeout_s for c in cmds))
+            except TransportError as e:
+                for st in sts:
+                    st["failed"] = f"{type(e).__name__}: {e}"
+                break
+            for st in sts:
+                st.setdefault("committed", set()).add(tg.address)
+        sent = time.monotonic()
+        for c, st in zip(cmds, sts, strict=True):
+            st["stages"].update(transport=time.perf_counter() - ts, at_sent=sent)
+            self._commit_job(c, st)
+
     def _send_commit(self, cmd: SendKV, st: dict[str, Any], tg: Any, not_before_s: float) -> bool:
         commit = KVCommit(transfer_id=cmd.transfer_id, req_id="", src_rank=cmd.src_rank, not_before_s=not_before_s)
         try:
@@ -368,42 +457,3 @@ class DirectKV(KVReceiver):
 def _link_key(cmd: SendKV) -> tuple[str, ...]:
     """The declared link a hand-off uses: one per set of receiving endpoints."""
     return tuple(sorted(tg.address for tg in cmd.targets))
-
-
-class _Timer:
-    """Runs callbacks at ``time.monotonic()`` times, in time order, on one thread (started on first use)."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._cv = threading.Condition()
-        self._n = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    def at(self, t_s: float, fn: Callable[[], None]) -> None:
-        with self._cv:
-            heapq.heappush(self._heap, (t_s, next(self._n), fn))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="kv-link", daemon=True)
-                self._thread.start()
-            self._cv.notify()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._closed and (not self._heap or self._heap[0][0] - time.monotonic() > 5e-4):
-                    # sleep most of the way, then spin the last fraction of a millisecond: sleep overshoots
-                    self._cv.wait(None if not self._heap else self._heap[0][0] - time.monotonic() - 5e-4)
-                if self._closed:
-                    return
-                t_s, _, fn = heapq.heappop(self._heap)
-            LinkPacer(None).wait_until(t_s)
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - a callback reports its own failure; the timer must live on
-                pass
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify()

@@ -18,6 +18,7 @@ that arrive before their ``ExpectKV`` (the receiver was busy in a step) are kept
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -28,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hetserve.engine.kv_views import LayerViews
+from hetserve.runtime import kv_batch
 from hetserve.runtime.kv_convert import TORCH_DTYPES
 from hetserve.runtime.kv_messages import ExpectKV, KVIn
-from hetserve.runtime.messages import KVCommit, KVPiece
+from hetserve.runtime.messages import KVBatch, KVCommit, KVPiece
 from hetserve.runtime.transport import TransferTimeout, Transport
 
 if TYPE_CHECKING:
@@ -136,16 +138,28 @@ class KVReceiver:
                 except TransferTimeout:
                     break
                 wait = 0.0
-                tid = getattr(header, "transfer_id", None)
-                if not isinstance(header, (KVPiece, KVCommit)) or tid is None:
-                    continue  # (a consumed hand-off's wake-up, {"sunk": True}, lands here)
-                with self._lock:
-                    if tid in self._closed:
+                if isinstance(header, KVBatch):  # parts not all written on arrival: each goes on its own
+                    try:
+                        messages = kv_batch.split(header, bufs[0])
+                    except Exception:  # noqa: BLE001 - a malformed batch fails its parts, not the worker
+                        with self._lock:
+                            for part in header.parts:
+                                if part.transfer_id in self.expects:
+                                    self.expects[part.transfer_id].error = "a malformed KV batch"
                         continue
-                    if tid in self.expects:
-                        self._take(header, bufs, getattr(ep, "recv_marks", None))
-                    else:
-                        self._orphans.setdefault(tid, []).append((time.monotonic(), header, bufs))
+                else:
+                    messages = [(header, bufs)]
+                for header, bufs in messages:
+                    tid = getattr(header, "transfer_id", None)
+                    if not isinstance(header, (KVPiece, KVCommit)) or tid is None:
+                        continue  # (a consumed hand-off's wake-up, {"sunk": True}, lands here)
+                    with self._lock:
+                        if tid in self._closed:
+                            continue
+                        if tid in self.expects:
+                            self._take(header, bufs, getattr(ep, "recv_marks", None))
+                        else:
+                            self._orphans.setdefault(tid, []).append((time.monotonic(), header, bufs))
         with self._lock:
             return self._ended()
 
@@ -201,15 +215,16 @@ class KVReceiver:
         (one sender, all tokens, nothing else pending) is converted into the cache at once, before the
         acknowledgement (no copy out of the sender's staging, no hand-over to the worker's thread). True: done
         (or failed, in ``e.error``); False: the ordinary way (queued for ``poll``)."""
+        if isinstance(header, KVBatch):
+            return self._sink_batch(header, bufs, arrived_s)
         if not isinstance(header, KVPiece) or not header.final or header.token_start != 0:
             return False
         from hetserve.runtime.shard import insert_kv
         from hetserve.runtime.worker import InsertKV
 
         with self._lock:
-            e = self.expects.get(header.transfer_id)
-            if (e is None or e.error or e.inserted or len(e.sources) != 1 or header.src_rank not in e.sources
-                    or e.shards or e.pending or header.num_tokens != e.num_tokens):
+            e = self._sinkable(header)
+            if e is None:
                 return False
             t0 = time.perf_counter()
             sh = self._shard(header, bufs, e)
@@ -242,6 +257,65 @@ class KVReceiver:
             e.committed.add(header.src_rank)
             self.sunk += 1
         return True
+
+    def _sinkable(self, header: KVPiece) -> _Expect | None:
+        """The expectation a whole one-piece hand-off completes, if it may be written on arrival."""
+        e = self.expects.get(header.transfer_id)
+        if (e is None or e.error or e.inserted or len(e.sources) != 1 or header.src_rank not in e.sources
+                or e.shards or e.pending or header.num_tokens != e.num_tokens or not header.final
+                or header.token_start != 0):
+            return None
+        return e
+
+    def _sink_batch(self, header: KVBatch, bufs: list[Any], arrived_s: float) -> bool:
+        """Every part of a batch written on arrival (one pass when the wire format is the cache's), or none:
+        then the batch is queued and ``poll`` splits it."""
+        with self._lock:
+            es = [self._sinkable(p) for p in header.parts]
+            if len(bufs) != 1 or any(e is None for e in es) or len({p.transfer_id for p in header.parts}) != len(es):
+                return False
+            t0 = time.perf_counter()
+            cuda = self.runner.device.type == "cuda"
+            if cuda and self._sink_stream is None:
+                self._sink_stream = torch.cuda.Stream(device=self.runner.device)
+            try:
+                with torch.cuda.stream(self._sink_stream) if cuda else contextlib.nullcontext():
+                    whole = kv_batch.insert_batch(self.runner.kv_caches, self.desc, self.runner.parallel.layer_start,
+                                                  header, bufs[0], [e.block_ids for e in es])  # type: ignore[union-attr]
+                    if not whole:
+                        for (p, b), e in zip(kv_batch.split(header, bufs[0]), es, strict=True):
+                            sh = self._shard(p, b, e)  # type: ignore[arg-type]
+                            if sh is not None:
+                                self._insert_shard(e, p, sh)  # type: ignore[arg-type]
+                t1, inserted = time.perf_counter(), time.monotonic()
+                if cuda:
+                    self._sink_stream.synchronize()  # read all of the borrowed buffer before the ack
+            except Exception as ex:  # noqa: BLE001 - a malformed transfer fails, not the worker
+                for e in es:
+                    e.error = f"{type(ex).__name__}: {ex}"  # type: ignore[union-attr]
+                return True
+            n = len(es)
+            b0 = bufs[0]
+            total = b0.numel() * b0.element_size() if isinstance(b0, torch.Tensor) else memoryview(b0).nbytes
+            for p, e, nb in zip(header.parts, es, header.blocks, strict=True):
+                assert e is not None
+                if whole:
+                    e.num_bytes += total * nb // sum(header.blocks)
+                e.inserted = {"insert": (t1 - t0) / n, "sync": (time.perf_counter() - t1) / n, "at_taken": arrived_s,
+                              "at_inserted": inserted, "at_synced": time.monotonic(), "at_rx": arrived_s,
+                              "batch": float(n)}
+                e.taken_s = arrived_s
+                e.ready_at = max(e.ready_at, p.not_before_s)
+                e.committed.add(p.src_rank)
+                self.sunk += 1
+        return True
+
+    def _insert_shard(self, e: _Expect, header: KVPiece, sh: Any) -> None:
+        from hetserve.runtime.shard import insert_kv
+        from hetserve.runtime.worker import InsertKV
+
+        insert_kv(self.runner, self.desc, InsertKV(seq=e.seq, transfer_id=header.transfer_id, block_ids=e.block_ids,
+                                                   num_tokens=e.num_tokens, wire=e.wire, shards=[sh]), borrowed=True)
 
     def _take(self, header: Any, bufs: list[Any], marks: dict[str, float] | None = None) -> None:
         e = self.expects[header.transfer_id]

@@ -90,6 +90,16 @@ class KVPiece(_Msg, tag="kv_piece"):
     not_before_s: float = 0.0  # a final piece on one host: usable from this ``time.monotonic()`` (a paced link)
 
 
+class KVBatch(_Msg, tag="kv_batch"):
+    """Several one-piece hand-offs from one sender worker in ONE message (``kv_batch.py``): ``parts`` are their
+    pieces, all in one wire format, and the one raw buffer holds them as one tensor ``[layers, 2, sum of
+    blocks, *block]``: part ``i`` is blocks ``[offsets[i], offsets[i] + blocks[i])`` of it."""
+
+    parts: list[KVPiece]
+    offsets: list[int]
+    blocks: list[int]
+
+
 class Envelope(_Msg, tag="envelope"):
     """Transport-level framing: a message id the receiver acknowledges, and where the buffers live
     (``inline`` frames, an ``shm`` segment, or a ``nixl`` region; CUDA IPC handles per buffer in ``handles``)."""
@@ -113,8 +123,8 @@ class Ack(_Msg, tag="ack"):
     error: str = ""
 
 
-Message = Union[KVHello, KVData, KVPiece, KVCommit, Envelope, Ack]  # noqa: UP007 - msgspec needs a real Union
-_TAGS = frozenset(cls.__struct_config__.tag for cls in (KVHello, KVData, KVPiece, KVCommit, Envelope, Ack))
+Message = Union[KVHello, KVData, KVPiece, KVBatch, KVCommit, Envelope, Ack]  # noqa: UP007 - msgspec needs a Union
+_TAGS = frozenset(cls.__struct_config__.tag for cls in (KVHello, KVData, KVPiece, KVBatch, KVCommit, Envelope, Ack))
 
 _encoder = msgspec.msgpack.Encoder()
 _raw_decoder = msgspec.msgpack.Decoder()

@@ -288,6 +288,8 @@ def _worker_main(conn: Channel) -> None:
         except (EOFError, OSError):
             return  # the coordinator went away: nothing to answer to
         try:
+            if direct is not None and not isinstance(cmd, SendKV):
+                direct.flush_sends()  # deferred sends go first: command order
             if isinstance(cmd, Shutdown):
                 if direct is not None:
                     direct.close()
@@ -296,7 +298,10 @@ def _worker_main(conn: Channel) -> None:
                 if direct is None:
                     raise ValueError("this worker has no KV endpoint (kv_transports is empty)")
                 if isinstance(cmd, SendKV):
-                    direct.send(cmd)
+                    # sends queued back to back may share one message (kv_batch.py): wait while more are queued
+                    direct.send(cmd, defer=True)
+                    if not conn.poll(0):
+                        direct.flush_sends()
                 elif isinstance(cmd, ExpectKV):
                     direct.expect(cmd)
                 else:

@@ -1,0 +1,169 @@
+"""Several hand-offs in one message: the KV of consecutive ``SendKV`` commands to the same receivers, in one format.
+
+A prefill instance finishes several requests in one step, and the coordinator sends their ``SendKV`` commands
+back to back. A worker that finds them queued one after another (``DirectKV.send(defer=True)`` until its pipe is
+empty, or another command comes) extracts them together: one gather of all their blocks from the cache (each
+request's padding zeroed), converted to the wire format per request where the formats differ, and sends one
+``KVBatch`` per receiver: one buffer ``[layers, 2, sum of blocks, *block]``, each part a ``KVPiece`` naming its
+blocks. The receiver writes all parts into its cache in one pass on arrival when it expects every one of them
+and the wire format is its own (``insert_batch``), else part by part (``split``). Each part keeps its own books:
+its own ``KVSent`` / ``KVIn``, and its own share of the declared link, one after another.
+
+Not batched (the one-hand-off path): layer-wise sends, fp8, block-major caches or a cache not in one
+allocation, receivers on another host, and ``HETSERVE_KV_BATCH=0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hetserve.engine.kv_views import LayerViews
+from hetserve.runtime.kv_convert import TORCH_DTYPES, KVPayload, convert, stacked_view
+from hetserve.runtime.kv_transfer import index_tensor, insert_blocks
+from hetserve.runtime.messages import KVBatch, KVPiece
+
+if TYPE_CHECKING:
+    from hetserve.runtime.kv_layout import KVDescriptor
+    from hetserve.runtime.kv_messages import SendKV
+
+_FORMAT = ("dtype", "layout", "arrangement", "block_size", "head_dim")
+
+
+def enabled() -> bool:
+    return os.environ.get("HETSERVE_KV_BATCH", "1") != "0"
+
+
+def batch_key(cmd: SendKV) -> tuple[Any, ...]:
+    """Sends with equal keys may go in one message: same wire format, receivers, link and sender rank."""
+    return (cmd.wire, tuple((t.kind, t.address, t.layer_start, t.layer_end) for t in cmd.targets),
+            cmd.link_bandwidth, cmd.link_latency_s, cmd.src_rank)
+
+
+def batchable(desc: KVDescriptor, caches: Any, cmd: SendKV) -> bool:
+    return (not cmd.layerwise and desc.arrangement == "layer_major" and cmd.wire.arrangement == "layer_major"
+            and "fp8_e4m3" not in (desc.dtype, cmd.wire.dtype) and stacked_view(caches) is not None)
+
+
+@dataclass
+class BatchOut:
+    """The wire-format KV of a batch: ``x`` ``[layers, 2, sum of blocks, *block]`` (contiguous), part ``i``
+    blocks ``[offsets[i], offsets[i] + blocks[i])``; ``wire`` its descriptor for this worker's layers."""
+
+    x: torch.Tensor
+    wire: KVDescriptor
+    head_start: int
+    offsets: list[int]
+    blocks: list[int]
+
+    def part_bytes(self, i: int) -> int:
+        per_block = self.x[:, :, :1].numel() * self.x.element_size()
+        return per_block * self.blocks[i]
+
+    def pieces(self, cmds: list[SendKV], layer_start: int, lo: int, hi: int,
+               not_before: list[float]) -> KVBatch:
+        """The header for the receiver of local layers ``[lo, hi)`` (global ``layer_start + lo``)."""
+        block = list(self.x.shape[3:])
+        parts = [KVPiece(transfer_id=c.transfer_id, src_rank=c.src_rank, layer_start=layer_start + lo,
+                         head_start=self.head_start, num_tokens=c.num_tokens, desc=self.wire,
+                         shapes=[[2, nb, *block]] * (hi - lo), token_start=c.token_start, final=True,
+                         not_before_s=nbf)
+                 for c, nb, nbf in zip(cmds, self.blocks, not_before, strict=True)]
+        return KVBatch(parts=parts, offsets=list(self.offsets), blocks=list(self.blocks))
+
+
+def extract_batch(caches: Any, desc: KVDescriptor, cmds: list[SendKV]) -> BatchOut:
+    """One gather of every command's blocks (tokens ``[token_start, num_tokens)``; padding zeroed), converted to
+    the wire format (per command, where it differs from the cache's)."""
+    bs = desc.block_size
+    ids: list[int] = []
+    counts, tails = [], []
+    for c in cmds:
+        if c.token_start % bs:
+            raise ValueError(f"token_start {c.token_start} is not on a block of {bs}")
+        n = c.num_tokens - c.token_start
+        nb = -(-n // bs)
+        table = c.block_ids[c.token_start // bs:]
+        if n < 1 or nb > len(table):
+            raise ValueError(f"{c.transfer_id}: {n} tokens need {nb} blocks of {bs}, the table has {len(table)}")
+        ids += table[:nb]
+        counts.append(nb)
+        tails.append(n - (nb - 1) * bs)
+    whole = stacked_view(caches)
+    assert whole is not None
+    x = whole.index_select(2, index_tensor(ids, whole.device))  # [L, 2, sum, *block]
+    slot_axis = -3 if desc.layout == "NHD" else -2
+    off = 0
+    for nb, tail in zip(counts, tails, strict=True):
+        if tail < bs:
+            x.select(2, off + nb - 1).narrow(slot_axis, tail, bs - tail).zero_()
+        off += nb
+    local = dataclasses.replace(desc, num_layers=x.shape[0])
+    wire = dataclasses.replace(cmds[0].wire, num_layers=x.shape[0])
+    h0 = desc.head_range[0]
+    if all(getattr(wire, f) == getattr(local, f) for f in _FORMAT) and wire.head_range == local.head_range:
+        offsets = [sum(counts[:i]) for i in range(len(counts))]
+        return BatchOut(x, local, h0, offsets, counts)
+    outs, off = [], 0
+    for c, nb in zip(cmds, counts, strict=True):
+        part = KVPayload(local, c.num_tokens - c.token_start, LayerViews(x.narrow(2, off, nb).contiguous()), h0)
+        p = convert(part, local, wire, c.num_tokens - c.token_start, heads=desc.head_range, consume=True)
+        outs.append(torch.stack(list(p.tensors)) if stacked_view(p.tensors) is None else stacked_view(p.tensors))
+        off += nb
+    blocks = [o.shape[2] for o in outs]
+    offsets = [sum(blocks[:i]) for i in range(len(blocks))]
+    wire_out = dataclasses.replace(p.desc, num_layers=x.shape[0])
+    return BatchOut(torch.cat(outs, dim=2).contiguous(), wire_out, h0, offsets, blocks)
+
+
+def batch_tensor(header: KVBatch, buf: Any) -> torch.Tensor:
+    """The message's one buffer as ``[layers, 2, sum of blocks, *block]`` (a view, no copy)."""
+    from hetserve.runtime.shard import _read_only_tensor
+
+    p0 = header.parts[0]
+    block = p0.shapes[0][2:]
+    total = sum(header.blocks)
+    flat = _read_only_tensor(buf)
+    x = flat.view(TORCH_DTYPES[p0.desc.dtype])
+    n_layers = len(p0.shapes)
+    want = n_layers * 2 * total
+    for d in block:
+        want *= d
+    if x.numel() != want or len(header.offsets) != len(header.parts) or len(header.blocks) != len(header.parts):
+        raise ValueError(f"a batch of {len(header.parts)} parts with {x.numel()} elements, expected {want}")
+    return x.view(n_layers, 2, total, *block)
+
+
+def split(header: KVBatch, buf: Any) -> list[tuple[KVPiece, list[Any]]]:
+    """Each part as a one-piece hand-off of its own: the piece and one packed buffer (a copy of its blocks)."""
+    x = batch_tensor(header, buf)
+    out = []
+    for p, off, nb in zip(header.parts, header.offsets, header.blocks, strict=True):
+        part = x.narrow(2, off, nb).contiguous()
+        out.append((p, [part.reshape(-1).view(torch.uint8)]))
+    return out
+
+
+def insert_batch(caches: Any, desc: KVDescriptor, layer_start: int, header: KVBatch, buf: Any,
+                 block_ids: list[list[int]]) -> bool:
+    """Write every part into its blocks (``block_ids[i]`` for part ``i``) in one pass, when the wire format is
+    this cache's and the message holds exactly this worker's layers and heads. False: not possible here."""
+    p0 = header.parts[0]
+    w = p0.desc
+    if (any(getattr(w, f) != getattr(desc, f) for f in _FORMAT) or p0.layer_start != layer_start
+            or len(p0.shapes) != desc.num_layers or p0.head_start != desc.head_range[0]
+            or p0.shapes[0][3 if desc.layout == "NHD" else 2] != desc.num_local_heads):
+        return False
+    ids: list[int] = []
+    for nb, table in zip(header.blocks, block_ids, strict=True):
+        if nb > len(table):
+            raise ValueError(f"a part of {nb} blocks for a table of {len(table)}")
+        ids += table[:nb]
+    x = batch_tensor(header, buf)
+    payload = KVPayload(desc, len(ids) * desc.block_size, LayerViews(x), desc.head_range[0])
+    insert_blocks(caches, ids, payload, desc)
+    return True
