@@ -150,12 +150,14 @@ def run_stream(snd: WorkerHandle, rcv: WorkerHandle, case: str, link: LinkSpec, 
     tokens = kib * 1024 // per_token
     nb = -(-tokens // dst_block)
     runs = []
-    for rep in range(repeats):
+    for rep in range(-1, repeats):  # -1: a warm-up stream, not counted (a new pair's first transfers pay set-up)
         tids = [f"{tag}-{rep}-{i}" for i in range(k)]
         for parts in ("expect", "send"):  # as a prefill step's finished requests: the sender gets its sends at once
             for i, tid in enumerate(tids):
                 _handoff(snd, rcv, tid, tokens, 1 + i * nb, dst_block, wire, transport, n_layers, link, parts)
         sent, kin, _ = _collect(snd, rcv, tids)
+        if rep < 0:
+            continue
         first = min(s.stages.get("at_first", s.t0_mono) for s in sent.values())
         total = sum(s.num_bytes for s in sent.values())
         last_ready = max(r.ready_mono for r in kin.values())
@@ -172,7 +174,7 @@ def run_stream(snd: WorkerHandle, rcv: WorkerHandle, case: str, link: LinkSpec, 
                  for t in tids]
         runs.append({"bytes": total, "delivered_s": last_ready - first, "usable_s": last_done - first,
                      "declared_s": link.transfer_time_s(total), "first_link_ready_done_ms": marks,
-                     "batches": batches})
+                     "batches": batches, "timeline_first_ms": timeline([(sent[tids[0]], kin[tids[0]], 0.0)])})
     med = sorted(runs, key=lambda r: r["delivered_s"])[len(runs) // 2]
     bw = link.bandwidth_bytes_per_s
     return {"case": case, "kib": kib, "tokens": tokens, "stream": k, "link": link.name, "transport": transport,

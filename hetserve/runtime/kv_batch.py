@@ -3,11 +3,12 @@
 A prefill instance finishes several requests in one step, and the coordinator sends their ``SendKV`` commands
 back to back. A worker that finds them queued one after another (``DirectKV.send(defer=True)`` until its pipe is
 empty, or another command comes) extracts them together: one gather of all their blocks from the cache (each
-request's padding zeroed), converted to the wire format per request where the formats differ, and sends one
-``KVBatch`` per receiver: one buffer ``[layers, 2, sum of blocks, *block]``, each part a ``KVPiece`` naming its
-blocks. The receiver writes all parts into its cache in one pass on arrival when it expects every one of them
-and the wire format is its own (``insert_batch``), else part by part (``split``). Each part keeps its own books:
-its own ``KVSent`` / ``KVIn``, and its own share of the declared link, one after another.
+request's padding zeroed), converted to the wire format (at once; per request when the block size changes),
+and one ``KVBatch`` per receiver: one buffer ``[layers, 2, sum of blocks, *block]``, each part a ``KVPiece``
+naming its blocks. A receiver that expects every part writes them into its cache on arrival, in one pass
+(converted at once where only dtype, layout or heads differ: ``insert_batch``); otherwise its worker loop takes
+them part by part (``split``). Each part keeps its own books: its own ``KVSent`` / ``KVIn``, and its own share
+of the declared link, one after another.
 
 Not batched (the one-hand-off path): layer-wise sends, fp8, block-major caches or a cache not in one
 allocation, receivers on another host, and ``HETSERVE_KV_BATCH=0``.
@@ -105,19 +106,27 @@ def extract_batch(caches: Any, desc: KVDescriptor, cmds: list[SendKV]) -> BatchO
     local = dataclasses.replace(desc, num_layers=x.shape[0])
     wire = dataclasses.replace(cmds[0].wire, num_layers=x.shape[0])
     h0 = desc.head_range[0]
+    offsets = [sum(counts[:i]) for i in range(len(counts))]
     if all(getattr(wire, f) == getattr(local, f) for f in _FORMAT) and wire.head_range == local.head_range:
-        offsets = [sum(counts[:i]) for i in range(len(counts))]
         return BatchOut(x, local, h0, offsets, counts)
-    outs, off = [], 0
+    if wire.block_size == local.block_size:  # dtype, layout, heads: block by block, so all parts in one pass
+        p = convert(KVPayload(local, len(ids) * bs, LayerViews(x), h0), local, wire, len(ids) * bs,
+                    heads=desc.head_range, consume=True)
+        return BatchOut(_stacked(p.tensors), p.desc, h0, offsets, counts)
+    outs, off = [], 0  # re-blocked: part by part (a part's last block must not take the next part's tokens)
     for c, nb in zip(cmds, counts, strict=True):
         part = KVPayload(local, c.num_tokens - c.token_start, LayerViews(x.narrow(2, off, nb).contiguous()), h0)
         p = convert(part, local, wire, c.num_tokens - c.token_start, heads=desc.head_range, consume=True)
-        outs.append(torch.stack(list(p.tensors)) if stacked_view(p.tensors) is None else stacked_view(p.tensors))
+        outs.append(_stacked(p.tensors))
         off += nb
     blocks = [o.shape[2] for o in outs]
     offsets = [sum(blocks[:i]) for i in range(len(blocks))]
-    wire_out = dataclasses.replace(p.desc, num_layers=x.shape[0])
-    return BatchOut(torch.cat(outs, dim=2).contiguous(), wire_out, h0, offsets, blocks)
+    return BatchOut(torch.cat(outs, dim=2).contiguous(), p.desc, h0, offsets, blocks)
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    whole = stacked_view(tensors)
+    return torch.stack(list(tensors)) if whole is None else whole
 
 
 def batch_tensor(header: KVBatch, buf: Any) -> torch.Tensor:
@@ -150,20 +159,25 @@ def split(header: KVBatch, buf: Any) -> list[tuple[KVPiece, list[Any]]]:
 
 def insert_batch(caches: Any, desc: KVDescriptor, layer_start: int, header: KVBatch, buf: Any,
                  block_ids: list[list[int]]) -> bool:
-    """Write every part into its blocks (``block_ids[i]`` for part ``i``) in one pass, when the wire format is
-    this cache's and the message holds exactly this worker's layers and heads. False: not possible here."""
+    """Write every part into its blocks (``block_ids[i]`` for part ``i``) in one pass, converted at once where the
+    wire differs from this cache in dtype, layout or heads (not in block size), when the message holds exactly
+    this worker's layers and all its heads. False: not possible here (the caller goes part by part)."""
     p0 = header.parts[0]
-    w = p0.desc
-    if (any(getattr(w, f) != getattr(desc, f) for f in _FORMAT) or p0.layer_start != layer_start
-            or len(p0.shapes) != desc.num_layers or p0.head_start != desc.head_range[0]
-            or p0.shapes[0][3 if desc.layout == "NHD" else 2] != desc.num_local_heads):
+    w = dataclasses.replace(p0.desc, num_layers=desc.num_layers)
+    heads = p0.shapes[0][3 if w.layout == "NHD" else 2]
+    h0, h1 = desc.head_range
+    if (w.block_size != desc.block_size or "fp8_e4m3" in (w.dtype, desc.dtype) or desc.arrangement != "layer_major"
+            or w.arrangement != "layer_major" or p0.layer_start != layer_start or len(p0.shapes) != desc.num_layers
+            or p0.head_start > h0 or p0.head_start + heads < h1):
         return False
     ids: list[int] = []
     for nb, table in zip(header.blocks, block_ids, strict=True):
         if nb > len(table):
             raise ValueError(f"a part of {nb} blocks for a table of {len(table)}")
         ids += table[:nb]
-    x = batch_tensor(header, buf)
-    payload = KVPayload(desc, len(ids) * desc.block_size, LayerViews(x), desc.head_range[0])
+    n = len(ids) * desc.block_size
+    payload = KVPayload(w, n, LayerViews(batch_tensor(header, buf)), p0.head_start)
+    if any(getattr(w, f) != getattr(desc, f) for f in _FORMAT) or (p0.head_start, p0.head_start + heads) != (h0, h1):
+        payload = convert(payload, w, desc, n)  # the buffer is borrowed: converted into a new tensor
     insert_blocks(caches, ids, payload, desc)
     return True

@@ -389,7 +389,7 @@ class DirectKV(KVReceiver):
         oa, n_layers = self.runner.parallel.layer_start, out.x.shape[0]
         device = self._device_buffers(cmds[0])
         x = out.x if device else out.x.cpu()
-        ts = time.perf_counter()
+        ts, marks = time.perf_counter(), {}
         for tg in cmds[0].targets:
             lo, hi = max(tg.layer_start, oa), min(tg.layer_end, oa + n_layers)
             if lo >= hi:
@@ -406,9 +406,10 @@ class DirectKV(KVReceiver):
                 break
             for st in sts:
                 st.setdefault("committed", set()).add(tg.address)
+            marks = marks or dict(getattr(self._endpoint(tg.kind), "send_marks", {}))
         sent = time.monotonic()
         for c, st in zip(cmds, sts, strict=True):
-            st["stages"].update(transport=time.perf_counter() - ts, at_sent=sent)
+            st["stages"].update(marks, transport=time.perf_counter() - ts, at_sent=sent)
             self._commit_job(c, st)
 
     def _send_commit(self, cmd: SendKV, st: dict[str, Any], tg: Any, not_before_s: float) -> bool:

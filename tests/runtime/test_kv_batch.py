@@ -4,6 +4,7 @@ declared link; a receiver that does not expect every part yet takes them one by 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import types
 
@@ -19,29 +20,38 @@ N_LAYERS, HEADS, DIM, BLOCKS = 3, 2, 8, 16
 LENGTHS = [20, 33, 7]  # tokens of the three requests: partial last blocks, one request under a block
 
 
-def _runner(bs: int, dtype: torch.dtype, seed: int) -> tuple[object, KVDescriptor]:
+def _runner(bs: int, dtype: torch.dtype, seed: int, layout: str = "NHD") -> tuple[object, KVDescriptor]:
     g = torch.Generator().manual_seed(seed)
     whole = torch.randn(N_LAYERS, 2, BLOCKS, bs, HEADS, DIM, generator=g).to(dtype)
+    if layout == "HND":
+        whole = whole.transpose(3, 4).contiguous()
     r = types.SimpleNamespace(kv_caches=list(whole.unbind(0)), parallel=types.SimpleNamespace(layer_start=0),
                               model=None, device=torch.device("cpu"))
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
-    return r, KVDescriptor(num_layers=N_LAYERS, num_kv_heads=HEADS, head_dim=DIM, block_size=bs, dtype=name)
+    return r, KVDescriptor(num_layers=N_LAYERS, num_kv_heads=HEADS, head_dim=DIM, block_size=bs, dtype=name,
+                           layout=layout)
 
 
-def _tokens(caches, block_ids: list[int], bs: int, n: int) -> torch.Tensor:
-    return torch.stack([torch.stack([c[:, block_ids[t // bs], t % bs] for t in range(n)]) for c in caches]).float()
+def _tokens(caches, block_ids: list[int], bs: int, n: int, layout: str = "NHD") -> torch.Tensor:
+    def tok(c: torch.Tensor, t: int) -> torch.Tensor:
+        b = c[:, block_ids[t // bs]]
+        return b[:, t % bs] if layout == "NHD" else b[:, :, t % bs]
+
+    return torch.stack([torch.stack([tok(c, t) for t in range(n)]) for c in caches]).float()
 
 
-def _pair(rcv_bs: int, snd_dtype: torch.dtype, rcv_dtype: torch.dtype, kind: str = "shm"):
+def _pair(rcv_bs: int, snd_dtype: torch.dtype, rcv_dtype: torch.dtype, kind: str = "shm", layout: str = "NHD"):
     replies: list[object] = []
-    (rs, ds), (rr, dr) = _runner(16, snd_dtype, 1), _runner(rcv_bs, rcv_dtype, 2)
+    (rs, ds), (rr, dr) = _runner(16, snd_dtype, 1), _runner(rcv_bs, rcv_dtype, 2, layout)
     snd = DirectKV(rs, ds, open_endpoints((kind,)), replies.append)  # type: ignore[arg-type]
     rcv = DirectKV(rr, dr, open_endpoints((kind,)), replies.append)  # type: ignore[arg-type]
     return snd, rcv, replies
 
 
-def _cmds(snd: DirectKV, rcv: DirectKV, kind: str, bw: float = 0.0) -> tuple[list[SendKV], list[ExpectKV]]:
-    wire = wire_descriptor(snd.desc, rcv.desc)
+def _cmds(snd: DirectKV, rcv: DirectKV, kind: str, bw: float = 0.0, declared: str = "") -> tuple[
+        list[SendKV], list[ExpectKV]]:
+    """``declared``: the layout the receiver declares when it differs from its cache's (it converts on arrival)."""
+    wire = wire_descriptor(snd.desc, dataclasses.replace(rcv.desc, layout=declared) if declared else rcv.desc)
     tg = KVTarget(kind=kind, address=rcv.addresses[kind], layer_start=0, layer_end=N_LAYERS)
     sends, expects = [], []
     s_next, r_next = 1, 0
@@ -76,17 +86,25 @@ def _run(snd: DirectKV, rcv: DirectKV, replies: list, sends: list[SendKV], k: in
     return {r.transfer_id: r for r in got}
 
 
-@pytest.mark.parametrize(("rcv_bs", "snd_dtype", "rcv_dtype"), [
-    (16, torch.float32, torch.float32),  # the same format: one gather, one write of every part
-    (32, torch.float32, torch.float32),  # block 16 -> 32: converted per part by the sender, one write
-    (16, torch.bfloat16, torch.float32),  # widened by the receiver: written part by part
-], ids=["same", "reblock", "widen"])
+@pytest.mark.parametrize(("rcv_bs", "snd_dtype", "rcv_dtype", "layout", "declared"), [
+    (16, torch.float32, torch.float32, "NHD", ""),  # the same format: one gather, one write of every part
+    (32, torch.float32, torch.float32, "NHD", ""),  # block 16 -> 32: converted per part by the sender, one write
+    (16, torch.float32, torch.float32, "HND", ""),  # layout: converted at once by the sender
+    (16, torch.bfloat16, torch.float32, "NHD", ""),  # widened at once by the receiver
+    (32, torch.float32, torch.float32, "NHD", "HND"),  # re-blocked by the sender, laid out again by the receiver
+], ids=["same", "reblock", "layout", "widen", "both-sides"])
 def test_back_to_back_sends_travel_in_one_message(rcv_bs: int, snd_dtype: torch.dtype, rcv_dtype: torch.dtype,
+                                                  layout: str, declared: str,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    snd, rcv, replies = _pair(rcv_bs, snd_dtype, rcv_dtype)
+    from hetserve.runtime import kv_batch
+
+    whole: list[bool] = []
+    insert = kv_batch.insert_batch
+    monkeypatch.setattr(kv_batch, "insert_batch", lambda *a: whole.append(insert(*a)) or whole[-1])
+    snd, rcv, replies = _pair(rcv_bs, snd_dtype, rcv_dtype, layout=layout)
     try:
         sent = _count_messages(monkeypatch, snd.endpoints["shm"])
-        sends, expects = _cmds(snd, rcv, "shm")
+        sends, expects = _cmds(snd, rcv, "shm", declared=declared)
         for e in expects:
             rcv.expect(e)
         kin = _run(snd, rcv, replies, sends, len(LENGTHS))
@@ -98,10 +116,11 @@ def test_back_to_back_sends_travel_in_one_message(rcv_bs: int, snd_dtype: torch.
             wire_bytes = c.wire.payload_bytes(c.num_tokens, HEADS)
             assert ks[c.transfer_id].num_bytes == wire_bytes == kin[c.transfer_id].num_bytes
             want = _tokens(snd.runner.kv_caches, c.block_ids, 16, c.num_tokens)
-            assert torch.equal(_tokens(rcv.runner.kv_caches, e.block_ids, rcv_bs, c.num_tokens), want)
+            assert torch.equal(_tokens(rcv.runner.kv_caches, e.block_ids, rcv_bs, c.num_tokens, layout), want)
+        assert whole == [True]  # every part written in one pass
         # nothing written outside the requests' blocks
         used = {b for e in expects for b in e.block_ids}
-        fresh = _runner(rcv_bs, rcv_dtype, 2)[0].kv_caches
+        fresh = _runner(rcv_bs, rcv_dtype, 2, layout)[0].kv_caches
         for c, f in zip(rcv.runner.kv_caches, fresh, strict=True):
             for b in set(range(BLOCKS)) - used:
                 assert torch.equal(c[:, b], f[:, b])
