@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hetserve.core.devices import LinkSpec
-from hetserve.runtime import kv_batch
+from hetserve.runtime import kv_batch, stack_sampler
 from hetserve.runtime.kv_convert import convert, stacked_view
 from hetserve.runtime.kv_messages import KVSent, SendKV
 from hetserve.runtime.kv_receive import KVReceiver
@@ -114,6 +114,7 @@ class DirectKV(KVReceiver):
         self._link_free: dict[tuple[str, ...], float] = {}  # receivers' addresses -> their declared link's free time
         self._timer = Timer()  # what waits for a declared link (a cross-host commit, KVSent)
         self._init_receiving(sink, orphan_ttl_s)
+        self._sampler = stack_sampler.from_env("kv-worker")  # HETSERVE_SAMPLE_DIR: where the threads' time goes
         self._thread = threading.Thread(target=self._send_loop, name="kv-send", daemon=True)
         self._thread.start()
 
@@ -448,6 +449,8 @@ class DirectKV(KVReceiver):
     def close(self) -> None:
         self._jobs.put(None)
         self._timer.close()
+        if self._sampler is not None:
+            self._sampler.dump()
         for ep in self.endpoints.values():
             try:
                 ep.close()
