@@ -34,9 +34,10 @@ from typing import Any
 import torch
 
 from hetserve.engine.kv_views import LayerViews
+from hetserve.runtime.kv_blocks import index_tensor
 from hetserve.runtime.kv_convert import convert
 from hetserve.runtime.kv_layout import KVDescriptor
-from hetserve.runtime.kv_transfer import extract_blocks, index_tensor
+from hetserve.runtime.kv_transfer import extract_blocks
 from hetserve.runtime.shard import insert_kv
 from hetserve.runtime.worker import InsertKV, KVShard
 

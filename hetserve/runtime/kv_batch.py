@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hetserve.engine.kv_views import LayerViews
+from hetserve.runtime.kv_blocks import gather
 from hetserve.runtime.kv_convert import TORCH_DTYPES, KVPayload, convert, stacked_view
-from hetserve.runtime.kv_transfer import index_tensor, insert_blocks
+from hetserve.runtime.kv_transfer import insert_blocks
 from hetserve.runtime.messages import KVBatch, KVPiece
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ def extract_batch(caches: Any, desc: KVDescriptor, cmds: list[SendKV]) -> BatchO
         tails.append(n - (nb - 1) * bs)
     whole = stacked_view(caches)
     assert whole is not None
-    x = whole.index_select(2, index_tensor(ids, whole.device))  # [L, 2, sum, *block]
+    x = gather(whole, 2, ids)  # [L, 2, sum, *block]
     slot_axis = -3 if desc.layout == "NHD" else -2
     off = 0
     for nb, tail in zip(counts, tails, strict=True):

@@ -34,6 +34,7 @@ import torch
 
 from hetserve.core.devices import LinkSpec
 from hetserve.core.errors import HetserveError
+from hetserve.runtime.kv_blocks import gather, scatter
 from hetserve.runtime.kv_convert import DTYPE_NAMES, TORCH_DTYPES, KVPayload, LayerViews, convert, stacked_view
 from hetserve.runtime.kv_layout import KVDescriptor, check_compatible, head_transfers, wire_descriptor
 from hetserve.runtime.messages import KVCommit, KVData, TensorMeta
@@ -53,14 +54,6 @@ def _as_list(kv_caches: KVCaches) -> list[torch.Tensor]:
 
 def _bytes_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-
-
-def index_tensor(ids: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Block ids as an int64 tensor on ``device``. On a GPU through pinned memory without blocking: a
-    pageable copy would make the host wait for everything queued on the stream first."""
-    if device.type != "cuda":
-        return torch.tensor(list(ids), dtype=torch.int64, device=device)
-    return torch.tensor(list(ids), dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
 
 
 def extract_blocks(
@@ -83,7 +76,7 @@ def extract_blocks(
     if nb > len(block_ids):
         raise ValueError(f"{num_tokens} tokens need {nb} blocks of {desc.block_size}, the table has {len(block_ids)}")
     caches = _as_list(kv_caches)
-    ids = index_tensor(block_ids[:nb], caches[0].device)
+    ids = list(block_ids[:nb])
     tail = num_tokens - (nb - 1) * desc.block_size  # tokens in the last block
     slot_axis = -3 if desc.layout == "NHD" else -2
     if desc.arrangement == "layer_major":
@@ -91,15 +84,15 @@ def extract_blocks(
             raise ValueError(f"{len(caches)} layer tensors for {desc.num_layers} layers")
         whole = stacked_view(caches) if len(caches) > 1 else None
         if whole is not None:  # one cache block for all layers: one gather, one zeroing
-            x = whole.index_select(2, ids)
+            x = gather(whole, 2, ids)
             _bytes_view(x.select(2, nb - 1)).narrow(slot_axis, tail, desc.block_size - tail).zero_()
             out = LayerViews(x)
         else:
-            out = [c.index_select(1, ids) for c in caches]
+            out = [gather(c, 1, ids) for c in caches]
             for t in out:
                 _bytes_view(t.select(1, nb - 1)).narrow(slot_axis, tail, desc.block_size - tail).zero_()
     else:
-        out = [caches[0].index_select(0, ids)]
+        out = [gather(caches[0], 0, ids)]
         _bytes_view(out[0][nb - 1]).narrow(slot_axis, tail, desc.block_size - tail).zero_()
     scales = None
     if desc.dtype == "fp8_e4m3":
@@ -126,18 +119,18 @@ def insert_blocks(kv_caches: KVCaches, block_ids: Sequence[int], payload: KVPayl
     if nb > len(block_ids):
         raise ValueError(f"payload has {nb} blocks, the table {len(block_ids)}")
     caches = _as_list(kv_caches)
-    ids = index_tensor(block_ids[:nb], caches[0].device)
+    ids = list(block_ids[:nb])
     if desc.arrangement == "layer_major":
         whole = stacked_view(caches) if len(caches) > 1 else None
         src = stacked_view(payload.tensors) if whole is not None else None
         if whole is not None and src is not None and len(payload.tensors) == len(caches):
-            _bytes_view(whole).index_copy_(2, ids, _bytes_view(src.to(whole.device, non_blocking=True)))
+            scatter(_bytes_view(whole), 2, ids, _bytes_view(src.to(whole.device, non_blocking=True)))
             return
         for c, t in zip(caches, payload.tensors, strict=True):
-            _bytes_view(c).index_copy_(1, ids, _bytes_view(t.to(c.device, non_blocking=True)))
+            scatter(_bytes_view(c), 1, ids, _bytes_view(t.to(c.device, non_blocking=True)))
     else:
         c = caches[0]
-        _bytes_view(c).index_copy_(0, ids, _bytes_view(payload.tensors[0].to(c.device, non_blocking=True)))
+        scatter(_bytes_view(c), 0, ids, _bytes_view(payload.tensors[0].to(c.device, non_blocking=True)))
 
 
 # ---- payload <-> wire ----------------------------------------------------------------------------
