@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # KV hand-offs on one GPU in one device call (~6-8 min): the GPU tests of the transfer paths, the host cost of one
-# hand-off's KV work (kv_hotpath.py), then hand-offs between two worker processes (kv_runtime.py, Llama-3.1-8B's
+# hand-off's KV work (kv_breakdown.py), then hand-offs between two worker processes (kv_runtime.py, Llama-3.1-8B's
 # KV) over shm (CUDA IPC) and nixl, one at a time and ``STREAM`` back to back. Run from the device machine's
 # repository root, the tree to measure in .clean, wheels in .whl (msgspec, pyzmq) and .whl-nixl:
 #
 #   bash .clean/benchmarks/gpu_kv_stream.sh        # carry: .clean .whl .whl-nixl
 #
 # The workers are MPS clients 25% (sender) / 75% (receiver), as the emulated pair. TESTS=0 skips the tests,
-# HOTPATH=0 kv_hotpath.py. RUNS: transport:batch pairs (default "shm:1 shm:0 nixl:1"; batch 0 runs with
+# BREAKDOWN=0 kv_breakdown.py. RUNS: transport:batch pairs (default "shm:1 shm:0 nixl:1"; batch 0 runs with
 # HETSERVE_KV_BATCH=0: one message per hand-off). Results: $OUT/gpu-kv-stream.tgz (the device tool returns at
-# most 8 files) holding kv_hotpath_gpu.json, kv_runtime_gpu_<transport>_batch<0|1>.json, the logs;
+# most 8 files) holding kv_breakdown_gpu.json, kv_runtime_gpu_<transport>_batch<0|1>.json, the logs;
 # gpu-kv-stream.log beside it.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -22,7 +22,7 @@ REPEATS=${REPEATS:-3}
 STREAM=${STREAM:-8}
 TESTS=${TESTS:-1}
 RUNS=${RUNS:-shm:1 shm:0 nixl:1}
-HOTPATH=${HOTPATH:-1}
+BREAKDOWN=${BREAKDOWN:-1}
 export PYTHONPATH=/tmp/site:$TREE PYTHONUNBUFFERED=1
 LOG=$OUT/gpu-kv-stream.log
 exec > >(tee -a "$LOG") 2>&1
@@ -42,10 +42,10 @@ if [ "$TESTS" = 1 ]; then
     tests/runtime/test_gpu_transfer.py tests/runtime/test_kv_link_clock.py tests/runtime/test_kv_direct.py \
     tests/runtime/test_kv_batch.py tests/runtime/test_nixl_transport.py 2>&1 | tail -15 | tee "$OUT/tests.log"
 fi
-if [ "$HOTPATH" = 1 ]; then
-  el "kv_hotpath --device cuda"
-  timeout -k 10 90 "$PY" benchmarks/kv_hotpath.py --device cuda --profile --out "$OUT/kv_hotpath_gpu.json" 2>&1 \
-    | head -40 | cut -c1-160
+if [ "$BREAKDOWN" = 1 ]; then
+  el "kv_breakdown --device cuda"
+  timeout -k 10 90 "$PY" benchmarks/kv_breakdown.py --device cuda --out "$OUT/kv_breakdown_gpu.json" 2>&1 \
+    | tail -20 | cut -c1-160
 fi
 for run in $RUNS; do
   tr=${run%%:*}; batch=${run##*:}
@@ -56,6 +56,6 @@ for run in $RUNS; do
     | tee "$OUT/kv_runtime_gpu_${tr}_batch${batch}.log" | cut -c1-150
 done
 el "done"
-cd "$OUT" && tar czf gpu-kv-stream.tgz kv_hotpath_gpu.json kv_runtime_gpu_* tests.log 2>/dev/null \
-  && rm -f kv_hotpath_gpu.json kv_runtime_gpu_* tests.log
+cd "$OUT" && tar czf gpu-kv-stream.tgz kv_breakdown_gpu.json kv_runtime_gpu_* tests.log 2>/dev/null \
+  && rm -f kv_breakdown_gpu.json kv_runtime_gpu_* tests.log
 ls -la "$OUT"

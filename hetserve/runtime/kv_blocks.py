@@ -1,9 +1,10 @@
 """Gather and scatter a request's blocks along a cache's block axis: plain copies of runs of consecutive block ids
 (a request's blocks mostly are: the pool hands them out in order), an indexed kernel only for scattered ids.
 
-A copy of a run needs no index tensor on the device (a pinned host allocation and a copy each time) and no
-indexed kernel: on the emulated pair an ``index_copy_`` into the cache took most of a receiving worker's busy
-time (``docs/NOTES.md``, session 9)."""
+A copy of a run needs no index tensor on the device (a pinned host allocation and a host-to-device copy each
+time) and no indexed kernel. On the emulated pair (session 9, ``docs/NOTES.md``) the sampled receiving worker
+spent about half its busy samples on the line of the indexed write and the sender a fifth on the index tensor;
+with run copies neither shows, though a burst of hand-offs got no measurably faster (the time went elsewhere)."""
 
 from __future__ import annotations
 
