@@ -133,10 +133,6 @@ class _Run:
             self.land()
             self.release()
             self.step()
-            if i % 20 == 19:
-                # a pool this small can hold a request whose KV landed while the preempted one ahead of it waits
-                # for its blocks: an abort now and then frees it
-                self.abort()
         while self.in_flight:
             self.s.update_from_output(*self.in_flight.popleft())
         assert not self.s.has_unfinished() and not self.s.pinned

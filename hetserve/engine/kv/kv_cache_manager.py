@@ -41,10 +41,11 @@ class KVCacheManager:
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVCacheBlock], int]:
         """Longest cached prefix of the request, in whole blocks. At least one token is always left to
-        compute, since the last prompt position must run to produce logits."""
+        compute, since the last prompt position must run to produce logits (or, for a request that computes only
+        a head of its prompt, so that it computes anything: a hit past its limit left it nothing to schedule)."""
         if not self.enable_caching or req.sampling_params.prompt_logprobs is not None:
             return [], 0
-        max_blocks = (req.num_tokens - 1) // self.block_size
+        max_blocks = (req.num_target_tokens - 1) // self.block_size
         hits: list[KVCacheBlock] = []
         self.pool.num_prefix_queries += 1
         for h in self._block_hashes(req, max_blocks):

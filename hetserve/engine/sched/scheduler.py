@@ -147,12 +147,45 @@ class Scheduler:
         if success:
             req.num_computed_tokens = req.kv_transfer.num_remote_tokens
             self.kv.cache_blocks(req, req.num_computed_tokens)
-        else:
-            self.kv.free(req)
-            req.num_computed_tokens = 0
+            req.kv_transfer.num_remote_tokens = 0
+            req.status = RequestStatus.WAITING
+            self.waiting.appendleft(req)  # it holds blocks: it goes first (``_requeue_front``)
+            return
+        self.kv.free(req)
+        req.num_computed_tokens = 0
         req.kv_transfer.num_remote_tokens = 0
         req.status = RequestStatus.WAITING
+        self._requeue_front(req)
+
+    def _requeue_front(self, req: Request) -> None:
+        """Put a request that holds no blocks at the head of the waiting queue, behind the requests whose KV
+        landed (they hold their blocks while they wait: behind a request that cannot get blocks, a pool full of
+        theirs would never be freed). Waiting requests with computed tokens are exactly those."""
+        landed = []
+        while self.waiting and self.waiting[0].num_computed_tokens > 0:
+            landed.append(self.waiting.popleft())
         self.waiting.appendleft(req)
+        for r in reversed(landed):
+            self.waiting.appendleft(r)
+
+    def _release_landed(self, head: Request) -> bool:
+        """Nothing runs and the landed request at the head cannot get the blocks it still needs, the pool full
+        of landed requests' blocks: the last of them gives its blocks up (it will be computed here from scratch).
+        False when ``head`` is the only one."""
+        landed = []
+        for r in self.waiting:
+            if r.num_computed_tokens <= 0:
+                break
+            landed.append(r)
+        if len(landed) < 2 or landed[0] is not head:
+            return False
+        victim = landed[-1]
+        self.waiting.remove(victim)
+        self.kv.free(victim)
+        victim.num_computed_tokens = 0
+        self.num_preemptions += 1
+        self._requeue_front(victim)
+        return True
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
@@ -173,7 +206,7 @@ class Scheduler:
         req.num_pending_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._requeue_front(req)
         if req.request_id in self._known_to_executor:
             self._known_to_executor.discard(req.request_id)
             self._preempted_since_last_step.add(req.request_id)
@@ -298,6 +331,8 @@ class Scheduler:
                 break
             new_blocks = allocate_slots(req, n, hit_blocks)
             if new_blocks is None:
+                if not running and not scheduled and num_hit and self._release_landed(req):
+                    continue
                 break
             waiting.popleft()
             if req.num_cached_tokens < 0:
