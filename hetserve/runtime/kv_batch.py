@@ -3,9 +3,9 @@
 A prefill instance finishes several requests in one step, and the coordinator sends their ``SendKV`` commands
 back to back. A worker that finds them queued one after another (``DirectKV.send(defer=True)`` until its pipe is
 empty, or another command comes) extracts them together: one gather of all their blocks from the cache (each
-request's padding zeroed), converted to the wire format (at once; per request when the block size changes),
-and one ``KVBatch`` per receiver: one buffer ``[layers, 2, sum of blocks, *block]``, each part a ``KVPiece``
-naming its blocks. A receiver that expects every part writes them into its cache on arrival, in one pass
+request's padding zeroed), converted to the wire format at once (parts padded to whole larger blocks, or
+their empty smaller ones dropped, when the block size changes), and one ``KVBatch`` per receiver: one buffer
+``[layers, 2, sum of blocks, *block]``, each part a ``KVPiece`` naming its blocks. A receiver that expects every part writes them into its cache on arrival, in one pass
 (converted at once where only dtype, layout or heads differ: ``insert_batch``); otherwise its worker loop takes
 them part by part (``split``). Each part keeps its own books: its own ``KVSent`` / ``KVIn``, and its own share
 of the declared link, one after another.
@@ -114,15 +114,41 @@ def extract_batch(caches: Any, desc: KVDescriptor, cmds: list[SendKV]) -> BatchO
         p = convert(KVPayload(local, len(ids) * bs, LayerViews(x), h0), local, wire, len(ids) * bs,
                     heads=desc.head_range, consume=True)
         return BatchOut(_stacked(p.tensors), p.desc, h0, offsets, counts)
-    outs, off = [], 0  # re-blocked: part by part (a part's last block must not take the next part's tokens)
-    for c, nb in zip(cmds, counts, strict=True):
-        part = KVPayload(local, c.num_tokens - c.token_start, LayerViews(x.narrow(2, off, nb).contiguous()), h0)
-        p = convert(part, local, wire, c.num_tokens - c.token_start, heads=desc.head_range, consume=True)
-        outs.append(_stacked(p.tensors))
-        off += nb
-    blocks = [o.shape[2] for o in outs]
+    wb = wire.block_size
+    if wb % bs and bs % wb:  # block sizes not multiples of each other: part by part
+        outs, off = [], 0
+        for c, nb in zip(cmds, counts, strict=True):
+            part = KVPayload(local, c.num_tokens - c.token_start, LayerViews(x.narrow(2, off, nb).contiguous()), h0)
+            p = convert(part, local, wire, c.num_tokens - c.token_start, heads=desc.head_range, consume=True)
+            outs.append(_stacked(p.tensors))
+            off += nb
+        blocks = [o.shape[2] for o in outs]
+        offsets = [sum(blocks[:i]) for i in range(len(blocks))]
+        return BatchOut(torch.cat(outs, dim=2).contiguous(), p.desc, h0, offsets, blocks)
+    # re-blocked at once: into larger blocks, each part padded to whole ones with zero blocks (a part's last
+    # block must not take the next part's tokens); into smaller ones, each part's empty last ones dropped after
+    r = wb // bs if wb > bs else 1
+    if r > 1 and any(nb % r for nb in counts):
+        pieces, off = [], 0
+        for nb in counts:
+            pieces.append(x.narrow(2, off, nb))
+            if nb % r:
+                pieces.append(x.new_zeros(*x.shape[:2], r - nb % r, *x.shape[3:]))
+            off += nb
+        x = torch.cat(pieces, dim=2)
+    padded = [-(-nb // r) * r for nb in counts]
+    n_all = sum(padded) * bs
+    p = convert(KVPayload(local, n_all, LayerViews(x), h0), local, wire, n_all, heads=desc.head_range, consume=True)
+    y = _stacked(p.tensors)
+    if r > 1:
+        blocks = [pb // r for pb in padded]
+    else:
+        split = bs // wb
+        blocks = [-(-(c.num_tokens - c.token_start) // wb) for c in cmds]
+        if blocks != [nb * split for nb in counts]:
+            y = torch.cat([y.narrow(2, o * split, k) for o, k in zip(offsets, blocks, strict=True)], dim=2)
     offsets = [sum(blocks[:i]) for i in range(len(blocks))]
-    return BatchOut(torch.cat(outs, dim=2).contiguous(), p.desc, h0, offsets, blocks)
+    return BatchOut(y.contiguous(), p.desc, h0, offsets, blocks)
 
 
 def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:

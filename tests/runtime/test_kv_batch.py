@@ -20,13 +20,15 @@ N_LAYERS, HEADS, DIM, BLOCKS = 3, 2, 8, 16
 LENGTHS = [20, 33, 7]  # tokens of the three requests: partial last blocks, one request under a block
 
 
-def _runner(bs: int, dtype: torch.dtype, seed: int, layout: str = "NHD") -> tuple[object, KVDescriptor]:
+def _runner(bs: int, dtype: torch.dtype, seed: int, layout: str = "NHD", device: str = "cpu"
+            ) -> tuple[object, KVDescriptor]:
     g = torch.Generator().manual_seed(seed)
     whole = torch.randn(N_LAYERS, 2, BLOCKS, bs, HEADS, DIM, generator=g).to(dtype)
     if layout == "HND":
         whole = whole.transpose(3, 4).contiguous()
+    whole = whole.to(device)
     r = types.SimpleNamespace(kv_caches=list(whole.unbind(0)), parallel=types.SimpleNamespace(layer_start=0),
-                              model=None, device=torch.device("cpu"))
+                              model=None, device=torch.device(device))
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     return r, KVDescriptor(num_layers=N_LAYERS, num_kv_heads=HEADS, head_dim=DIM, block_size=bs, dtype=name,
                            layout=layout)
@@ -37,12 +39,13 @@ def _tokens(caches, block_ids: list[int], bs: int, n: int, layout: str = "NHD") 
         b = c[:, block_ids[t // bs]]
         return b[:, t % bs] if layout == "NHD" else b[:, :, t % bs]
 
-    return torch.stack([torch.stack([tok(c, t) for t in range(n)]) for c in caches]).float()
+    return torch.stack([torch.stack([tok(c, t) for t in range(n)]) for c in caches]).float().cpu()
 
 
-def _pair(rcv_bs: int, snd_dtype: torch.dtype, rcv_dtype: torch.dtype, kind: str = "shm", layout: str = "NHD"):
+def _pair(rcv_bs: int, snd_dtype: torch.dtype, rcv_dtype: torch.dtype, kind: str = "shm", layout: str = "NHD",
+          device: str = "cpu"):
     replies: list[object] = []
-    (rs, ds), (rr, dr) = _runner(16, snd_dtype, 1), _runner(rcv_bs, rcv_dtype, 2, layout)
+    (rs, ds), (rr, dr) = _runner(16, snd_dtype, 1, device=device), _runner(rcv_bs, rcv_dtype, 2, layout, device)
     snd = DirectKV(rs, ds, open_endpoints((kind,)), replies.append)  # type: ignore[arg-type]
     rcv = DirectKV(rr, dr, open_endpoints((kind,)), replies.append)  # type: ignore[arg-type]
     return snd, rcv, replies
@@ -92,16 +95,22 @@ def _run(snd: DirectKV, rcv: DirectKV, replies: list, sends: list[SendKV], k: in
     (16, torch.float32, torch.float32, "HND", ""),  # layout: converted at once by the sender
     (16, torch.bfloat16, torch.float32, "NHD", ""),  # widened at once by the receiver
     (32, torch.float32, torch.float32, "NHD", "HND"),  # re-blocked by the sender, laid out again by the receiver
-], ids=["same", "reblock", "layout", "widen", "both-sides"])
+    (8, torch.float32, torch.float32, "NHD", ""),  # block 16 -> 8: split at once, each part's empty blocks dropped
+    (24, torch.float32, torch.float32, "NHD", ""),  # 16 -> 24, not multiples: re-blocked part by part
+], ids=["same", "reblock", "layout", "widen", "both-sides", "split", "reblock-24"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
 def test_back_to_back_sends_travel_in_one_message(rcv_bs: int, snd_dtype: torch.dtype, rcv_dtype: torch.dtype,
-                                                  layout: str, declared: str,
+                                                  layout: str, declared: str, device: str,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """(On a GPU both caches are CUDA tensors in one process: the gather, conversions and the one-pass write run
+    on the device; the message itself goes through host memory, as CUDA IPC needs two processes.)"""
     from hetserve.runtime import kv_batch
 
     whole: list[bool] = []
     insert = kv_batch.insert_batch
     monkeypatch.setattr(kv_batch, "insert_batch", lambda *a: whole.append(insert(*a)) or whole[-1])
-    snd, rcv, replies = _pair(rcv_bs, snd_dtype, rcv_dtype, layout=layout)
+    snd, rcv, replies = _pair(rcv_bs, snd_dtype, rcv_dtype, layout=layout, device=device)
     try:
         sent = _count_messages(monkeypatch, snd.endpoints["shm"])
         sends, expects = _cmds(snd, rcv, "shm", declared=declared)
@@ -123,7 +132,7 @@ def test_back_to_back_sends_travel_in_one_message(rcv_bs: int, snd_dtype: torch.
         fresh = _runner(rcv_bs, rcv_dtype, 2, layout)[0].kv_caches
         for c, f in zip(rcv.runner.kv_caches, fresh, strict=True):
             for b in set(range(BLOCKS)) - used:
-                assert torch.equal(c[:, b], f[:, b])
+                assert torch.equal(c[:, b].cpu(), f[:, b])
     finally:
         snd.close()
         rcv.close()
