@@ -12,10 +12,6 @@
 # most 8 files) holding kv_breakdown_gpu.json, kv_runtime_gpu_<transport>_batch<0|1>.json, the logs;
 # gpu-kv-stream.log beside it.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-ROOT=${ROOT:-$PWD}
-TREE=${TREE:-$ROOT/.clean}
-PY=${PY:-python}
 LINKS=${LINKS:-pcie4x16,eth25}
 SIZES=${SIZES:-1024,4096,16384,65536}
 REPEATS=${REPEATS:-3}
@@ -23,17 +19,8 @@ STREAM=${STREAM:-8}
 TESTS=${TESTS:-1}
 RUNS=${RUNS:-shm:1 shm:0 nixl:1}
 BREAKDOWN=${BREAKDOWN:-1}
-export PYTHONPATH=/tmp/site:$TREE PYTHONUNBUFFERED=1
-LOG=$OUT/gpu-kv-stream.log
-exec > >(tee -a "$LOG") 2>&1
-t0=$(date +%s)
-el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
-
-if ! "$PY" -c "import nixl._api, zmq, msgspec" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    "$ROOT"/.whl/*.whl "$ROOT"/.whl-nixl/*.whl || el "pip install failed"
-fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+LOG_NAME=gpu-kv-stream.log
+. "$(dirname "$0")/gpu_common.sh"
 cd "$TREE" || exit 1
 cat benchmarks/.commit 2>/dev/null
 if [ "$TESTS" = 1 ]; then

@@ -11,25 +11,12 @@
 # Results: $OUT/gpu-nixl.tgz (the device tool returns at most 8 files) holding nixl_raw_gpu.json,
 # kv_runtime_gpu_{shm,nixl}[_nomps].json and their logs; gpu-nixl.log beside it.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-ROOT=${ROOT:-$PWD}
-TREE=${TREE:-$ROOT/.clean}
-PY=${PY:-python}
 LINKS=${LINKS:-pcie4x16,eth25}
 SIZES=${SIZES:-1024,4096,16384,65536}
 REPEATS=${REPEATS:-5}
 MPS=${MPS:-1}
-export PYTHONPATH=/tmp/site:$TREE PYTHONUNBUFFERED=1
-LOG=$OUT/gpu-nixl.log
-exec > >(tee -a "$LOG") 2>&1
-t0=$(date +%s)
-el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
-
-if ! "$PY" -c "import nixl._api, zmq, msgspec" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    "$ROOT"/.whl/*.whl "$ROOT"/.whl-nixl/*.whl || el "pip install failed"
-fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+LOG_NAME=gpu-nixl.log
+. "$(dirname "$0")/gpu_common.sh"
 "$PY" -c "import torch, nixl._api as a; print('torch', torch.__version__, torch.version.cuda, '| nixl', a.__file__)" \
   || { el "nixl is not importable"; exit 1; }
 cd "$TREE" || exit 1
