@@ -205,3 +205,30 @@ def test_a_batch_message_round_trips() -> None:
                 shapes=[[2, 1, 4, 2, 8]] * 2)
     m = KVBatch(parts=[p, p], offsets=[0, 1], blocks=[1, 1])
     assert decode(encode(m)) == m
+
+
+def test_a_batch_to_one_tensor_parallel_rank_of_two() -> None:
+    """Prefill TP 1 -> decode TP 2: the batch carries every head and the receiving rank keeps its own."""
+    replies: list[object] = []
+    rs, ds = _runner(16, torch.float32, 1)
+    g = torch.Generator().manual_seed(2)
+    whole = torch.randn(N_LAYERS, 2, BLOCKS, 16, 1, DIM, generator=g)  # rank 1 of 2: one of the two kv heads
+    rr = types.SimpleNamespace(kv_caches=list(whole.unbind(0)), parallel=types.SimpleNamespace(layer_start=0),
+                               model=None, device=torch.device("cpu"))
+    dr = KVDescriptor(num_layers=N_LAYERS, num_kv_heads=HEADS, head_dim=DIM, block_size=16, dtype="float32",
+                      tp_size=2, tp_rank=1)
+    snd = DirectKV(rs, ds, open_endpoints(("shm",)), replies.append)  # type: ignore[arg-type]
+    rcv = DirectKV(rr, dr, open_endpoints(("shm",)), replies.append)  # type: ignore[arg-type]
+    try:
+        sends, expects = _cmds(snd, rcv, "shm")
+        for e in expects:
+            rcv.expect(e)
+        kin = _run(snd, rcv, replies, sends, len(LENGTHS))
+        assert all(r.ok for r in kin.values()), kin
+        assert rcv.sunk == len(LENGTHS)  # one batch, written in one pass on arrival
+        for c, e in zip(sends, expects, strict=True):
+            want = _tokens(snd.runner.kv_caches, c.block_ids, 16, c.num_tokens)[:, :, :, 1:2]  # head 1
+            assert torch.equal(_tokens(rcv.runner.kv_caches, e.block_ids, 16, c.num_tokens), want)
+    finally:
+        snd.close()
+        rcv.close()
