@@ -271,6 +271,7 @@ class KVReceiver:
         """Every part of a batch written on arrival (one pass when the wire format is the cache's), or none:
         then the batch is queued and ``poll`` splits it."""
         with self._lock:
+            locked = time.monotonic()
             es = [self._sinkable(p) for p in header.parts]
             if len(bufs) != 1 or any(e is None for e in es) or len({p.transfer_id for p in header.parts}) != len(es):
                 return False
@@ -302,8 +303,8 @@ class KVReceiver:
                 if whole:
                     e.num_bytes += total * nb // sum(header.blocks)
                 e.inserted = {"insert": (t1 - t0) / n, "sync": (time.perf_counter() - t1) / n, "at_taken": arrived_s,
-                              "at_inserted": inserted, "at_synced": time.monotonic(), "at_rx": arrived_s,
-                              "batch": float(n)}
+                              "at_locked": locked, "at_inserted": inserted, "at_synced": time.monotonic(),
+                              "at_rx": arrived_s, "batch": float(n)}
                 e.taken_s = arrived_s
                 e.ready_at = max(e.ready_at, p.not_before_s)
                 e.committed.add(p.src_rank)
