@@ -152,23 +152,19 @@ class DirectKV(KVReceiver):
     def flush_sends(self) -> None:
         """Extract the deferred sends: one alone as ever, several in one gather and one message per receiver."""
         cmds, self._deferred = self._deferred, []
-        if len(cmds) == 1:
-            try:
-                self._queue_one(cmds[0])
-            except Exception as e:  # noqa: BLE001 - reported as that send's failure
-                self.reply(KVSent(seq=cmds[0].seq, transfer_id=cmds[0].transfer_id, ok=False,
-                                  error=f"{type(e).__name__}: {e}"))
-            return
         if not cmds:
             return
         t0, at_cmd = time.perf_counter(), time.monotonic()
         try:
+            if len(cmds) == 1:
+                self._queue_one(cmds[0])
+                return
             out = kv_batch.extract_batch(self.runner.kv_caches, self.desc, cmds)
             ready = None
             if out.x.is_cuda:
                 ready = torch.cuda.Event()
                 ready.record()
-        except Exception as e:  # noqa: BLE001 - every send of the batch fails with it
+        except Exception as e:  # noqa: BLE001 - every send it held fails with it
             for c in cmds:
                 self.reply(KVSent(seq=c.seq, transfer_id=c.transfer_id, ok=False, error=f"{type(e).__name__}: {e}"))
             return
@@ -295,11 +291,7 @@ class DirectKV(KVReceiver):
         out.stages["at_ready"] = time.monotonic()
         link = self._link(cmd)
         if st["t0"] is None:
-            if self.stall_s > 0:
-                time.sleep(self.stall_s)  # test hook: a stalled link
-            # the declared bytes start once the link is free of the earlier hand-offs to these receivers
-            st["first"] = time.monotonic()
-            st["t0"] = max(st["first"], self._link_free.get(_link_key(cmd), 0.0)) if link else st["first"]
+            st["first"], st["t0"] = self._start_on_link(cmd)
             out.stages["at_first"] = st["first"]
         oa, n_layers = out.layer_start, len(out.shapes)
         deadline_s = st["first"] + cmd.timeout_s
@@ -363,6 +355,14 @@ class DirectKV(KVReceiver):
         else:
             self._timer.at(ready, at_ready)
 
+    def _start_on_link(self, cmd: SendKV) -> tuple[float, float]:
+        """(the first byte leaves now, the declared bytes start): once the link is free of the earlier
+        hand-offs to these receivers, first come first served."""
+        if self.stall_s > 0:
+            time.sleep(self.stall_s)  # test hook: a stalled link
+        now = time.monotonic()
+        return now, (max(now, self._link_free.get(_link_key(cmd), 0.0)) if self._link(cmd) else now)
+
     def _windowed(self, cmd: SendKV) -> bool:
         """May a send to one of ``cmd``'s receivers return before it is acknowledged (``flush`` then waits)?"""
         return any(getattr(self._endpoint(tg.kind), "window", 1) > 1 for tg in cmd.targets)
@@ -373,11 +373,8 @@ class DirectKV(KVReceiver):
         at_queued = time.monotonic()
         if ready is not None:
             ready.synchronize()
-        if self.stall_s > 0:
-            time.sleep(self.stall_s)  # test hook: a stalled link
-        now = time.monotonic()
+        now, t = self._start_on_link(cmds[0])
         link = self._link(cmds[0])
-        t = max(now, self._link_free.get(_link_key(cmds[0]), 0.0)) if link else now
         sts, not_before = [], []
         for i, c in enumerate(cmds):  # the parts take the declared link one after another
             nbytes = out.part_bytes(i)

@@ -219,44 +219,44 @@ class KVReceiver:
             return self._sink_batch(header, bufs, arrived_s)
         if not isinstance(header, KVPiece) or not header.final or header.token_start != 0:
             return False
-        from hetserve.runtime.shard import insert_kv
-        from hetserve.runtime.worker import InsertKV
-
         with self._lock:
+            locked = time.monotonic()
             e = self._sinkable(header)
             if e is None:
                 return False
-            t0 = time.perf_counter()
             sh = self._shard(header, bufs, e)
-            if sh is None:
-                return True
-            cuda = self.runner.device.type == "cuda"
-            try:
-                if cuda:
-                    if self._sink_stream is None:
-                        self._sink_stream = torch.cuda.Stream(device=self.runner.device)
-                    ctx: Any = torch.cuda.stream(self._sink_stream)
-                else:
-                    from contextlib import nullcontext
-
-                    ctx = nullcontext()
-                with ctx:
-                    insert_kv(self.runner, self.desc, InsertKV(seq=e.seq, transfer_id=header.transfer_id,
-                                                               block_ids=e.block_ids, num_tokens=e.num_tokens,
-                                                               wire=e.wire, shards=[sh]), borrowed=True)
-                t1, inserted = time.perf_counter(), time.monotonic()
-                if cuda:
-                    self._sink_stream.synchronize()  # read all of the borrowed buffers before the ack
-            except Exception as ex:  # noqa: BLE001 - a malformed transfer fails, not the worker
-                e.error = f"{type(ex).__name__}: {ex}"
-                return True
-            e.inserted = {"insert": t1 - t0, "sync": time.perf_counter() - t1, "at_taken": arrived_s,
-                          "at_inserted": inserted, "at_synced": time.monotonic(), "at_rx": arrived_s}
-            e.taken_s = arrived_s
-            e.ready_at = max(e.ready_at, header.not_before_s)
-            e.committed.add(header.src_rank)
-            self.sunk += 1
+            if sh is not None:  # (else malformed: ``e.error`` says why)
+                self._write_on_arrival([header], [e], lambda: self._insert_shard(e, header, sh), arrived_s, locked)
         return True
+
+    def _write_on_arrival(self, parts: list[KVPiece], es: list[_Expect], write: Any, arrived_s: float,
+                          locked: float) -> None:
+        """``write()`` the hand-offs ``parts`` (expectations ``es``) into the cache on the sink's stream, wait for
+        it (the buffers are borrowed until the acknowledgement), and book them as written on arrival. Under the
+        books' lock; a failure fails them, not the worker."""
+        t0 = time.perf_counter()
+        cuda = self.runner.device.type == "cuda"
+        if cuda and self._sink_stream is None:
+            self._sink_stream = torch.cuda.Stream(device=self.runner.device)
+        try:
+            with torch.cuda.stream(self._sink_stream) if cuda else contextlib.nullcontext():
+                write()
+            t1, inserted = time.perf_counter(), time.monotonic()
+            if cuda:
+                self._sink_stream.synchronize()
+        except Exception as ex:  # noqa: BLE001 - a malformed transfer fails, not the worker
+            for e in es:
+                e.error = f"{type(ex).__name__}: {ex}"
+            return
+        n = len(es)
+        for p, e in zip(parts, es, strict=True):
+            e.inserted = {"insert": (t1 - t0) / n, "sync": (time.perf_counter() - t1) / n, "at_taken": arrived_s,
+                          "at_locked": locked, "at_inserted": inserted, "at_synced": time.monotonic(),
+                          "at_rx": arrived_s, "batch": float(n)}
+            e.taken_s = arrived_s
+            e.ready_at = max(e.ready_at, p.not_before_s)
+            e.committed.add(p.src_rank)
+            self.sunk += 1
 
     def _sinkable(self, header: KVPiece) -> _Expect | None:
         """The expectation a whole one-piece hand-off completes, if it may be written on arrival."""
@@ -268,47 +268,30 @@ class KVReceiver:
         return e
 
     def _sink_batch(self, header: KVBatch, bufs: list[Any], arrived_s: float) -> bool:
-        """Every part of a batch written on arrival (one pass when the wire format is the cache's), or none:
-        then the batch is queued and ``poll`` splits it."""
+        """Every part of a batch written on arrival (one pass when the formats allow: ``kv_batch.insert_batch``),
+        or none: then the batch is queued and ``poll`` splits it."""
         with self._lock:
             locked = time.monotonic()
             es = [self._sinkable(p) for p in header.parts]
             if len(bufs) != 1 or any(e is None for e in es) or len({p.transfer_id for p in header.parts}) != len(es):
                 return False
-            t0 = time.perf_counter()
-            cuda = self.runner.device.type == "cuda"
-            if cuda and self._sink_stream is None:
-                self._sink_stream = torch.cuda.Stream(device=self.runner.device)
-            try:
-                with torch.cuda.stream(self._sink_stream) if cuda else contextlib.nullcontext():
-                    whole = kv_batch.insert_batch(self.runner.kv_caches, self.desc, self.runner.parallel.layer_start,
-                                                  header, bufs[0], [e.block_ids for e in es])  # type: ignore[union-attr]
-                    if not whole:
-                        for (p, b), e in zip(kv_batch.split(header, bufs[0]), es, strict=True):
-                            sh = self._shard(p, b, e)  # type: ignore[arg-type]
-                            if sh is not None:
-                                self._insert_shard(e, p, sh)  # type: ignore[arg-type]
-                t1, inserted = time.perf_counter(), time.monotonic()
-                if cuda:
-                    self._sink_stream.synchronize()  # read all of the borrowed buffer before the ack
-            except Exception as ex:  # noqa: BLE001 - a malformed transfer fails, not the worker
-                for e in es:
-                    e.error = f"{type(ex).__name__}: {ex}"  # type: ignore[union-attr]
-                return True
-            n = len(es)
-            b0 = bufs[0]
-            total = b0.numel() * b0.element_size() if isinstance(b0, torch.Tensor) else memoryview(b0).nbytes
-            for p, e, nb in zip(header.parts, es, header.blocks, strict=True):
-                assert e is not None
-                if whole:
-                    e.num_bytes += total * nb // sum(header.blocks)
-                e.inserted = {"insert": (t1 - t0) / n, "sync": (time.perf_counter() - t1) / n, "at_taken": arrived_s,
-                              "at_locked": locked, "at_inserted": inserted, "at_synced": time.monotonic(),
-                              "at_rx": arrived_s, "batch": float(n)}
-                e.taken_s = arrived_s
-                e.ready_at = max(e.ready_at, p.not_before_s)
-                e.committed.add(p.src_rank)
-                self.sunk += 1
+            ok = [e for e in es if e is not None]
+
+            def write() -> None:
+                if kv_batch.insert_batch(self.runner.kv_caches, self.desc, self.runner.parallel.layer_start,
+                                         header, bufs[0], [e.block_ids for e in ok]):
+                    b0 = bufs[0]
+                    total = b0.numel() * b0.element_size() if isinstance(b0, torch.Tensor) else memoryview(b0).nbytes
+                    for e, nb in zip(ok, header.blocks, strict=True):
+                        e.num_bytes += total * nb // sum(header.blocks)
+                    return
+                for (p, b), e in zip(kv_batch.split(header, bufs[0]), ok, strict=True):
+                    sh = self._shard(p, b, e)
+                    if sh is None:
+                        raise ValueError(e.error)
+                    self._insert_shard(e, p, sh)
+
+            self._write_on_arrival(header.parts, ok, write, arrived_s, locked)
         return True
 
     def _insert_shard(self, e: _Expect, header: KVPiece, sh: Any) -> None:
