@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hetserve.runtime.transport.shm_pool import first_fit
+
 if TYPE_CHECKING:
     from hetserve.runtime.transport.nixl import NixlTransport
 
@@ -45,22 +47,7 @@ class Block:
         self.held: dict[int, tuple[int, int]] = {}  # key -> (offset, bytes)
 
     def alloc(self, key: int, nbytes: int) -> int | None:
-        return first_fit(self.held, self.size, key, nbytes)
-
-
-def first_fit(held: dict[int, tuple[int, int]], size: int, key: int, nbytes: int) -> int | None:
-    """The first ``_ALIGN``ed gap of ``nbytes`` among the ranges ``held`` (key -> (offset, bytes)) of ``size``
-    bytes, taken for ``key``; None: no room."""
-    need = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
-    at = 0
-    for off, n in sorted(held.values()):
-        if off - at >= need:
-            break
-        at = max(at, off + -(-n // _ALIGN) * _ALIGN)
-    if at + need > size:
-        return None
-    held[key] = (at, nbytes)
-    return at
+        return first_fit(self.held, self.size, key, nbytes, _ALIGN)
 
 
 class Region:
@@ -76,7 +63,7 @@ class Region:
         self.stale = False  # its connection was lost: the frees for it went with it
 
     def alloc(self, key: int, nbytes: int) -> int | None:
-        return first_fit(self.held, self.size, key, nbytes)
+        return first_fit(self.held, self.size, key, nbytes, _ALIGN)
 
     def free(self, key: int) -> None:
         self.held.pop(key, None)

@@ -41,7 +41,7 @@ import zmq
 from hetserve.runtime.messages import Envelope, MessageDecodeError
 from hetserve.runtime.shm_files import new_owned_file, sweep_dead_owners
 from hetserve.runtime.transport.base import Buffer, as_bytes_view, buffer_nbytes
-from hetserve.runtime.transport.shm_pool import POOL_PREFIX, PoolReader, SlotPool, pool_bytes
+from hetserve.runtime.transport.shm_pool import POOL_PREFIX, PoolReader, SlotPool, first_fit, pool_bytes
 from hetserve.runtime.transport.tcp import ZmqTransport
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -374,9 +374,8 @@ def _staging_max_bytes() -> int:
 class _Staging:
     """A device's staging ring for CUDA IPC: one exported buffer (a new, larger one when a message does not fit,
     up to ``HETSERVE_SHM_STAGING_MAX_MB``; a new buffer is a new export) and its copy stream. Each message holds
-    its range from the copy in to its acknowledgement, so a stream of messages need not wait for each one's
-    acknowledgement before the next is staged. A range is taken at the cursor (after the last one), or from the
-    start when the end has no room; ranges of an older buffer keep that buffer alive until they are released."""
+    its range (first fit) from the copy in to its acknowledgement, so a stream of messages need not wait for each
+    one's acknowledgement before the next is staged; ranges of an older buffer keep it alive until released."""
 
     def __init__(self, device: Any) -> None:
         import torch
@@ -387,17 +386,17 @@ class _Staging:
         self.buf: Any = None
         self.export: dict[str, Any] = {}
         self.held: dict[int, tuple[int, int]] = {}  # ranges held in ``buf``: id -> (offset, bytes)
-        self.cursor = 0
         self._ids = itertools.count()
 
     def alloc(self, nbytes: int) -> _Held | None:
         """A range of ``nbytes`` (released by ``_Held.release``); None when it would exceed the maximum."""
         import torch
 
+        key = next(self._ids)
         with self.lock:
-            off = self._fit(nbytes)
+            cur = 0 if self.buf is None else self.buf.numel()
+            off = first_fit(self.held, cur, key, nbytes, _ALIGN)
             if off is None:
-                cur = 0 if self.buf is None else self.buf.numel()
                 size = max(nbytes, 2 * cur, 16 * 2**20)
                 if self.held:  # no room among the held ranges: a larger buffer, at most the maximum
                     size = min(size, _staging_max_bytes())
@@ -406,20 +405,9 @@ class _Staging:
                 self.buf = torch.empty(size, dtype=torch.uint8, device=self.device)
                 self.export = _export_cuda(self.buf)
                 self.export["staging"] = uuid.uuid4().hex  # names this buffer for the receiver's cache
-                self.held, self.cursor, off = {}, 0, 0
-            key = next(self._ids)
-            self.held[key] = (off, nbytes)
-            self.cursor = off + nbytes
-            return _Held(self, key, self.buf, self.export, off)
-
-    def _fit(self, nbytes: int) -> int | None:
-        if self.buf is None or nbytes > self.buf.numel():
-            return None
-        for off in (self.cursor, 0):
-            end = off + nbytes
-            if end <= self.buf.numel() and all(end <= a or off >= a + n for a, n in self.held.values()):
-                return off
-        return None
+                self.held = {}
+                off = first_fit(self.held, size, key, nbytes, _ALIGN)
+            return _Held(self, key, self.buf, self.export, off)  # type: ignore[arg-type]
 
     def release(self, held: _Held) -> None:
         with self.lock:

@@ -38,6 +38,21 @@ def pool_bytes() -> int:
     return int(float(os.environ.get("HETSERVE_SHM_POOL_MB", "256")) * 2**20) // PAGE * PAGE
 
 
+def first_fit(held: dict[int, tuple[int, int]], size: int, key: int, nbytes: int, align: int) -> int | None:
+    """The first ``align``ed gap of ``nbytes`` among the ranges ``held`` (key -> (offset, bytes)) of ``size``
+    bytes, taken for ``key``; None: no room. (The shm pool, the CUDA staging ring, NIXL's blocks and grants.)"""
+    need = -(-max(nbytes, 1) // align) * align
+    at = 0
+    for off, n in sorted(held.values()):
+        if off - at >= need:
+            break
+        at = max(at, off + -(-n // align) * align)
+    if at + need > size:
+        return None
+    held[key] = (at, nbytes)
+    return at
+
+
 class SlotPool:
     """The sender's pool file for one peer: ``alloc`` a page-aligned range for a message, ``free`` it once the
     receiver released it. Not thread-safe: used under the peer's send lock (frees come through that peer's
@@ -54,16 +69,7 @@ class SlotPool:
 
     def alloc(self, msg_id: int, nbytes: int) -> int | None:
         """A free range of ``nbytes`` (first fit, page-aligned), reserved for ``msg_id``; None: none free."""
-        need = -(-max(nbytes, 1) // PAGE) * PAGE
-        at = 0
-        for off, n in sorted(self.held.values()):
-            if off - at >= need:
-                break
-            at = max(at, off + -(-n // PAGE) * PAGE)
-        if at + need > self.size:
-            return None
-        self.held[msg_id] = (at, nbytes)
-        return at
+        return first_fit(self.held, self.size, msg_id, nbytes, PAGE)
 
     def free(self, msg_ids: list[int]) -> None:
         for m in msg_ids:
